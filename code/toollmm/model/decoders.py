@@ -178,6 +178,7 @@ class DecoderPool:
         self.constructions: Counter[str] = Counter()
         self._pipes: dict[str, object] = {}
         self._negatives: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     def config(self, modality: str) -> DecoderConfig:
@@ -192,7 +193,9 @@ class DecoderPool:
         return [m for m, c in self.configs.items() if c.path]
 
     def condition_shape(self, modality: str) -> tuple[int, int]:
-        return condition_shape(self.config(modality).path)
+        if modality not in self._shapes:
+            self._shapes[modality] = condition_shape(self.config(modality).path)
+        return self._shapes[modality]
 
     def pipeline(self, modality: str):
         """The modality's pipeline, loaded by path on first use (``DiffusionPipeline.from_pretrained``)."""
