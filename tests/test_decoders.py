@@ -238,6 +238,9 @@ def test_tiny_decoder_timings(tmp_path):
     """Build, construct (load by path) and 2-step generation times; prints a table (run with -s)."""
     import time
 
+    import diffusers  # noqa: F401  (import cost is not the pipelines' cost)
+    from diffusers import AudioLDMPipeline, StableDiffusionPipeline, TextToVideoSDPipeline  # noqa: F401
+
     rows = []
     for m in MODALITIES:
         start = time.perf_counter()

@@ -6,7 +6,7 @@ exactly like ``pretrained_checkpoint/diffusion/*`` (``DiffusionPipeline.from_pre
 the code that drives them is the code that drives the real decoders; only the sizes differ.
 
 Tokenizers are built offline: the CLIP tokenizer from the BPE merges that the ``imagebind`` package ships
-(the same OpenAI CLIP vocabulary, cut to its first ``clip_merges`` merges), the Roberta tokenizer (CLAP's)
+(the same OpenAI CLIP vocabulary, cut to its first ``num_merges`` merges; all 48894 give CLIP's own), the Roberta tokenizer (CLAP's)
 by training a byte-level BPE on a few captions with the ``tokenizers`` library.
 Conditioning shapes are deliberately different per modality (query count and width), so a swapped
 decoder or projection fails loudly; they are read back with ``toollmm.model.decoders.condition_shape``.
