@@ -5,9 +5,9 @@ AudioLDM), each with its own text encoder AND tokenizer, via ``save_pretrained``
 exactly like ``pretrained_checkpoint/diffusion/*`` (``DiffusionPipeline.from_pretrained(folder)``), so
 the code that drives them is the code that drives the real decoders; only the sizes differ.
 
-Tokenizers are built offline: the CLIP tokenizer from the BPE merges that the ``imagebind`` package ships
-(the same OpenAI CLIP vocabulary, cut to its first ``num_merges`` merges; all 48894 give CLIP's own), the Roberta tokenizer (CLAP's)
-by training a byte-level BPE on a few captions with the ``tokenizers`` library.
+Tokenizers are built offline: the CLIP tokenizer from the BPE merges that the ``imagebind`` package
+ships (OpenAI CLIP's vocabulary cut to its first ``num_merges`` merges; all 48894 give CLIP's own), the
+Roberta tokenizer (CLAP's) by training a byte-level BPE on a few captions with ``tokenizers``.
 Conditioning shapes are deliberately different per modality (query count and width), so a swapped
 decoder or projection fails loudly; they are read back with ``toollmm.model.decoders.condition_shape``.
 """
