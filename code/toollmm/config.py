@@ -154,6 +154,11 @@ class DecoderConfig:
     width: int | None = opt(None, "output width; null = the pipeline's default")
     num_frames: int | None = opt(None, "video frames (video only)")
     audio_length_s: float | None = opt(None, "audio seconds (audio only)")
+    fps: int = opt(8, "frames per second of the written MP4 (video only)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "'auto' = bfloat16 on a CUDA GPU with bf16 (else float16); always float32 on CPU"
+    )
+    device: str | None = opt(None, "torch device for this pipeline; null = cuda if available, else cpu")
 
 
 def _default_output_proj() -> dict[str, OutputProjConfig]:
