@@ -30,6 +30,7 @@ class ConvertStats:
     examples: dict[str, str] = field(default_factory=dict)
     renamed_ids: int = 0
     seconds: float = 0.0
+    validate_seconds: float = 0.0
 
     @property
     def records_per_s(self) -> float:
@@ -48,7 +49,10 @@ class ConvertStats:
             lines.append(f"    {n} x {reason} (first: {self.examples[reason]})")
         if self.renamed_ids:
             lines.append(f"  {self.renamed_ids} duplicate id(s) renamed '<id>#<n>'")
-        lines.append(f"  {self.seconds:.2f} s, {self.records_per_s:,.0f} records/s")
+        lines.append(
+            f"  {self.seconds:.2f} s, {self.records_per_s:,.0f} records/s"
+            f" ({self.validate_seconds:.2f} s of it validating)"
+        )
         return "\n".join(lines)
 
 
@@ -177,7 +181,9 @@ def convert_file(
                 if seen[rec["id"]] > 1:
                     rec["id"] = f"{rec['id']}#{seen[rec['id']]}"
                     stats.renamed_ids += 1
+                tv = time.perf_counter()
                 problems = validate(rec)
+                stats.validate_seconds += time.perf_counter() - tv
                 if problems:
                     if on_error == "raise":
                         raise ConversionError(f"{where}: converted record is invalid: {'; '.join(problems)}")
