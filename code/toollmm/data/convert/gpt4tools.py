@@ -11,6 +11,7 @@ byte for byte (checked on every conversion)."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 from ..react import ReactStyle, concat_styles, format_messages, text_to_messages
@@ -182,7 +183,7 @@ def convert_gpt4tools(raw: dict, ctx: Context) -> list[dict]:
 
 def _eval_fields(raw: dict, supervised: list[dict], user: str, ctx: Context, meta: dict) -> dict:
     """Reference chain (canonical calls of the supervised steps; [] = answer without a tool)."""
-    calls = [m["tool_calls"][0]["function"] for m in supervised if m.get("tool_calls")]
+    calls = [copy.deepcopy(m["tool_calls"][0]["function"]) for m in supervised if m.get("tool_calls")]
     evaluation: dict = {"reference": calls}
     if _eval_split(ctx):
         evaluation["split"] = _eval_split(ctx)

@@ -78,61 +78,62 @@ def _input_media(raw: dict, turns: list, ctx: Context) -> tuple[str | None, list
     return None, [], set()
 
 
+def _targets(raw: dict) -> tuple[dict[str, dict[str, list]], set[str]]:
+    """Per output modality: the output files, captions and caption-embedding keys, in order."""
+    targets, keys = {}, set()
+    for m in MODALITIES:
+        media = _as_list(raw.get(f"output_{m}"))
+        if raw.get("output_modality") == m and not media:
+            media = _as_list(raw.get("image_name") or raw.get("mm_name"))
+        targets[m] = {
+            "media": media,
+            "caption": _as_list(raw.get(f"{m}_captions")),
+            "embedding": _as_list(raw.get(f"{m}_caption_embeddings")),
+        }
+        keys |= {f"output_{m}", f"{m}_captions", f"{m}_caption_embeddings"}
+    return targets, keys
+
+
+def _generate(turn: dict, msg: dict, targets: dict, taken: dict[str, int], ctx: Context) -> list[dict]:
+    """The outputs one gpt turn must produce; their placeholders leave the turn's text."""
+    gens = []
+    for m in MODALITIES:
+        if turn.get("output_modality") != m and PLACEHOLDER[m] not in msg["content"]:
+            continue
+        msg["content"], n = strip_output_placeholder(msg["content"], m)
+        for _ in range(max(n, 1)):
+            k = taken[m] = taken.get(m, -1) + 1
+            caps = targets[m]["caption"]
+            caption = turn.get("caption") or (caps[k] if k < len(caps) else None)
+            if not caption:
+                raise ctx.fail(f"generated {m} #{k} has no caption")
+            gen = {"modality": m, "caption": caption}
+            gen.update({f: targets[m][f][k] for f in ("embedding", "media") if k < len(targets[m][f])})
+            if "media" in gen:
+                check_media(gen["media"], ctx)
+            gens.append(gen)
+    return gens
+
+
 @register("nextgpt-txt")
 def convert_txt(raw: dict, ctx: Context) -> list[dict]:
     """NExT-GPT T+X->T, comprehension, generation and T-T+X instruction files."""
     key = "conversations" if "conversations" in raw else "conversation"
     turns = need(raw, key, ctx, list)
     msgs = sharegpt_messages(turns, ctx, key)
-    used = {key, "output_modality", "image_name", "mm_name"}
     in_mod, in_files, in_keys = _input_media(raw, turns, ctx)
-    used |= in_keys
-    targets: dict[str, dict[str, list]] = {}
-    for m in MODALITIES:
-        outs = _as_list(raw.get(f"output_{m}"))
-        if raw.get("output_modality") == m and not outs:
-            outs = _as_list(raw.get("image_name") or raw.get("mm_name"))
-        caps, embs = _as_list(raw.get(f"{m}_captions")), _as_list(raw.get(f"{m}_caption_embeddings"))
-        targets[m] = {"media": outs, "caption": caps, "embedding": embs, "used": [0]}
-        used |= {f"output_{m}", f"{m}_captions", f"{m}_caption_embeddings"}
-    for t, msg in zip(turns, msgs):
-        if msg["role"] != "assistant":
-            continue
-        mods = [m for m in MODALITIES if t.get("output_modality") == m or PLACEHOLDER[m] in msg["content"]]
-        gens = []
-        for m in mods:
-            msg["content"], n = strip_output_placeholder(msg["content"], m)
-            for _ in range(max(n, 1)):
-                k = targets[m]["used"][0]
-                targets[m]["used"][0] += 1
-                gen: dict = {"modality": m}
-                caption = t.get("caption") or (
-                    targets[m]["caption"][k] if k < len(targets[m]["caption"]) else None
-                )
-                if not caption:
-                    raise ctx.fail(f"generated {m} #{k} has no caption")
-                gen["caption"] = caption
-                for field in ("embedding", "media"):
-                    if k < len(targets[m][field]):
-                        gen[field] = targets[m][field][k]
-                if "media" in gen:
-                    check_media(gen["media"], ctx)
-                gens.append(gen)
+    targets, target_keys = _targets(raw)
+    taken: dict[str, int] = {}
+    for turn, msg in zip(turns, msgs):
+        gens = _generate(turn, msg, targets, taken, ctx) if msg["role"] == "assistant" else []
         if gens:
             msg["generate"] = gens
-    generated = any("generate" in msg for msg in msgs)
+    media = {}
     if in_mod is not None:
-        attach_media(msgs, in_mod, in_files, ctx)
-    comprehension = any(k.startswith("input_") for k in in_keys)
-    task = "t2x" if generated else ("x2t" if comprehension else None)
-    meta = leftovers(raw, used)
-    return [
-        make_record(
-            record_id(raw, ctx),
-            ctx,
-            msgs,
-            task=task,
-            meta=meta,
-            **({in_mod + "s": in_files} if in_mod else {}),
-        )
-    ]
+        media[in_mod + "s"] = attach_media(msgs, in_mod, in_files, ctx)
+    if taken:
+        task = "t2x"
+    else:
+        task = "x2t" if any(k.startswith("input_") for k in in_keys) else None
+    meta = leftovers(raw, {key, "output_modality", "image_name", "mm_name"} | in_keys | target_keys)
+    return [make_record(record_id(raw, ctx), ctx, msgs, task=task, meta=meta, **media)]

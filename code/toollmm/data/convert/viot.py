@@ -17,6 +17,8 @@ source spelling stays in ``meta.react.names`` so the source text is reproduced e
 
 from __future__ import annotations
 
+import copy
+
 from toollmm.tokens import PLACEHOLDER
 
 from ..react import DEFAULT_CALL_THOUGHT, ReactStyle, concat_styles, text_to_messages
@@ -85,7 +87,7 @@ def _react(text: str, ctx: Context, where: str) -> tuple[list[dict], ReactStyle]
 def _record(
     rid: str, ctx: Context, msgs: list[dict], style: ReactStyle | None, raw: dict, used: set, **extra
 ) -> dict:
-    calls = [m["tool_calls"][0]["function"] for m in msgs if m.get("tool_calls")]
+    calls = [copy.deepcopy(m["tool_calls"][0]["function"]) for m in msgs if m.get("tool_calls")]
     meta = {"prompt": "viotgpt", **leftovers(raw, used)}
     if style is not None and style.to_meta():
         meta["react"] = style.to_meta()
