@@ -1,0 +1,110 @@
+"""Raw public datasets -> unified records (and, in later subcommands, shards and the demo corpus).
+
+    python code/prepare_data.py convert --format llava --input llava_v1_5_mix665k.json \\
+        --output data/llava665k.jsonl --media-root /data/llava --on-error skip
+    python code/prepare_data.py formats          # every format and its options
+
+Each subcommand is a small function that parses its arguments and calls the library
+(``toollmm.data.convert``); add one with ``@subcommand``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from toollmm.data.convert import REGISTRY, ConversionError, convert_file
+from toollmm.data.convert.base import COMMON_OPTIONS
+
+SUBCOMMANDS: dict[
+    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
+
+
+def subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register ``run(args) -> exit code`` as ``prepare_data.py <name>`` with its argument setup."""
+
+    def deco(run: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = (configure, run)
+        return run
+
+    return deco
+
+
+def _parse_opts(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise ConversionError(f"--opt {p!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", required=True, choices=sorted(REGISTRY), help="source format")
+    p.add_argument("--input", required=True, help="source file (JSON array or JSONL)")
+    p.add_argument("--output", required=True, help="unified JSONL to write")
+    p.add_argument(
+        "--media-root", default=None, help="check that every referenced media file exists under DIR"
+    )
+    p.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
+    )
+    p.add_argument("--source", default=None, help="record 'source' field (default: FORMAT/<input stem>)")
+    p.add_argument(
+        "--opt", action="append", default=[], metavar="KEY=VALUE", help="format option (see 'formats')"
+    )
+
+
+@subcommand("convert", _configure_convert)
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert one source file into unified JSONL (validated; prints a summary)."""
+    stats = convert_file(
+        args.format,
+        args.input,
+        args.output,
+        media_root=args.media_root,
+        on_error=args.on_error,
+        options=_parse_opts(args.opt),
+        source=args.source,
+    )
+    print(stats.summary())
+    return 0
+
+
+@subcommand("formats", lambda p: None)
+def run_formats(args: argparse.Namespace) -> int:
+    """List the source formats and their --opt options."""
+    for name in sorted(REGISTRY):
+        spec = REGISTRY[name]
+        print(f"{name:14s} {spec.doc}")
+        for key, help_text in {**spec.options, **COMMON_OPTIONS}.items():
+            print(f"{'':14s}   --opt {key}=...  {help_text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (configure, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
+        configure(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Converters from every supported public format into unified records (see data/SOURCES.md).
+
+``REGISTRY`` maps a format name to its converter; :func:`convert_file` runs one over a file.
+"""
+
+from __future__ import annotations
+
+from . import alpaca, gpt4tools, lavia, llamafactory, llava, mllm_tool, nextgpt, unified, videochat, viot  # noqa: F401
+from .base import REGISTRY, Context, ConversionError, ConverterSpec, register
+from .runner import ConvertStats, convert_file, iter_source
+
+FORMATS: tuple[str, ...] = tuple(sorted(REGISTRY))
+
+__all__ = [
+    "FORMATS",
+    "REGISTRY",
+    "ConversionError",
+    "ConvertStats",
+    "Context",
+    "ConverterSpec",
+    "convert_file",
+    "iter_source",
+    "register",
+]

@@ -1,0 +1,200 @@
+"""Read a source file, convert every record, validate, write unified JSONL, count what happened."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .base import REGISTRY, Context, ConversionError
+from .validation import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertStats:
+    """What a conversion did; ``skipped`` counts per reason, ``examples`` names one record per reason."""
+
+    fmt: str
+    input: str
+    output: str
+    read: int = 0
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    renamed_ids: int = 0
+    seconds: float = 0.0
+    validate_seconds: float = 0.0
+
+    @property
+    def records_per_s(self) -> float:
+        return self.read / self.seconds if self.seconds > 0 else float("inf")
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, where)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.fmt}: {self.input} -> {self.output}",
+            f"  records read {self.read}, written {self.written}, skipped {sum(self.skipped.values())}",
+        ]
+        for reason, n in self.skipped.most_common():
+            lines.append(f"    {n} x {reason} (first: {self.examples[reason]})")
+        if self.renamed_ids:
+            lines.append(f"  {self.renamed_ids} duplicate id(s) renamed '<id>#<n>'")
+        lines.append(
+            f"  {self.seconds:.2f} s, {self.records_per_s:,.0f} records/s"
+            f" ({self.validate_seconds:.2f} s of it validating)"
+        )
+        return "\n".join(lines)
+
+
+def _fail_reason(err: Exception, where: str) -> str:
+    msg = str(err)
+    if msg.startswith(where + ": "):
+        msg = msg[len(where) + 2 :]
+    return msg if len(msg) <= 100 else msg[:97] + "..."
+
+
+def iter_source(path: Path) -> Iterator[tuple[str, object]]:
+    """Yield ``(where, raw)`` for each record of a JSON array or JSONL file. A malformed JSONL line
+    yields ``(where, ConversionError)`` so the caller can skip it; a malformed JSON array raises."""
+    with open(path, encoding="utf-8") as f:
+        head = f.readline()
+    first = head.strip()
+    jsonl = path.suffix == ".jsonl"
+    if not jsonl and first.startswith("{"):
+        try:
+            jsonl = isinstance(json.loads(first), dict)
+        except json.JSONDecodeError:
+            jsonl = False
+    if jsonl:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:line {n}"
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield (
+                        where,
+                        ConversionError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})"),
+                    )
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    if not isinstance(data, list):
+        raise ConversionError(
+            f"{path}: expected a JSON array of records or JSONL, got a JSON {type(data).__name__}"
+        )
+    for i, raw in enumerate(data):
+        yield f"{path}:record {i}", raw
+
+
+def convert_records(fmt: str, path: Path, ctx: Context, on_error: str, stats: ConvertStats) -> Iterator[dict]:
+    """Converted (not yet validated) records, with bad source records raised or counted."""
+    spec = REGISTRY[fmt]
+    for index, (where, raw) in enumerate(iter_source(path)):
+        stats.read += 1
+        ctx.where, ctx.index = where, index
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            out = spec.convert(raw, ctx)
+        except ConversionError as e:
+            if on_error == "raise":
+                raise
+            stats.skip(_fail_reason(e, where), where)
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            err = ConversionError(f"{where}: {type(e).__name__}: {e}")
+            if on_error == "raise":
+                raise err from e
+            stats.skip(_fail_reason(err, where), where)
+            continue
+        for rec in out:
+            rec.setdefault("meta", {})
+            rec["meta"].setdefault("origin", where.rsplit(":", 1)[-1])
+            if not rec["meta"]:
+                del rec["meta"]
+            yield rec
+
+
+def convert_file(
+    fmt: str,
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    media_root: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    options: dict[str, str] | None = None,
+    source: str | None = None,
+) -> ConvertStats:
+    """Convert one source file into unified JSONL. Every written record passes the schema validator.
+
+    ``on_error='raise'`` stops at the first bad record with an error naming file and record;
+    ``'skip'`` drops it and counts it per reason. Ids are made unique within the output."""
+    if fmt not in REGISTRY:
+        raise ConversionError(f"unknown format {fmt!r}; known: {', '.join(sorted(REGISTRY))}")
+    if on_error not in ("raise", "skip"):
+        raise ConversionError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    spec = REGISTRY[fmt]
+    options = dict(options or {})
+    allowed = set(spec.options) | {"task"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConversionError(f"format {fmt!r} has no option(s) {unknown}; known: {sorted(allowed)}")
+    path, out_path = Path(input), Path(output)
+    if not path.is_file():
+        raise ConversionError(f"input file not found: {path}")
+    ctx = Context(
+        path=path,
+        fmt=fmt,
+        source=source or f"{fmt}/{path.stem}",
+        options=options,
+        media_root=Path(media_root) if media_root else None,
+    )
+    stats = ConvertStats(fmt, str(path), str(out_path))
+    t0 = time.perf_counter()
+    records: Iterator[dict] | list[dict] = convert_records(fmt, path, ctx, on_error, stats)
+    if spec.finish is not None:
+        ctx.where = str(path)
+        records = spec.finish(list(records), ctx)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    seen: Counter = Counter()
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                where = f"{path}:{rec.get('meta', {}).get('origin', '?')}"
+                seen[rec["id"]] += 1
+                if seen[rec["id"]] > 1:
+                    rec["id"] = f"{rec['id']}#{seen[rec['id']]}"
+                    stats.renamed_ids += 1
+                tv = time.perf_counter()
+                problems = validate(rec)
+                stats.validate_seconds += time.perf_counter() - tv
+                if problems:
+                    if on_error == "raise":
+                        raise ConversionError(f"{where}: converted record is invalid: {'; '.join(problems)}")
+                    stats.skip(f"schema: {problems[0]}"[:100], where)
+                    continue
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                stats.written += 1
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    stats.seconds = time.perf_counter() - t0
+    log.info("converted %s: %d read, %d written", path, stats.read, stats.written)
+    return stats
