@@ -237,7 +237,11 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = opt(
         "raise", "bad record: raise naming it, or skip and count per reason"
     )
-    overlong: Literal["raise", "skip"] = opt("raise", "over-long sample: raise naming it, or skip and count")
+    overlong: Literal["raise", "skip", "truncate"] = opt(
+        "raise",
+        "over-long sample: raise naming it, skip and count, or truncate to whole assistant turns "
+        "(never inside a media, signal or tool span)",
+    )
     packing: bool = opt(False, "pack several samples per sequence (attention kept inside each sample)")
     group_by_length: bool = opt(True, "length-grouped sampling to cut padding")
     shuffle: bool = opt(True, "shuffle training data (deterministic for run.seed)")
