@@ -17,11 +17,17 @@ from pathlib import Path
 import sentencepiece as spm
 
 # Characters every chat template and tool call needs, even if the training text lacks them.
-_REQUIRED_CHARS = "{}[]\":,._-/#<>=?!'()0123456789\n"
+_REQUIRED_CHARS = "{}[]\":,._-/#<>=?!'()0123456789"
 
 
-def build_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000) -> Path:
-    """Train a BPE sentencepiece model on ``texts`` and write a Llama tokenizer folder to ``out_dir``."""
+def build_sentencepiece_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1000, split_newlines: bool = True
+) -> Path:
+    """Train a BPE sentencepiece model on ``texts`` and write a Llama tokenizer folder to ``out_dir``.
+
+    ``split_newlines`` keeps "\\n" a piece of its own, as in Llama's vocabulary (ReAct label boundaries
+    sit at newlines); False lets BPE merge it, to test that the renderer refuses such a vocabulary.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sentences = [t for t in texts if t]
@@ -46,6 +52,7 @@ def build_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str | Path, voc
         split_digits=True,
         allow_whitespace_only_pieces=True,
         hard_vocab_limit=False,
+        user_defined_symbols=["\n"] if split_newlines else [],
         minloglevel=2,
     )
     (out / "tokenizer.model").write_bytes(buf.getvalue())

@@ -19,19 +19,18 @@ GPT4Tools / VIoTGPT ReAct text instead, with the source whitespace the converter
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
+from .react import DEFAULT_CALL_THOUGHT as REACT_YES  # noqa: F401  (re-exported for the Jinja template)
+from .react import DEFAULT_FINAL_THOUGHT as REACT_NO  # noqa: F401
 from .toolcall import canonical_json
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-REACT_YES = "Do I need to use a tool? Yes"
-REACT_NO = "Do I need to use a tool? No"
 TOOL_FORMATS = ("tokens", "react")
 
 
@@ -108,56 +107,13 @@ class Part:
 
 
 # ------------------------------------------------------------------------------------------- ReAct
-# The ReAct text of one step. These four functions behave exactly like toollmm.data.react's
-# format_react_call / format_react_observation / format_react_final / call_input (the converters' module,
-# which parses source text into messages and proves the round trip byte-exact); tests/test_render.py checks
-# that they agree whenever that module is importable. They are the renderer's only ReAct wiring point.
-def react_call_input(arguments: dict[str, Any]) -> str:
-    """The Action Input text: the raw ReAct input ``{"input": raw}``, or the JSON of other arguments."""
-    if set(arguments) == {"input"} and isinstance(arguments["input"], str):
-        return arguments["input"]
-    return json.dumps(arguments, ensure_ascii=False)
-
-
-def react_call_text(name: str, raw_input: str, thought: str | None = None) -> str:
-    """The assistant's part of a call block, ending at ``Observation:`` (generation stops there)."""
-    return f"Thought: {thought or REACT_YES}\nAction: {name}\nAction Input: {raw_input}\nObservation:"
-
-
-def react_observation_text(observation: str, sep: str = " ") -> str:
-    """The tool's (masked) part of a call block."""
-    return f"{sep}{observation}\n"
-
-
-def react_final_text(answer: str, thought: str | None = None, prefix: str = "", end: str = "\n") -> str:
-    """The final block ``Thought: ...\\nAI: <prefix><answer><end>``."""
-    return f"Thought: {thought or REACT_NO}\nAI: {prefix}{answer}{end}"
-
-
-@dataclass(frozen=True)
-class ReactStyle:
-    """Source whitespace kept by the converters in ``meta["react"]`` (defaults = GPT4Tools prompts)."""
-
-    observation_sep: str | tuple[str, ...] = " "  # one for all observations, or one per tool message
-    end: str = "\n"  # after the record's last block
-    final_prefix: str = ""  # VIoTGPT's "Final Answer: "
-    names: dict[str, str] = field(default_factory=dict)  # canonical tool name -> source spelling
-
-    @classmethod
-    def from_meta(cls, meta: dict | None) -> ReactStyle:
-        d = (meta or {}).get("react") or {}
-        sep = d.get("observation_sep", " ")
-        return cls(
-            tuple(sep) if isinstance(sep, list) else sep,
-            d.get("end", "\n"),
-            d.get("final_prefix", ""),
-            dict(d.get("names") or {}),
-        )
-
-    def sep(self, index: int) -> str:
-        if isinstance(self.observation_sep, str):
-            return self.observation_sep
-        return self.observation_sep[index] if index < len(self.observation_sep) else " "
+# The ReAct text of one step comes from toollmm.data.react (the converters' module, which parses source
+# text into messages and proves the round trip byte-exact): one definition for parsing and rendering.
+from .react import ReactStyle  # noqa: E402
+from .react import call_input as react_call_input  # noqa: E402
+from .react import format_react_call as react_call_text  # noqa: E402
+from .react import format_react_final as react_final_text  # noqa: E402
+from .react import format_react_observation as react_observation_text  # noqa: E402
 
 
 def uses_tools(messages: list[dict[str, Any]], tools: list | None) -> bool:

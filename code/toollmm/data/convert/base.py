@@ -15,6 +15,8 @@ from pathlib import Path
 
 from toollmm.tokens import PLACEHOLDER, PLACEHOLDER_RE
 
+from ..toolcall import tool_call_entry
+
 
 class ConversionError(ValueError):
     """A source record cannot be converted; the message names the file and record."""
@@ -123,8 +125,8 @@ def make_record(rid: str, ctx: Context, messages: list[dict], **extra) -> dict:
 
 
 def tool_call(name: str, arguments: dict | None = None) -> dict:
-    """One call in the schema's HF form (swap for toollmm.data.toolcall.canonical_call when it lands)."""
-    return {"type": "function", "function": {"name": name, "arguments": dict(arguments or {})}}
+    """One call in the schema's HF form (checked by toollmm.data.toolcall)."""
+    return tool_call_entry(name, dict(arguments or {}))
 
 
 def tool_spec(name: str, description: str | None = None, parameters: dict | None = None) -> dict:

@@ -2,7 +2,8 @@
 
 Source: OpenGVLab/Ask-Anything video_chat2/dataset/it_dataset.py (ITImgTrainDataset.process_qa,
 ITVidTrainDataset): the first QA's ``i`` is the instruction (a system prompt), an empty ``q`` means no
-question (caption data), ``start``/``end`` clip the video (kept in ``meta.clip``)."""
+question (caption data; after the first QA its answer continues the previous assistant turn,
+since two assistant turns in a row are not a valid chat), ``start``/``end`` clip the video (kept in ``meta.clip``)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def convert_videochat(raw: dict, ctx: Context) -> list[dict]:
             msgs.append({"role": "user", "content": PLACEHOLDER[modality] + ("\n" + q if q else "")})
         elif q:
             msgs.append({"role": "user", "content": q})
+        elif msgs[-1]["role"] == "assistant":  # a later QA without a question continues the answer
+            msgs[-1]["content"] += "\n" + turn["a"]
+            continue
         msgs.append({"role": "assistant", "content": turn["a"]})
     check_media(media, ctx)
     meta = leftovers(raw, {"video", "image", "QA", "start", "end"})
