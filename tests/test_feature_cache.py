@@ -141,6 +141,7 @@ def test_atomic_write_never_shows_a_partial_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob"]
 
 
+@pytest.mark.slow  # ~14 s on an idle 2-core machine (three interpreters importing torch), 40 s when busy
 def test_two_processes_write_the_same_keys(tiny, tmp_path):
     """Two writer processes encode the same 16 images at the same moment through one cache folder
     while a third process parses every cache file it can see."""
