@@ -67,6 +67,17 @@ class EncoderConfig:
         "pooled", "'pooled': one embedding per input (NExT-GPT legacy, PandaGPT); 'tokens': one per clip"
     )
 
+    def check(self) -> list[str]:
+        if self.preset != "huge":
+            return []
+        huge = EncoderDims()  # its defaults are the package's imagebind_huge dims (tests/test_encoder.py)
+        return [
+            f"dims.{k}: {v} differs from imagebind_huge's {getattr(huge, k)} (preset 'huge'; "
+            "use another preset name for custom dims)"
+            for k, v in vars(self.dims).items()
+            if v != getattr(huge, k)
+        ]
+
 
 @dataclass
 class PreprocessConfig:
@@ -83,7 +94,10 @@ class PreprocessConfig:
     video_clips: int = opt(5, "clips per video")
     video_clip_duration: float = opt(2.0, "seconds per video clip")
     video_frames_per_clip: int = opt(2, "frames per clip")
-    video_spatial_crops: int = opt(3, "spatial crops per clip (left/centre/right)")
+    video_spatial_crops: int = opt(3, "spatial crops per clip (left/centre/right), 3 or 1 (centre)")
+    video_frame_list_fps: float = opt(
+        1.0, "a video given as a list of frame images (LaViA) is read as sampled at this rate"
+    )
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The multimodal model: frozen ImageBind encoder, projections, LLM, decoders (see the submodules)."""
