@@ -15,11 +15,14 @@ ENC_DIM = 32
 TINY_COND = {"image": (4, 24), "video": (6, 32), "audio": (1, 16)}  # (n_query, cond_dim) of tiny decoders
 
 
-def write_tiny_llama(tokenizer_dir, out_dir, *, tied: bool = False, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64, GQA 4/2 heads) saved with its tokenizer, like a real checkpoint folder."""
+def write_tiny_llama(
+    tokenizer_dir, out_dir, *, tied: bool = False, seed: int = 0, vocab_pad: int = 0
+) -> Path:
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads) saved with its tokenizer, like a real checkpoint folder.
+    ``vocab_pad``: extra unused rows beyond the tokenizer (models that pad their vocabulary)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=len(tok) + vocab_pad,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -168,3 +168,14 @@ def test_strict_load_refuses_and_names_the_key(trained, llm_dir, tmp_path):
     del no_audio.output_proj["audio"]
     with pytest.raises(DeltaError, match=r"\['output_proj.audio'\] do not exist in this model"):
         load_delta(no_audio, out)
+
+
+def test_llm_part_for_the_demo_stand_in_lm(llm_dir, tmp_path):
+    model = build_tiny(llm_dir, lora=False, seed=3)
+    batch = _train(model, ["llm", "input_proj"])
+    save_delta(model, tmp_path / "demo")
+    fresh = build_tiny(llm_dir, lora=False, seed=4)
+    assert load_delta(fresh, tmp_path / "demo").parts == ["input_proj", "llm", "token_rows"]
+    with torch.no_grad():
+        # the LM and the input projection came from the delta (output projections were not trained)
+        assert torch.equal(fresh.eval()(batch)["lm"], model.eval()(batch)["lm"])

@@ -123,3 +123,18 @@ def test_gradient_checkpointing_reaches_lora(use_reentrant, llm_dir):
     assert grads[1] and all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
     for n, g in grads[1].items():
         torch.testing.assert_close(g, grads[0][n], atol=1e-6, rtol=1e-4)
+
+
+def test_padded_vocabulary_reuses_spare_rows(tiny_tokenizer_dir, tmp_path):
+    """A model with more rows than tokens (padded vocab): the new ids land inside; no resize."""
+    d = write_tiny_llama(tiny_tokenizer_dir, tmp_path / "padded", vocab_pad=64)
+    original = load_file(str(d / "model.safetensors"))["model.embed_tokens.weight"]
+    b = build_llm(LLMConfig(path=str(d)), TokenConfig())
+    emb = b.hf_model.get_input_embeddings()
+    assert emb.weight.shape == original.shape and max(b.token_ids.new_ids) < original.shape[0]
+    new = b.token_ids.new_ids
+    assert torch.equal(emb.weight[: new[0]], original[: new[0]])
+    with torch.no_grad():
+        looked_up = emb(torch.tensor(new))
+    assert torch.equal(looked_up, b.rows["embed"].matrix())  # the spare rows were re-initialised
+    assert not torch.equal(looked_up, original[new])

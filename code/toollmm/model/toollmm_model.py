@@ -65,7 +65,8 @@ class ToolLMM(nn.Module):
         self.output_proj = nn.ModuleDict(output_proj)
         self.encoder = encoder
         if encoder is not None:
-            encoder.eval().requires_grad_(False)
+            encoder.eval()
+        self.requires_grad_(False)  # nothing trains until trainable_parameters() says so
         self.loss_weights = loss_weights if loss_weights is not None else {"lm": 1.0, "align": 1.0}
         self.trainable_names: list[str] = []
         self.delta_parts: set[str] = set()  # parts trained or loaded so far: what a delta must hold
