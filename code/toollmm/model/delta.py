@@ -1,0 +1,224 @@
+"""The delta checkpoint: exactly what toollmm trains on top of the frozen base models, loaded strictly.
+
+Layout of a delta folder (format ``toollmm-delta/1``)::
+
+    <dir>/delta.safetensors      token rows + projections; header metadata: format, parts, token_ids, tied
+    <dir>/adapter/               peft's own ``save_pretrained`` output (adapter_config.json +
+                                 adapter_model.safetensors, LoRA A/B only); present iff "lora" in parts
+
+Keys of ``delta.safetensors``::
+
+    token_rows.embed.{placeholder,signal,tool}   [n_group, H]  new input-embedding rows (always saved)
+    token_rows.head.{placeholder,signal,tool}    [n_group, H]  new lm_head rows (untied heads only)
+    input_proj.<param>                           part "input_proj"
+    output_proj.<modality>.<param>               part "output_proj.<modality>"
+    llm.<param>                                  part "llm" (the demo's fully trained stand-in LM only)
+
+Parts are cumulative: a stage saves what it trained plus what it loaded (``ToolLMM.delta_parts``);
+token rows are always saved (43 x H numbers per matrix by default) because even untrained new lm_head rows
+shape the LM's softmax. The base vocabulary is never saved (NExT-GPT saved 2 x 131M embedding numbers),
+and peft is told ``save_embedding_layers=False`` (its "auto" mode would save the resized matrices).
+
+Size bound (without the "llm" part), checked by the tests: the two weight files together hold at most
+``itemsize x (n_lora + n_rows + n_proj) + 64 KiB`` bytes, n_rows = (1 + untied) x n_new_tokens x H.
+
+Loading is strict: the saved token ids must equal the model's (NExT-GPT #47); every key of every saved part
+must exist in the model with the same shape, and every model key of a saved part must be in the file (an
+error names the key); parts the file does not hold are the expected-missing keys, listed in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import MODALITIES
+from .toollmm_model import ToolLMM
+
+log = logging.getLogger(__name__)
+
+FORMAT = "toollmm-delta/1"
+DELTA_FILE = "delta.safetensors"
+ADAPTER_DIR = "adapter"
+DELTA_PARTS = ("input_proj", *(f"output_proj.{m}" for m in MODALITIES), "lora", "token_rows", "llm")
+HEADER_SLACK = 64 * 1024
+
+
+class DeltaError(ValueError):
+    """A delta that does not fit the model it is loaded into."""
+
+
+@dataclass
+class DeltaLoadReport:
+    parts: list[str]  # parts loaded from the file
+    expected_missing: list[str]  # model keys of parts the file does not hold (they keep their init)
+
+
+def possible_parts(model: ToolLMM) -> list[str]:
+    """Delta parts this model can hold (``llm`` only when asked for explicitly)."""
+    out = ["input_proj", *(f"output_proj.{m}" for m in model.output_proj), "token_rows"]
+    return out + (["lora"] if model.bundle.lora else [])
+
+
+def delta_tensors(model: ToolLMM, parts) -> dict[str, torch.Tensor]:
+    """The model-side tensors of ``delta.safetensors`` for ``parts`` (LoRA lives in the adapter folder)."""
+    sd: dict[str, torch.Tensor] = {}
+    if "token_rows" in parts:
+        rows = model.bundle.rows
+        sd.update({f"token_rows.embed.{g}": p for g, p in rows["embed"].rows.items()})
+        if not model.bundle.tied:
+            sd.update({f"token_rows.head.{g}": p for g, p in rows["head"].rows.items()})
+    if "input_proj" in parts:
+        sd.update(dict(model.input_proj.named_parameters(prefix="input_proj")))
+    for m, proj in model.output_proj.items():
+        if f"output_proj.{m}" in parts:
+            sd.update(dict(proj.named_parameters(prefix=f"output_proj.{m}")))
+    if "llm" in parts:  # everything else in the LLM (token rows stay under their own keys)
+        seen = {id(t) for t in sd.values()}
+        sd.update({n: p for n, p in model.llm.named_parameters(prefix="llm") if id(p) not in seen})
+    return sd
+
+
+def _check_parts(model: ToolLMM, parts, where: str) -> list[str]:
+    parts = sorted(set(parts))
+    bad = [p for p in parts if p not in DELTA_PARTS]
+    if bad:
+        raise DeltaError(f"{where}: unknown delta part(s) {bad}; known: {list(DELTA_PARTS)}")
+    absent = [p for p in parts if p not in possible_parts(model) and p != "llm"]
+    if absent:
+        raise DeltaError(
+            f"{where}: part(s) {absent} do not exist in this model (parts: {possible_parts(model)})"
+        )
+    return parts
+
+
+def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
+    """Write the delta of ``model`` (default parts: ``model.delta_parts`` + token rows) to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = _check_parts(model, set(model.delta_parts if parts is None else parts) | {"token_rows"}, str(out))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in delta_tensors(model, parts).items()}
+    meta = {
+        "format": FORMAT,
+        "parts": json.dumps(parts),
+        "token_ids": json.dumps(model.bundle.token_ids.to_dict(), sort_keys=True),
+        "tied": json.dumps(model.bundle.tied),
+    }
+    tmp = out / (DELTA_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out / DELTA_FILE)
+    adapter = out / ADAPTER_DIR
+    if "lora" in parts:
+        tmp_dir = out / (ADAPTER_DIR + ".tmp")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        model.llm.save_pretrained(str(tmp_dir), save_embedding_layers=False)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp_dir, adapter)
+    elif adapter.exists():
+        shutil.rmtree(adapter)
+    log.info("delta %s: parts %s, %d tensors", out, parts, len(tensors))
+    return out
+
+
+def delta_size_bound(model: ToolLMM, parts) -> int:
+    """Upper bound in bytes of the weight files of a delta without the ``llm`` part (see module doc)."""
+    tensors = delta_tensors(model, set(parts) | {"token_rows"})
+    n = sum(t.numel() * t.element_size() for t in tensors.values())
+    if "lora" in parts:
+        n += sum(p.numel() * p.element_size() for name, p in model.llm.named_parameters() if "lora_" in name)
+    return n + HEADER_SLACK
+
+
+def delta_weight_bytes(delta_dir: str | os.PathLike) -> int:
+    d = Path(delta_dir)
+    files = [d / DELTA_FILE, d / ADAPTER_DIR / "adapter_model.safetensors"]
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def load_delta(model: ToolLMM, delta_dir: str | os.PathLike) -> DeltaLoadReport:
+    """Load a delta strictly into ``model`` (see module doc); raises :class:`DeltaError` naming the problem."""
+    from safetensors import safe_open
+
+    d = Path(delta_dir)
+    f = d / DELTA_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"no delta at {f}")
+    with safe_open(str(f), framework="pt") as h:
+        meta = h.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise DeltaError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        _check_token_ids(json.loads(meta["token_ids"]), model.bundle.token_ids.to_dict(), f)
+        parts = _check_parts(model, json.loads(meta["parts"]), str(f))
+        want = delta_tensors(model, parts)
+        keys = list(h.keys())
+        unexpected = sorted(set(keys) - set(want))
+        if unexpected:
+            raise DeltaError(f"{f}: unexpected key(s) {unexpected[:10]} (not in this model's parts {parts})")
+        missing = sorted(set(want) - set(keys))
+        if missing:
+            raise DeltaError(f"{f}: missing key(s) {missing[:10]} of part(s) {parts}")
+        loaded = {k: h.get_tensor(k) for k in keys}
+    for k, t in loaded.items():
+        if tuple(t.shape) != tuple(want[k].shape):
+            raise DeltaError(f"{f}: {k} has shape {tuple(t.shape)}, the model expects {tuple(want[k].shape)}")
+    with torch.no_grad():
+        for k, t in loaded.items():
+            want[k].copy_(t.to(device=want[k].device, dtype=want[k].dtype))
+    if "lora" in parts:
+        _load_lora(model, d / ADAPTER_DIR)
+    model.delta_parts |= set(parts)
+    not_saved = [p for p in possible_parts(model) if p not in parts]
+    expected_missing = sorted(delta_tensors(model, not_saved))
+    if "lora" in not_saved:
+        expected_missing += sorted(n for n, _ in model.llm.named_parameters() if "lora_" in n)
+    log.info(
+        "loaded delta %s: parts %s; %d expected-missing keys (parts %s keep their init)",
+        d,
+        parts,
+        len(expected_missing),
+        not_saved,
+    )
+    return DeltaLoadReport(parts, expected_missing)
+
+
+def _check_token_ids(saved: dict, current: dict, where: Path) -> None:
+    if saved == current:
+        return
+    diffs = []
+    for group in ("placeholder", "signal", "tool"):
+        a, b = saved.get(group, {}), current.get(group, {})
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                diffs.append(f"{group} {name}: delta {a.get(name)} vs tokenizer {b.get(name)}")
+    raise DeltaError(f"{where}: token ids differ from this tokenizer's (NExT-GPT #47): " + "; ".join(diffs))
+
+
+def _load_lora(model: ToolLMM, adapter: Path) -> None:
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise DeltaError(f"{adapter}: the delta lists part 'lora' but has no adapter_config.json")
+    saved = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cur = model.llm.peft_config["default"]
+    for key, now in (("r", cur.r), ("lora_alpha", cur.lora_alpha), ("target_modules", cur.target_modules)):
+        was = saved.get(key)
+        if key == "target_modules":
+            was, now = sorted(was or []), sorted(now or [])
+        if was != now:
+            raise DeltaError(f"{cfg_file}: {key} = {was}, but model.llm.lora has {now}")
+    weights = load_peft_weights(str(adapter), device="cpu")
+    result = set_peft_model_state_dict(model.llm, weights)
+    if result.unexpected_keys:
+        raise DeltaError(f"{adapter}: unexpected adapter key(s) {sorted(result.unexpected_keys)[:10]}")
+    missing = sorted(k for k in result.missing_keys if "lora_" in k)
+    if missing:
+        raise DeltaError(f"{adapter}: missing adapter key(s) {missing[:10]}")

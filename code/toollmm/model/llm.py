@@ -1,0 +1,162 @@
+"""The language model: any Hugging Face causal LM directory + toollmm's tokens + optional peft LoRA.
+
+``build_llm(llm_cfg, tokens_cfg)`` loads the model and tokenizer, adds the token contract
+(``toollmm.tokens``), gives the new tokens their own trainable rows in the input embedding and the lm_head
+(``toollmm.model.token_rows``), turns on gradient checkpointing if asked, and wraps the model with a peft
+LoRA adapter (r 32, alpha 32, dropout 0.1, q/k/v/o by default). Every parameter leaves this module
+frozen; ``ToolLMM.trainable_parameters`` decides what trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import LLMConfig, LoraSettings, TokenConfig
+from ..paths import resolve
+from ..tokens import TokenContract, TokenIds
+from .token_rows import TokenRows, attach_token_rows
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """'auto' = bfloat16 when the target is a CUDA device that supports it, float32 otherwise (CPU)."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"model.llm.dtype: unknown dtype {name!r} (auto, {', '.join(_DTYPES)})")
+        return _DTYPES[name]
+    dev = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
+    return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def _model_source(path: str, what: str) -> str:
+    """A local folder (relative paths from the repo root) or, if no such folder exists, a Hub id."""
+    local = resolve(path)
+    if local is not None and local.is_dir():
+        return str(local)
+    if local is not None and local.exists():
+        raise FileNotFoundError(f"{what}: {local} is a file; expected a Hugging Face model folder")
+    parts = str(path).split("/")
+    if len(parts) == 2 and all(parts) and not str(path).startswith((".", "~")):
+        return str(
+            path
+        )  # looks like a Hub id: let transformers resolve (offline runs will fail clearly there)
+    raise FileNotFoundError(
+        f"{what}: no model folder at {local} (see pretrained_checkpoint/README.md for getting the weights)"
+    )
+
+
+def load_causal_lm(llm_cfg: LLMConfig, device: torch.device | str | None = None):
+    """``(model, tokenizer)`` from ``llm_cfg.path`` / ``llm_cfg.tokenizer`` with the dtype policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _model_source(llm_cfg.path, "model.llm.path")
+    tok_src = _model_source(llm_cfg.tokenizer or llm_cfg.path, "model.llm.tokenizer")
+    dtype = resolve_dtype(llm_cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, dtype=dtype, attn_implementation=llm_cfg.attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    log.info(
+        "loaded %s (%s, %s attention) from %s", type(model).__name__, dtype, llm_cfg.attn_implementation, src
+    )
+    return model, tokenizer
+
+
+def enable_gradient_checkpointing(model, use_reentrant: bool = False) -> None:
+    """Activation checkpointing on every decoder layer of a HF model. transformers also registers
+    ``enable_input_require_grads`` so that, with a frozen embedding, the checkpointed layers' inputs
+    still require grad and LoRA weights inside them receive gradients (needed for reentrant checkpoints)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if not getattr(
+        model, "_require_grads_hooks", None
+    ):  # transformers adds it when main_input_name is input_ids
+        model.enable_input_require_grads()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def apply_lora(model, lora: LoraSettings):
+    """Wrap ``model`` in a ``PeftModelForCausalLM`` with one LoRA adapter named ``default``."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with (
+        warnings.catch_warnings()
+    ):  # peft 0.21 still calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
+
+
+@dataclass
+class LLMBundle:
+    """The LLM side of the composed model."""
+
+    model: nn.Module  # PeftModelForCausalLM (LoRA on) or the HF PreTrainedModel (LoRA off)
+    tokenizer: object
+    contract: TokenContract
+    token_ids: TokenIds
+    rows: dict[str, TokenRows]  # {"embed": ..., "head": ...}; the same object when tied
+    lora: bool
+    attn_implementation: str
+
+    @property
+    def hf_model(self):
+        """The underlying transformers model (inside the peft wrapper when LoRA is on)."""
+        return self.model.get_base_model() if self.lora else self.model
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_model.get_input_embeddings().embedding_dim)
+
+    @property
+    def tied(self) -> bool:
+        return self.rows["embed"] is self.rows["head"]
+
+
+def prepare_llm(
+    model,
+    tokenizer,
+    tokens_cfg: TokenConfig,
+    lora: LoraSettings,
+    gradient_checkpointing: bool = False,
+    token_ids: TokenIds | None = None,
+) -> LLMBundle:
+    """Add the token contract to ``tokenizer`` (or use ``token_ids`` as given, e.g. for a meta-device
+    model without a matching tokenizer), attach per-group token rows, checkpointing and LoRA; freeze all."""
+    contract = TokenContract.from_config(tokens_cfg)
+    if token_ids is None:
+        if tokenizer is None:
+            raise ValueError("prepare_llm needs a tokenizer or explicit token_ids")
+        token_ids = contract.add_to(tokenizer)
+    rows = attach_token_rows(model, token_ids, tokens_cfg.init_noise_std, tokens_cfg.init_seed)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    wrapped = apply_lora(model, lora) if lora.enabled else model
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    return LLMBundle(wrapped, tokenizer, contract, token_ids, rows, lora.enabled, impl)
+
+
+def build_llm(
+    llm_cfg: LLMConfig, tokens_cfg: TokenConfig, device: torch.device | str | None = None
+) -> LLMBundle:
+    """Load ``llm_cfg.path`` and prepare it (tokens, rows, checkpointing, LoRA)."""
+    model, tokenizer = load_causal_lm(llm_cfg, device)
+    return prepare_llm(model, tokenizer, tokens_cfg, llm_cfg.lora, llm_cfg.gradient_checkpointing)

@@ -1,0 +1,80 @@
+"""Loss terms and the attention-mask plumbing of the composed model (pure functions)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import IGNORE_INDEX
+
+LOSS_WEIGHT_KEYS = ("lm", "align", "align_image", "align_video", "align_audio")
+
+
+def check_loss_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    """``train.loss_weights``: ``lm``, ``align`` (every modality) and ``align_<modality>`` (overrides)."""
+    weights = dict(weights or {})
+    bad = sorted(k for k in weights if k not in LOSS_WEIGHT_KEYS)
+    if bad:
+        raise ValueError(f"train.loss_weights: unknown key(s) {bad}; known: {list(LOSS_WEIGHT_KEYS)}")
+    return weights
+
+
+def align_weight(weights: dict[str, float], modality: str) -> float:
+    return float(weights.get(f"align_{modality}", weights.get("align", 1.0)))
+
+
+def prepare_attention_mask(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
+    """The batch's mask in the form the attention kernel takes.
+
+    2-D ``[B, T]`` padding masks pass through. A packed 4-D boolean ``[B, 1, T, T]`` mask (True = attend)
+    first gets its diagonal set, so padding positions attend to themselves instead of to nothing (some
+    attention kernels return NaN for a fully masked row, and NaN * 0 still poisons gradients); real tokens
+    already attend to themselves, so their outputs do not change. Then: sdpa and others take the boolean mask, eager an
+    additive float mask; flash_attention_2 takes no mask and finds sample boundaries in ``position_ids``.
+    """
+    if mask.dim() == 2:
+        return mask
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        raise ValueError(f"attention_mask must be [B, T] or [B, 1, T, T], got {tuple(mask.shape)}")
+    t = mask.shape[-1]
+    m = mask.bool() | torch.eye(t, dtype=torch.bool, device=mask.device)
+    if attn_implementation == "flash_attention_2":
+        return None
+    if attn_implementation == "eager":
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+    return m
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, sample_starts: torch.Tensor | None = None):
+    """Token-mean next-token cross-entropy over supervised labels (computed in float32).
+
+    ``sample_starts`` (bool ``[B, T]``, packed rows): a label at a sample's first position is never
+    predicted from the previous sample's last token. No supervised token -> an exact 0 that still
+    has a graph (never NaN).
+    """
+    shift_labels = labels[:, 1:]
+    if sample_starts is not None:
+        shift_labels = shift_labels.masked_fill(sample_starts[:, 1:], IGNORE_INDEX)
+    shift_logits = logits[:, :-1].float()
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    n = (shift_labels != IGNORE_INDEX).sum()
+    return total / n.clamp(min=1)
+
+
+def l2_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """NExT-GPT's alignment loss: Euclidean distance per conditioning token, averaged over tokens."""
+    return torch.linalg.vector_norm(pred.float() - target.float(), dim=-1).mean()
+
+
+def zero_touch(module: torch.nn.Module) -> torch.Tensor | None:
+    """``0 * sum(trainable params)``: gives every trainable parameter of a module that this batch did
+    not use a (zero) gradient, so all ranks reduce the same set of gradients under DeepSpeed."""
+    ps = [p for p in module.parameters() if p.requires_grad]
+    if not ps:
+        return None
+    return sum(p.sum() for p in ps) * 0.0
