@@ -157,6 +157,9 @@ def test_edge_detection_really_runs_and_names_output_like_gpt4tools(reg):
     assert px[16, 20] == 255 and px[47, 20] == 255  # the square's left/right boundary is an edge
     assert px[30, 24] == 0 and px[5, 5] == 0  # inside the square and the flat background are not
     assert set(np.unique(np.asarray(out.convert("L"))).tolist()) == {0, 255}  # binary, like Canny
+    Image.new("RGB", (20, 10), (200, 200, 200)).save(ws / "flat.png")
+    flat = reg.call_text("Edge Detection On Image", "flat.png")
+    assert np.asarray(Image.open(ws / flat.result)).max() == 0  # a flat image has no edges, borders included
 
 
 def test_user_tools_by_decorator_and_by_config_import(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import time
@@ -56,9 +55,29 @@ def huge_output() -> str:
     return "x" * 5_000_000
 
 
+@tool()
+def noisy() -> str:
+    print("NOISE from the tool")
+    return "quiet result"
+
+
 @tool(output="image")
 def image_outside() -> str:
     return "/etc/hostname"
+
+
+def _children() -> set[int]:
+    """Live processes whose parent is this test process."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, ValueError):
+                continue
+            if int(ppid) == os.getpid() and state not in ("Z", "X"):
+                out.add(int(d.name))
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -73,7 +92,7 @@ def _alive(pid: int) -> bool:
 def reg(tmp_path):
     r = Registry(tmp_path / "ws", timeout_s=1.5, max_output_chars=1000, max_arg_chars=4096)
     declare_sets(r, SETS)
-    for fn in (read_file, sleep_forever, crash, abort, raise_error, huge_output, image_outside):
+    for fn in (read_file, sleep_forever, crash, abort, raise_error, huge_output, image_outside, noisy):
         r.add(fn)
     return r
 
@@ -141,6 +160,7 @@ def test_hostile_calls_each_get_a_clear_error(reg, tmp_path):
 
 
 def test_tool_that_sleeps_forever_is_killed_with_its_children(reg):
+    before = _children()
     t0 = time.perf_counter()
     r = reg.call("sleep_forever", {"pid_file": "pids.json"})
     assert "timed out after 1.5 s" in r.error and time.perf_counter() - t0 < 10
@@ -149,7 +169,7 @@ def test_tool_that_sleeps_forever_is_killed_with_its_children(reg):
     while (_alive(child) or _alive(grandchild)) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(child) and not _alive(grandchild)
-    assert multiprocessing.active_children() == []
+    assert _children() <= before
 
 
 def test_thousands_of_hostile_calls_finish_fast_and_leave_nothing_behind(reg):
@@ -163,11 +183,11 @@ def test_thousands_of_hostile_calls_finish_fast_and_leave_nothing_behind(reg):
         ("generate_image", {"prompt": ""}),
         ("Get Photo Description", {"image_path": "a.png"}),  # declared, no backend
     ]
-    t0 = time.perf_counter()
+    before, t0 = _children(), time.perf_counter()
     results = [reg.call(*hostile[i % len(hostile)]) for i in range(3000)]
     assert time.perf_counter() - t0 < 30
     assert all(r.error and r.result is None for r in results)
-    assert multiprocessing.active_children() == []
+    assert _children() <= before
 
 
 def test_call_parser_never_raises_on_model_text():
@@ -197,3 +217,9 @@ def test_call_parser_never_raises_on_model_text():
     assert not Path("/tmp/pwned").exists()
     assert react_action("Action: X\nAction Input: a, b\nObservation:").tool_input == "a, b"
     assert react_action("Action:\nAction Input: a") is None and react_action("no action here") is None
+
+
+def test_tool_prints_never_reach_stdout(reg, capfd):
+    assert reg.call("noisy", {}).result == "quiet result"
+    out, err = capfd.readouterr()
+    assert "NOISE" not in out and "NOISE from the tool" in err  # a --json stdout stays clean

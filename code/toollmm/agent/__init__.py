@@ -8,10 +8,18 @@
 * ``engine``    — ``Engine``: batched decode with forced tool results and signal-span hooks
 * ``protocol``  — ``StepModel`` / ``StepOutput``: what a model implements to be driven by the engine
 * ``scripted``  — ``ScriptedModel``: a model that writes chosen token sequences (tests, demos)
+* ``hf_step``   — ``CausalLMStepModel``: the protocol over any HF causal LM (text only, per-row KV cache)
 
-This package imports no model code; ``engine`` and ``protocol`` import torch.
+Importing the package is cheap (tool processes import ``toollmm.agent.sandbox``); the names below load
+on first use. ``engine``, ``protocol`` and ``hf_step`` import torch.
 """
 
-from .registry import Registry, ToolResult, ToolSpec, tool
-
 __all__ = ["Registry", "ToolResult", "ToolSpec", "tool"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

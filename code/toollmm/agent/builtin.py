@@ -7,21 +7,18 @@ without a backend; ``bind_model_hooks`` attaches in-process backends once the mo
 binds the GPT4Tools tools that mean the same thing ("Get Photo Description", "Answer Question About The
 Image", "Generate Image From User Input Text").
 
-``edge_detection`` is a real CPU backend for GPT4Tools' "Edge Detection On Image" (PIL instead of
-OpenCV's Canny); like GPT4Tools it writes ``<same folder>/<8 hex chars>.png`` and returns that path.
+``cpu_tools.edge_detection`` is the real CPU backend attached to GPT4Tools' "Edge Detection On Image".
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable
 
+from .cpu_tools import edge_detection
 from .registry import Registry, ToolSpec
 
 _PROMPT = {"type": "string", "minLength": 1, "maxLength": 2000}
 _PATH = {"type": "string", "format": "path", "minLength": 1, "maxLength": 1024}
-EDGE_THRESHOLD = 64  # FIND_EDGES response above which a pixel is an edge (binary output, like Canny)
 
 
 def _obj(**props) -> dict:
@@ -58,24 +55,6 @@ def builtin_specs() -> list[ToolSpec]:
         )
     )
     return specs
-
-
-def gpt4tools_output_name(input_path: str) -> str:
-    """GPT4Tools' get_new_image_name: the input's folder + the first 8 characters of a uuid4 + .png."""
-    return os.path.join(os.path.dirname(input_path), f"{str(uuid.uuid4())[:8]}.png")
-
-
-def edge_detection(image_path: str) -> str:
-    """Binary edge map (white edges on black, 3 channels) of an image, saved next to it."""
-    from PIL import Image, ImageFilter
-
-    with Image.open(image_path) as img:
-        gray = img.convert("L")
-    edges = gray.filter(ImageFilter.FIND_EDGES).point([0] * EDGE_THRESHOLD + [255] * (256 - EDGE_THRESHOLD))
-    out = Image.merge("RGB", (edges, edges, edges))
-    path = gpt4tools_output_name(image_path)
-    out.save(path)
-    return path
 
 
 def attach_cpu_backends(registry: Registry) -> None:

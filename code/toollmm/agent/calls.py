@@ -93,7 +93,7 @@ def parse_tool_call(text: str, *, max_chars: int = 16384, max_depth: int = 8) ->
 
 # --------------------------------------------------------------------------------------------- ReAct
 #: the model stops writing and the tool runs when its step ends with this line
-REACT_STOP_RE = re.compile(r"(?:^|\n)[ \t]*Observation:[ \t]*$")
+REACT_STOP_RE = re.compile(r"(?:^|\n)[ \t]*Observation:[ \t]*$")  # $ also matches before a final newline
 _ACTION_LINE = re.compile(r"^[ \t]*Action[ \t]*:(.*)$", re.MULTILINE)
 _INPUT_LINE = re.compile(r"^[ \t]*Action Input[ \t]*:(.*)$", re.MULTILINE)
 

@@ -92,10 +92,12 @@ class Registry:
         if spec.backend is not None and spec.isolation == "subprocess":
             try:
                 pickle.dumps(spec.backend)
+                if getattr(spec.backend, "__module__", None) == "__main__":
+                    raise TypeError("defined in __main__, which a tool process cannot import")
             except Exception as e:
                 raise TypeError(
-                    f"tool {spec.name!r}: a subprocess tool must be a module-level (importable) function "
-                    f"({type(e).__name__}: {e}); use isolation='inprocess' for closures"
+                    f"tool {spec.name!r}: a subprocess tool must be a module-level function of an importable "
+                    f"module ({type(e).__name__}: {e}); use isolation='inprocess' for closures"
                 ) from None
         for n in [spec.name, *spec.aliases]:
             owner = self._alias.get(n, n if n in self._tools else None)

@@ -2,11 +2,11 @@
 
 * ``Workspace.resolve(arg)`` turns a path written by the model into a real path inside the workspace, or
   raises ``PathRefused`` saying why (absolute, ``..``, NUL byte, too long, a symlink that leads out).
-* ``run_isolated(fn, kwargs, ...)`` runs ``fn(**kwargs)`` in a fresh ``spawn``-ed process that starts its
-  own session (so the whole process group is killed on timeout), with the workspace as its working
+* ``run_isolated(fn, kwargs, ...)`` runs ``fn(**kwargs)`` in a fresh interpreter that starts its own
+  session (so the whole process group is killed on timeout), with the workspace as its working
   directory. The child truncates its own output before sending it back, so a tool returning a gigabyte
-  cannot flood the parent. Nothing here ever raises on tool behaviour: crash, hang, exception, unpicklable
-  result all come back as an error string.
+  cannot flood the parent; its prints go to stderr, never into a ``--json`` stdout. Nothing here ever
+  raises on tool behaviour: crash, hang, exception, odd result all come back as an error string.
 
 Threat model: the MODEL's output is untrusted (arguments, paths, call counts); the tool CODE is the user's
 own and trusted (it is isolated for robustness — hangs, crashes, leaks — not sandboxed against malice).
@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
+import pickle
+import select
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -94,74 +97,116 @@ def to_text(value: Any) -> str:
         return repr(value)
 
 
-def _child(conn, fn, kwargs: dict, cwd: str | None, max_chars: int) -> None:
-    """Runs in the spawned process: own session, workspace cwd, truncated reply."""
-    try:
-        os.setsid()
-    except OSError:
-        pass
-    try:
-        if cwd:
-            os.chdir(cwd)
-        value = fn(**kwargs)
-        reply = ("ok", truncate(to_text(value), max_chars))
-    except BaseException as e:  # noqa: BLE001 - everything becomes an error message for the parent
-        reply = ("error", truncate(f"{type(e).__name__}: {e}", max_chars))
-    try:
-        conn.send(reply)
-    finally:
-        conn.close()
+_BOOT = "import sys; from toollmm.agent.sandbox import worker_main; worker_main(int(sys.argv[1]))"
 
 
-def _kill_group(proc) -> None:
+def worker_main(reply_fd: int) -> None:
+    """Entry of the tool process: read ``(fn, kwargs, cwd, max_chars)`` (pickle) from stdin, run it,
+    write one JSON line ``{"status", "payload"}`` to ``reply_fd``. Tool prints go to stderr."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        fn, kwargs, cwd, max_chars = pickle.loads(sys.stdin.buffer.read())
+    except BaseException as e:  # noqa: BLE001 - e.g. the tool's module cannot be imported here
+        reply = {
+            "status": "error",
+            "payload": f"could not load the tool in its process: {type(e).__name__}: {e}",
+        }
+    else:
+        try:
+            if cwd:
+                os.chdir(cwd)
+            reply = {"status": "ok", "payload": truncate(to_text(fn(**kwargs)), max_chars)}
+        except BaseException as e:  # noqa: BLE001 - everything becomes an error message for the parent
+            reply = {"status": "error", "payload": truncate(f"{type(e).__name__}: {e}", max_chars)}
+    os.write(reply_fd, (json.dumps(reply) + "\n").encode())
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)  # do not wait for threads the tool may have left behind
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the tool's own session: children die too
     except (ProcessLookupError, PermissionError, OSError):
         pass
     try:
         proc.kill()
-    except (ProcessLookupError, OSError, ValueError):
+    except (ProcessLookupError, OSError):
         pass
+    proc.wait()
+
+
+def _read_reply(fd: int, deadline: float) -> bytes | None:
+    """Bytes up to the first newline, b"" on EOF without one, None on timeout."""
+    buf = b""
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
 
 
 def run_isolated(
     fn, kwargs: dict, *, timeout_s: float, cwd: str | os.PathLike | None = None, max_chars: int = 4000
 ) -> tuple[str | None, str | None]:
-    """``(result, None)`` or ``(None, error)``; the child is killed (whole group) after ``timeout_s``."""
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_child, args=(send, fn, kwargs, os.fspath(cwd) if cwd else None, max_chars), daemon=True
-    )
+    """``(result, None)`` or ``(None, error)``. ``fn`` runs in a fresh interpreter in its own session
+    (``python -c``, not multiprocessing: the caller's ``__main__`` is never re-run), with the caller's
+    ``sys.path``; after ``timeout_s`` the whole process group is killed."""
     try:
-        proc.start()
-    except Exception as e:  # unpicklable callable or arguments, fork limits...
-        recv.close()
-        send.close()
-        return None, f"could not start the tool process: {type(e).__name__}: {e}"
-    send.close()
+        payload = pickle.dumps((fn, kwargs, os.fspath(cwd) if cwd else None, max_chars))
+    except Exception as e:
+        return None, f"could not send the call to a tool process: {type(e).__name__}: {e}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            env=env,
+        )
+    except OSError as e:
+        os.close(read_fd)
+        return None, f"could not start the tool process: {e}"
+    finally:
+        os.close(write_fd)
     deadline = time.monotonic() + timeout_s
     try:
-        if not recv.poll(max(0.0, timeout_s)):
-            _kill_group(proc)
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        raw = _read_reply(read_fd, deadline)
+        if raw is None:
             return None, f"timed out after {timeout_s:g} s (tool process killed)"
-        try:
-            status, payload = recv.recv()
-        except (EOFError, OSError):
-            proc.join(max(0.1, deadline - time.monotonic()))
-            code = proc.exitcode
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if not raw:
+            code = proc.wait(max(0.1, deadline - time.monotonic()))
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             return None, f"tool process crashed ({how}) without a result"
-        except Exception as e:  # the result could not be unpickled
-            return None, f"tool result could not be read: {type(e).__name__}: {e}"
-        return (payload, None) if status == "ok" else (None, payload)
-    finally:
-        recv.close()
-        proc.join(0.5)
-        if proc.is_alive():
-            _kill_group(proc)
-            proc.join(1.0)
         try:
-            proc.close()
-        except ValueError:
-            log.warning("tool process %s did not exit", proc.pid)
+            reply = json.loads(raw.split(b"\n", 1)[0])
+            status, text = reply["status"], str(reply["payload"])
+        except (ValueError, KeyError, TypeError) as e:
+            return None, f"tool result could not be read: {type(e).__name__}: {e}"
+        return (text, None) if status == "ok" else (None, text)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout_s:g} s (tool process killed)"
+    finally:
+        os.close(read_fd)
+        if proc.poll() is None:
+            try:
+                proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        if proc.poll() is None:
+            log.warning("tool process %s still running: killing its group", proc.pid)
+        _kill_group(proc)
