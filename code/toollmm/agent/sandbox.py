@@ -26,6 +26,8 @@ import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from ..paths import resolve
+
 log = logging.getLogger(__name__)
 
 MAX_PATH_CHARS = 1024
@@ -39,7 +41,7 @@ class Workspace:
     """A folder that every model-written file argument must stay inside."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
+        self.root = Path(resolve(root)).resolve()  # relative roots are taken from the repo root, not the cwd
         self.root.mkdir(parents=True, exist_ok=True)
 
     def resolve(self, arg: Any) -> Path:
@@ -138,6 +140,14 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _stderr_fd():
+    """Where a tool's prints go: the real stderr (never stdout, which may carry --json output)."""
+    try:
+        return sys.__stderr__.fileno()
+    except (AttributeError, OSError, ValueError):
+        return subprocess.DEVNULL
+
+
 def _read_reply(fd: int, deadline: float) -> bytes | None:
     """Bytes up to the first newline, b"" on EOF without one, None on timeout."""
     buf = b""
@@ -168,7 +178,7 @@ def run_isolated(
         proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, str(write_fd)],
             stdin=subprocess.PIPE,
-            stdout=sys.__stderr__.fileno() if sys.__stderr__ else subprocess.DEVNULL,
+            stdout=_stderr_fd(),
             pass_fds=(write_fd,),
             start_new_session=True,
             env=env,
