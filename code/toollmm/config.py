@@ -329,7 +329,22 @@ class InferenceConfig:
     partial_signal: Literal["complete", "report"] = opt(
         "complete", "incomplete signal span: force-complete it, or report it"
     )
-    seed: int = opt(0, "seed for decoders")
+    seed: int = opt(0, "seed for sampling and decoders")
+    tool_sets: list[str] = opt(
+        ["builtin", "gpt4tools", "gpt4tools_magicbrush", "viotgpt", "mllmtool"],
+        "declared tool sets (toollmm.agent.toolsets); a declared tool without a backend answers with an error",
+    )
+    tool_imports: list[str] = opt(
+        factory=list,
+        help="user tools: 'pkg.module:function' (one @tool function) or 'pkg.module' (every @tool in it)",
+    )
+    tool_max_output_chars: int = opt(4000, "tool output longer than this is truncated (with a note)")
+    tool_max_arg_chars: int = opt(8192, "serialised tool arguments longer than this are refused")
+    tool_max_call_tokens: int = opt(1024, "a <tool_call> longer than this many tokens is abandoned")
+    tool_max_json_depth: int = opt(8, "tool-call JSON nested deeper than this is refused before parsing")
+    max_repeated_calls: int = opt(
+        2, "identical calls (same tool and arguments) allowed per turn; more stops the turn"
+    )
 
 
 @dataclass

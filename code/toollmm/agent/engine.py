@@ -1,0 +1,332 @@
+"""The decode state machine: one row state per sequence, tool calls and signal spans handled in-stream.
+
+Per step every unfinished row appends either its pending FORCED tokens or one SAMPLED token (placeholders
+and ``<tool_result>`` / ``</tool_result>`` are banned from sampling). A row is in one of three modes:
+
+* ``text``: ``<tool_call>`` opens a call (``tool_format: tokens``); ``[IMG0]`` (any modality's first
+  signal token) opens a span; EOS ends the row. With ``tool_format: react`` a step that ends with
+  ``Observation:`` runs its ``Action`` on its ``Action Input`` and `` {observation}\\n`` is forced.
+* ``call``: tokens are collected until ``</tool_call>``; the JSON is parsed (never raising), validated
+  and run by the registry (time limit), and ``<tool_result>{observation}</tool_result>`` is forced.
+* ``signal``: the span's tokens must follow in order. A complete span calls the signal hook with the
+  row, modality, positions and (if the model returns them) hidden states. An interrupted span (wrong
+  token, EOS, max tokens) is force-completed (``partial_signal: complete``) or reported and dropped
+  (``report``) — NExT-GPT asserted here (#30, #66).
+
+Nothing the model writes can crash the engine: every problem lands in the row's ``errors``. Limits:
+``max_new_tokens`` sampled tokens, ``max_tool_steps`` call attempts, ``max_repeated_calls`` identical calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ..config import InferenceConfig
+from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START, TokenContract
+from .calls import REACT_STOP_RE, parse_tool_call, react_action
+from .forcing import ForcedText
+from .protocol import SignalHook, StepModel
+from .registry import Registry, ToolResult
+from .sampling import Sampler
+from .sandbox import truncate
+from .state import RowResult, RowState, SignalEvent, Span
+
+__all__ = ["Engine", "RowResult", "SignalEvent"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: StepModel,
+        tokenizer,
+        registry: Registry,
+        cfg: InferenceConfig | None = None,
+        *,
+        tool_format: str = "tokens",
+        contract: TokenContract | None = None,
+        signal_hook: SignalHook | None = None,
+    ):
+        if tool_format not in ("tokens", "react"):
+            raise ValueError(f"tool_format must be 'tokens' or 'react', got {tool_format!r}")
+        self.model, self.tok, self.registry = model, tokenizer, registry
+        self.cfg = cfg or InferenceConfig()
+        self.react = tool_format == "react"
+        self.signal_hook = signal_hook
+        self.ids = (contract or TokenContract()).ids(tokenizer)
+        self.eos = tokenizer.eos_token_id
+        self.t = self.ids.tool
+        self.sig = {tid: (m, k) for m, lst in self.ids.signal.items() for k, tid in enumerate(lst)}
+        banned = self.ids.group_ids("placeholder") + [self.t[TOOL_RESULT_START], self.t[TOOL_RESULT_END]]
+        self.sampler = Sampler(self.cfg.temperature, self.cfg.top_p, self.cfg.seed, banned)
+        self.text = ForcedText(tokenizer, self.ids)
+        self.max_append = getattr(model, "max_append", None)
+
+    # ------------------------------------------------------------------------------ main loop
+    def generate(self, prompts: list[list[int]], media: Any = None) -> list[RowResult]:
+        t0 = time.perf_counter()
+        rows = [RowState(i, len(p)) for i, p in enumerate(prompts)]
+        state, out = self.model.start([list(p) for p in prompts], media)
+        model_s = time.perf_counter() - t0
+        while True:
+            starts = [len(r.gen) for r in rows]
+            appends = []
+            for r in rows:
+                toks = [] if r.finish_reason else self._advance(r, out.logits[r.index], t0)
+                if not toks and not r.finish_reason:  # defensive: a row must progress or finish
+                    self._finish(r, "error", t0, "internal: the row made no progress")
+                appends.append(toks)
+            if not any(appends):
+                break
+            ts = time.perf_counter()
+            out = self.model.step(state, appends)
+            model_s += time.perf_counter() - ts
+            for r, toks, s in zip(rows, appends, starts):
+                if toks:
+                    hid = out.hidden[r.index] if out.hidden is not None else None
+                    self._collect(r, r.prompt_len + s, len(toks), hid, state)
+        return [self._result(r, model_s) for r in rows]
+
+    def _advance(self, row: RowState, logits: torch.Tensor, t0: float) -> list[int]:
+        if row.pending:
+            n = len(row.pending) if not self.max_append else min(self.max_append, len(row.pending))
+            return [self._emit(row, *row.pending.popleft()) for _ in range(n)]
+        if row.stop_after_pending:
+            self._finish(row, row.stop_after_pending, t0)
+            return []
+        if row.sampled >= self.cfg.max_new_tokens:
+            return self._out_of_budget(row, t0)
+        tok = self.sampler(logits)
+        row.sampled += 1
+        if row.first_token_s is None:
+            row.first_token_s = round(time.perf_counter() - t0, 4)
+        if tok is None:
+            self._finish(row, "error", t0, "the model gave no usable next token (NaN logits or all banned)")
+            return []
+        return self._on_token(row, tok, t0)
+
+    def _on_token(self, row: RowState, t: int, t0: float) -> list[int]:
+        if row.mode == "signal":
+            span = row.span
+            if t == span.ids[len(span.positions)]:
+                return [self._emit(row, t, span)]
+            if self._interrupt(row, self._describe(t), stop_reason="eos" if t == self.eos else None):
+                return self._advance(row, torch.empty(0), t0)  # pending now holds the completion
+        if t == self.eos:
+            if row.mode == "call":
+                row.errors.append("unterminated tool call at the end of the answer (not run)")
+            self._finish(row, "eos", t0)
+            return []
+        if row.mode == "call":
+            return self._in_call(row, t, t0)
+        if not self.react and t == self.t[TOOL_CALL_START]:
+            row.mode, row.call_ids = "call", []
+            return [self._emit(row, t)]
+        if t in self.sig:
+            return [self._on_signal_token(row, t)]
+        if not self.react and t == self.t[TOOL_CALL_END]:
+            row.warnings.append("stray </tool_call> without <tool_call> (ignored)")
+        out = [self._emit(row, t)]
+        if self.react:
+            self._react_check(row, t0)
+        return out
+
+    # ------------------------------------------------------------------------------ signal spans
+    def _on_signal_token(self, row: RowState, t: int) -> int:
+        modality, k = self.sig[t]
+        if k != 0:
+            row.errors.append(f"stray {self._describe(t)} outside a {modality} signal span (ignored)")
+            return self._emit(row, t)
+        row.span, row.mode = Span(modality, list(self.ids.signal[modality])), "signal"
+        return self._emit(row, t, row.span)
+
+    def _interrupt(self, row: RowState, why: str, stop_reason: str | None = None) -> bool:
+        """An unfinished span: True if completed by forcing (pending filled), False if reported."""
+        span, got, n = row.span, len(row.span.positions), len(row.span.ids)
+        row.span, row.mode = None, "text"
+        if self.cfg.partial_signal == "complete":
+            span.forced = True
+            row.pending.extend((tid, span) for tid in span.ids[got:])
+            row.stop_after_pending = stop_reason
+            row.warnings.append(
+                f"{span.modality} signal span interrupted after {got} of {n} tokens by {why}; completed"
+            )
+            return True
+        for p in span.positions:
+            row.wanted.pop(p, None)
+        row.signals.append(SignalEvent(span.modality, span.positions, False, error="incomplete span"))
+        row.errors.append(
+            f"incomplete {span.modality} signal span: {got} of {n} tokens, interrupted by {why}; "
+            f"no {span.modality} generated"
+        )
+        return False
+
+    def _collect(self, row: RowState, start: int, n: int, hidden, state: Any) -> None:
+        """Attach hidden states of the tokens just appended; fire the hook for spans now complete."""
+        for j, pos in enumerate(range(start, start + n)):
+            span = row.wanted.pop(pos, None)
+            if span is None:
+                continue
+            ok = hidden is not None and j < len(hidden)
+            span.hidden.append(hidden[j] if ok else None)
+            if len(span.hidden) == len(span.ids):
+                self._fire(row, span, state)
+
+    def _fire(self, row: RowState, span: Span, state: Any) -> None:
+        hidden = None if any(h is None for h in span.hidden) else torch.stack(list(span.hidden))
+        ev = SignalEvent(span.modality, list(span.positions), span.forced)
+        where = f"{span.modality} signal span at positions {span.positions[0]}..{span.positions[-1]}"
+        if self.signal_hook is None:
+            ev.error = "no signal hook"
+            row.errors.append(f"{where}: no decoder hook in this session, nothing generated")
+        else:
+            try:
+                ev.result = self.signal_hook(
+                    row=row.index, modality=span.modality, positions=ev.positions, hidden=hidden, state=state
+                )
+            except Exception as e:
+                ev.error = truncate(f"{type(e).__name__}: {e}", 500)
+                row.errors.append(f"{where}: {span.modality} generation failed: {ev.error}")
+        row.signals.append(ev)
+
+    # ------------------------------------------------------------------------------ tool calls
+    def _in_call(self, row: RowState, t: int, t0: float) -> list[int]:
+        if t == self.t[TOOL_CALL_END]:
+            out = [self._emit(row, t)]
+            row.mode = "text"
+            self._attempt(row, lambda: self._json_call(row), t0)
+            return out
+        row.call_ids.append(t)
+        out = [self._emit(row, t)]
+        if len(row.call_ids) > self.cfg.tool_max_call_tokens:
+            row.mode = "text"
+            row.pending.append((self.t[TOOL_CALL_END], None))
+            msg = f"tool call longer than {self.cfg.tool_max_call_tokens} tokens; abandoned"
+            self._attempt(row, lambda: ToolResult("?", None, None, msg, 0.0), t0)
+        return out
+
+    def _json_call(self, row: RowState) -> ToolResult | None:
+        text = self.tok.decode(row.call_ids)
+        parsed = parse_tool_call(
+            text, max_chars=self.cfg.tool_max_arg_chars * 2, max_depth=self.cfg.tool_max_json_depth
+        )
+        if not parsed.ok:
+            return ToolResult(
+                parsed.name or "?", truncate(text, 300), None, f"malformed tool call: {parsed.error}", 0.0
+            )
+        return self._run_tool(row, parsed.name, parsed.arguments, text_input=False)
+
+    def _react_check(self, row: RowState, t0: float) -> None:
+        seg = row.gen[row.segment_start :]
+        if not REACT_STOP_RE.search(self.tok.decode(seg[-32:])):
+            return
+        text = self.tok.decode(seg)
+        if not REACT_STOP_RE.search(text):  # the short tail started mid-line
+            return
+        action = react_action(text)
+        if action is None:
+            msg = "could not read an 'Action:' line and an 'Action Input:' line before 'Observation:'"
+            self._attempt(row, lambda: ToolResult("?", truncate(text[-300:], 300), None, msg, 0.0), t0)
+        else:
+            self._attempt(
+                row, lambda: self._run_tool(row, action.tool, action.tool_input, text_input=True), t0
+            )
+        row.segment_start = len(row.gen) + len(row.pending)
+
+    def _attempt(self, row: RowState, make_result, t0: float) -> None:
+        """One call attempt under the step limit; its observation is queued as forced tokens."""
+        if row.tool_steps >= self.cfg.max_tool_steps:
+            row.errors.append(f"tool step limit ({self.cfg.max_tool_steps}) reached; further calls not run")
+            self._stop(row, "tool_limit")
+            return
+        row.tool_steps += 1
+        res = make_result()
+        if res is None:  # runaway: the row was stopped
+            return
+        row.tool_results.append(res)
+        if not res.ok:
+            row.errors.append(f"tool call {len(row.tool_results)} ({truncate(res.name, 100)}): {res.error}")
+        if self.react:
+            body = self.text.plain(" " + res.observation() + "\n")
+        else:
+            body = self.text.wrapped(res.observation(), self.t[TOOL_RESULT_START], self.t[TOOL_RESULT_END])
+        row.pending.extend((tid, None) for tid in body)
+
+    def _run_tool(self, row: RowState, name: str, args: Any, *, text_input: bool) -> ToolResult | None:
+        key = json.dumps([name, args], sort_keys=True, default=str)
+        row.call_counts[key] += 1
+        if row.call_counts[key] > self.cfg.max_repeated_calls:
+            row.errors.append(
+                f"runaway: identical call to {truncate(name, 100)!r} repeated {row.call_counts[key]} times; stopped"
+            )
+            self._stop(row, "runaway")
+            return None
+        return self.registry.call_text(name, args) if text_input else self.registry.call(name, args)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _emit(self, row: RowState, tid: int, span: Span | None = None) -> int:
+        if span is not None:
+            pos = row.prompt_len + len(row.gen)
+            span.positions.append(pos)
+            row.wanted[pos] = span
+            if len(span.positions) == len(span.ids) and row.span is span:
+                row.span, row.mode = None, "text"
+        row.gen.append(tid)
+        return tid
+
+    def _out_of_budget(self, row: RowState, t0: float) -> list[int]:
+        row.errors.append(f"max_new_tokens ({self.cfg.max_new_tokens}) reached before the answer ended")
+        if row.mode == "call":
+            row.errors.append("unterminated tool call at max_new_tokens (not run)")
+        if row.mode == "signal" and self._interrupt(row, "max_new_tokens", stop_reason="max_new_tokens"):
+            return self._advance(row, torch.empty(0), t0)
+        self._finish(row, "max_new_tokens", t0)
+        return []
+
+    def _stop(self, row: RowState, reason: str) -> None:
+        row.pending.clear()
+        row.stop_after_pending = reason
+
+    def _finish(self, row: RowState, reason: str, t0: float, error: str | None = None) -> None:
+        if error:
+            row.errors.append(error)
+        row.finish_reason = reason
+        row.total_s = round(time.perf_counter() - t0, 4)
+
+    def _describe(self, tid: int) -> str:
+        if tid == self.eos:
+            return "end of text"
+        return repr(self.tok.convert_ids_to_tokens(int(tid)))
+
+    def _result(self, row: RowState, model_s: float) -> RowResult:
+        shown, inside = [], False
+        opens = {self.t[TOOL_CALL_START], self.t[TOOL_RESULT_START]}
+        closes = {self.t[TOOL_CALL_END], self.t[TOOL_RESULT_END]}
+        for tid in row.gen:
+            if not self.react and tid in opens | closes:
+                inside = tid in opens
+            elif not inside:
+                shown.append(tid)
+        timings = {
+            "first_token_s": row.first_token_s or 0.0,
+            "total_s": row.total_s,
+            "tool_s": round(sum(r.duration_s for r in row.tool_results), 4),
+            "model_s": round(model_s, 4),
+        }
+        return RowResult(
+            text=self.tok.decode(shown, skip_special_tokens=True),
+            raw_text=self.tok.decode(row.gen),
+            token_ids=list(row.gen),
+            tool_results=row.tool_results,
+            signals=row.signals,
+            errors=row.errors,
+            warnings=row.warnings,
+            finish_reason=row.finish_reason or "error",
+            timings=timings,
+        )
