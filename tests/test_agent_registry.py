@@ -24,7 +24,7 @@ from toollmm.agent.toolsets import (
 )
 from toollmm.config import InferenceConfig
 
-SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"  # verbatim copies of public records
+SAMPLES = Path(__file__).resolve().parent / "fixtures" / "shared"  # verbatim copies of public records
 
 
 @pytest.fixture()

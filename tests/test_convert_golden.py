@@ -9,7 +9,6 @@ Goldens: ``tests/fixtures/golden/<format>/<file>.json``, written by hand from th
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,9 @@ from toollmm.data.convert import REGISTRY, convert_file
 
 FIX = Path(__file__).parent / "fixtures"
 GOLDEN = FIX / "golden"
-SHARED_SAMPLES = Path(os.environ.get("TOOLLMM_SHARED_SAMPLES", "/work/shared/samples"))
+SHARED_SAMPLES = (
+    Path(__file__).resolve().parent / "fixtures" / "shared"
+)  # verbatim copies of ../shared/samples
 
 # (format, input under fixtures/, golden under fixtures/golden/, --opt options)
 CASES = [

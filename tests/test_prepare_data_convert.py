@@ -174,7 +174,11 @@ def test_bad_records_raise_naming_the_record(tmp_path, fmt, record, message):
 
 
 def test_schema_invalid_unified_records_are_counted(tmp_path):
-    good = {"id": "a", "source": "s", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    good = {
+        "id": "a",
+        "source": "s",
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+    }
     bad = {"id": "b", "messages": [{"role": "robot", "content": "hi"}]}
     src = _write_jsonl(tmp_path / "in.jsonl", [json.dumps(good), json.dumps(bad)])
     with pytest.raises(ConversionError, match="line 2: converted record is invalid"):

@@ -384,7 +384,9 @@ def test_a_token_across_a_label_boundary_is_an_error_not_a_shifted_label(tmp_pat
     from toollmm.tokenizer_build import build_sentencepiece_tokenizer
 
     texts = ["Observation:\nimage/a.png\nThought: ok"] * 50 + ["the quick brown fox"] * 10
-    tok = AutoTokenizer.from_pretrained(build_sentencepiece_tokenizer(texts, tmp_path, vocab_size=340, split_newlines=False))
+    tok = AutoTokenizer.from_pretrained(
+        build_sentencepiece_tokenizer(texts, tmp_path, vocab_size=340, split_newlines=False)
+    )
     TokenContract().add_to(tok)
     assert ":\n" in tok.convert_ids_to_tokens(tok.encode("Observation:\nx", add_special_tokens=False))
     with pytest.raises(

@@ -17,7 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 # Characters every chat template and tool call needs, even if the training text lacks them.
-_REQUIRED_CHARS = "{}[]\":,._-/#<>=?!'()0123456789"
+_REQUIRED_CHARS = "{}[]\":,._-/#<>=?!'()0123456789\n"
 
 
 def build_sentencepiece_tokenizer(
@@ -30,7 +30,10 @@ def build_sentencepiece_tokenizer(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sentences = [t for t in texts if t]
+    if split_newlines:  # train on lines: no learned piece can contain a newline
+        sentences = [line for t in texts for line in t.split("\n") if line]
+    else:
+        sentences = [t for t in texts if t]
     if not sentences:
         raise ValueError("build_sentencepiece_tokenizer: no text to train on")
     buf = io.BytesIO()
@@ -52,7 +55,6 @@ def build_sentencepiece_tokenizer(
         split_digits=True,
         allow_whitespace_only_pieces=True,
         hard_vocab_limit=False,
-        user_defined_symbols=["\n"] if split_newlines else [],
         minloglevel=2,
     )
     (out / "tokenizer.model").write_bytes(buf.getvalue())

@@ -7,14 +7,11 @@
   (last-layer hidden states + input embeddings of the signal tokens) go through
   Linear(H -> d_model) -> nn.Transformer (encoder over the span, decoder over ``n_query`` learned queries)
   -> Linear(d_model -> cond_dim), giving the decoder's conditioning ``[K, n_query, cond_dim]``.
-  ``(n_query, cond_dim)`` is read from the decoder's own config (:func:`condition_shape_of`), so swapping
+  ``(n_query, cond_dim)`` is read from the decoder's own config (``toollmm.model.decoders.condition_shape``), so swapping
   a decoder cannot give a shape mismatch (NExT-GPT #102).
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,48 +78,3 @@ class OutputProjection(nn.Module):
         x = self.inp(signal_states.to(self.inp.weight.dtype))
         q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
         return self.out(self.transformer(x, q))
-
-
-def condition_shape_of(pipeline_dir: str | Path) -> tuple[int, int]:
-    """``(n_query, cond_dim)`` of a diffusers pipeline folder: what its UNet is conditioned on.
-
-    LEAD-SWAP: ``toollmm.model.decoders.condition_shape`` (built by the decoder helper) is the owner of
-    this fact; it is used as soon as it exists. The local fallback below only serves until that lands.
-    """
-    try:
-        from .decoders import condition_shape
-    except ImportError:
-        return _fallback_condition_shape(pipeline_dir)
-    return condition_shape(pipeline_dir)
-
-
-def _fallback_condition_shape(pipeline_dir: str | Path) -> tuple[int, int]:
-    """LEAD-SWAP fallback, to delete when ``toollmm.model.decoders`` is on main.
-
-    AudioLDM's UNet takes one projected CLAP vector (``class_embed_type: simple_projection``):
-    ``(1, projection_class_embeddings_input_dim)``. SD / ZeroScope's UNets cross-attend to the CLIP text
-    encoder's sequence: ``(text_encoder.max_position_embeddings, unet.cross_attention_dim)``.
-    """
-    root = Path(pipeline_dir)
-
-    def read(sub: str) -> dict:
-        f = root / sub / "config.json"
-        try:
-            return json.loads(f.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"decoder config missing: {f}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"decoder config {f} is not valid JSON: {e}") from None
-
-    unet = read("unet")
-    if unet.get("class_embed_type") == "simple_projection":
-        return 1, int(unet["projection_class_embeddings_input_dim"])
-    text = read("text_encoder")
-    n_query = text.get("max_position_embeddings")
-    cross = unet.get("cross_attention_dim")
-    if n_query is None or cross is None:
-        raise ValueError(
-            f"{root}: cannot read the conditioning shape (text_encoder.max_position_embeddings="
-            f"{n_query}, unet.cross_attention_dim={cross})"
-        )
-    return int(n_query), int(cross)

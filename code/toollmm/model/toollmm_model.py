@@ -17,7 +17,7 @@ from torch import nn
 
 from ..batch import Batch, MediaInputs
 from ..config import MODALITIES, ModelConfig, OptimConfig
-from ..paths import resolve
+from .decoders import condition_shape
 from .llm import LLMBundle, build_llm
 from .losses import (
     align_weight,
@@ -27,7 +27,7 @@ from .losses import (
     prepare_attention_mask,
     zero_touch,
 )
-from .projections import InputProjection, OutputProjection, condition_shape_of
+from .projections import InputProjection, OutputProjection
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def build_model(
         if condition_shapes is not None and m in condition_shapes:
             shape = condition_shapes[m]
         elif dc is not None and dc.path:
-            shape = condition_shape_of(resolve(dc.path))
+            shape = condition_shape(dc.path)
         else:
             continue
         outs[m] = OutputProjection(hidden, int(shape[0]), int(shape[1]), pc)
