@@ -1,0 +1,182 @@
+"""Tool-use benchmarks: score predictions, or generate them with a checkpoint and score.
+
+    python code/evaluate.py score --benchmark gpt4tools \\
+        --references gpt4tools_val_seen.json gpt4tools_test_unseen.json \\
+        --predictions val_preds.json test_preds.json [--json] [--compat] [--strict]
+    python code/evaluate.py run --benchmark mllm-tool --checkpoint outputs/run/stage_3 \\
+        --data combined_data.json [--limit N] [--mode teacher-forced|free]
+    python code/evaluate.py benchmarks          # the benchmarks and their metrics
+
+References are the benchmarks' own files (read through ``toollmm.data.convert``) or our unified JSONL of
+them; predictions are the anchors' output files or the inference ``--batch`` JSONL. ``run`` writes
+``<checkpoint>/eval/<benchmark>.json`` and ``<benchmark>.predictions.jsonl`` (``--output`` to change).
+Each subcommand is a small function that parses its arguments and calls ``toollmm.eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from toollmm.eval import (
+    BENCHMARKS,
+    MODES,
+    EvalError,
+    Generator,
+    ScoreOptions,
+    format_results,
+    run_benchmark,
+    score_files,
+)
+
+SUBCOMMANDS: dict[
+    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {}
+
+#: ``(checkpoint, benchmark) -> Generator``; tests and tools may replace it (see ``main``)
+GeneratorFactory = Callable[[str, str], Generator]
+
+
+def subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register ``run(args) -> exit code`` as ``evaluate.py <name>`` with its argument setup."""
+
+    def deco(run: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = (configure, run)
+        return run
+
+    return deco
+
+
+def load_generator(checkpoint: str, benchmark: str) -> Generator:
+    """The model's ``generate(prompts) -> outputs`` for ``evaluate.py run`` (see toollmm.eval.run).
+
+    Connects ``toollmm.load(checkpoint)``: the loaded model must offer ``eval_generator(benchmark)``
+    returning that callable (ReAct text for gpt4tools / viot checkpoints trained in ReAct form, tool-call
+    tokens otherwise; stopping at the first call when a prompt asks ``stop_at_tool_call``)."""
+    import toollmm
+
+    try:
+        model = toollmm.load(checkpoint)
+    except (ImportError, AttributeError) as e:
+        raise EvalError(
+            f"evaluate.py run needs the inference layer (toollmm.load), which this build lacks: {e}"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--checkpoint {checkpoint}: cannot load: {e}") from e
+    if not hasattr(model, "eval_generator"):
+        raise EvalError(f"{checkpoint}: the loaded model has no eval_generator(benchmark)")
+    return model.eval_generator(benchmark)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument(
+        "--compat",
+        action="store_true",
+        help="skip references without a prediction (the published GPT4Tools script) instead of failing them",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="gpt4tools: image-path arguments must match exactly (the paper)"
+    )
+
+
+def _configure_score(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--references", required=True, nargs="+", help="the benchmark's reference file(s)")
+    p.add_argument(
+        "--predictions", required=True, nargs="+", help="one predictions file, or one per references file"
+    )
+    p.add_argument("--output", default=None, help="also write the results JSON to this file")
+
+
+def _print(result: dict, as_json: bool) -> None:
+    print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_results(result))
+
+
+@subcommand("score", _configure_score)
+def run_score(args: argparse.Namespace) -> int:
+    """Score an existing predictions file against the benchmark's references."""
+    opts = ScoreOptions(compat=args.compat, strict=args.strict)
+    result = score_files(args.benchmark, args.references, args.predictions, opts)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(
+            json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+    _print(result, args.json)
+    return 0
+
+
+def _configure_run(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument("--data", required=True, nargs="+", help="the benchmark's reference file(s)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="teacher-forced",
+        help="feed back reference observations, or run free",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--output", default=None, help="results folder (default: <checkpoint>/eval)")
+
+
+@subcommand("run", _configure_run)
+def run_run(args: argparse.Namespace) -> int:
+    """Generate with a checkpoint, score, and write <checkpoint>/eval/<benchmark>.json."""
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.output) if args.output else Path(args.checkpoint) / "eval"
+    if args.output is None and not Path(args.checkpoint).is_dir():
+        raise EvalError(
+            f"--checkpoint {args.checkpoint} is not a local folder: give --output for the results"
+        )
+    generate = args.generator_factory(args.checkpoint, args.benchmark)
+    opts = ScoreOptions(compat=args.compat, strict=args.strict)
+    result = run_benchmark(
+        args.benchmark, args.data, generate, out, args.limit, args.mode, args.batch_size, opts
+    )
+    _print(result, args.json)
+    return 0
+
+
+@subcommand("benchmarks", lambda p: None)
+def run_benchmarks(args: argparse.Namespace) -> int:
+    """List the benchmarks and their metrics."""
+    for name, spec in sorted(BENCHMARKS.items()):
+        print(
+            f"{name:10s} {spec.doc}\n{'':10s} reads --format {spec.fmt} references; keys {', '.join(spec.columns)}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (configure, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
+        configure(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory | None = None) -> int:
+    """``generator_factory`` replaces :func:`load_generator` for ``run`` (a scripted model in tests)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.generator_factory = generator_factory or load_generator
+    try:
+        return args.run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Tool calls as evaluation reads them: canonical JSON equality, calls out of any prediction format.
+
+``canonical_json`` is THE text of a call (``toollmm.data.toolcall`` owns it once the schema branch is on
+main; the fallback below has the same definition: name first, argument keys sorted at every level, no
+spaces, non-ASCII kept). Two calls are the same call when their canonical JSON is the same string; the
+scorers and the demo's metrics compare calls only through :func:`same_call`.
+
+A prediction's calls come from one of: the inference ``--batch`` output (``tool_calls: [{name, arguments,
+result, error, duration_s}]``), ``<tool_call>{json}</tool_call>`` spans in raw model text, or ReAct text.
+Nothing here raises on model output.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from toollmm.data.react import call_input, parse_react
+from toollmm.tokens import TOOL_CALL_END, TOOL_CALL_START
+
+try:  # the one definition, once toollmm.data.toolcall is on main
+    from toollmm.data.toolcall import canonical_json, parse_tool_call_json
+except ImportError:  # pragma: no cover - identical fallback until then (lead: delete on merge)
+
+    def canonical_json(call: dict[str, Any]) -> str:
+        """``{"name":"x","arguments":{...}}`` for a call or a ``tool_calls`` entry."""
+        if isinstance(call, dict) and "function" in call and "name" not in call:
+            call = call["function"]
+        if not isinstance(call, dict) or "name" not in call:
+            raise ValueError(f"not a tool call: {call!r}")
+        name = json.dumps(call["name"], ensure_ascii=False)
+        args = json.dumps(
+            call.get("arguments") or {}, ensure_ascii=False, sort_keys=True, separators=(",", ":")
+        )
+        return '{"name":' + name + ',"arguments":' + args + "}"
+
+    def parse_tool_call_json(text: str) -> tuple[dict[str, Any] | None, str | None]:
+        """``(call, None)`` or ``(None, reason)`` for the JSON between the tool-call tokens."""
+        try:
+            obj = json.loads(text.strip())
+        except (ValueError, AttributeError, RecursionError) as e:
+            return None, f"tool call is not valid JSON ({e})"
+        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+            obj = obj["function"]
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"].strip():
+            return None, "tool call has no name"
+        args = obj.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                return None, "tool call arguments string is not JSON"
+        if not isinstance(args, dict):
+            return None, "tool call arguments must be a JSON object"
+        return {"name": obj["name"], "arguments": args}, None
+
+
+__all__ = [
+    "TOOL_CALL_SPAN",
+    "calls_from_prediction",
+    "canonical_json",
+    "first_tool_call",
+    "input_text",
+    "parse_tool_call_json",
+    "same_call",
+]
+
+TOOL_CALL_SPAN = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END), re.DOTALL)
+
+
+def same_call(a: dict, b: dict) -> bool:
+    """Exact tool-call match: the canonical JSON texts are equal."""
+    return canonical_json(a) == canonical_json(b)
+
+
+def input_text(arguments: Any) -> str:
+    """A call's arguments as ReAct ``Action Input`` text: the raw ``{"input": ...}`` of ReAct sources;
+    other string/number arguments joined with ``", "`` in their order (the comma-separated argument
+    convention of GPT4Tools and VIoTGPT); anything else as JSON."""
+    if isinstance(arguments, str):
+        return arguments
+    if not isinstance(arguments, dict):
+        return json.dumps(arguments, ensure_ascii=False)
+    if set(arguments) == {"input"} and isinstance(arguments["input"], str):
+        return call_input(arguments)
+    if arguments and all(isinstance(v, (str, int, float)) for v in arguments.values()):
+        return ", ".join(str(v) for v in arguments.values())
+    return call_input(arguments)
+
+
+def first_tool_call(text: str) -> tuple[dict | None, str | None]:
+    """The first ``<tool_call>{...}</tool_call>`` span of raw model text: ``(call, None)``,
+    ``(None, reason)`` when the span does not parse, ``(None, None)`` when there is no span."""
+    m = TOOL_CALL_SPAN.search(text or "")
+    if m is None:
+        return None, None
+    return parse_tool_call_json(m.group(1))
+
+
+def calls_from_prediction(pred: dict) -> list[tuple[str, str]]:
+    """``[(name, action input text)]`` of a prediction in the inference ``--batch`` format: its
+    ``tool_calls``; else the ``<tool_call>`` spans of its text; else the ReAct steps of its text."""
+    out: list[tuple[str, str]] = []
+    for c in pred.get("tool_calls") or []:
+        if isinstance(c, dict) and isinstance(c.get("function"), dict):
+            c = c["function"]
+        if isinstance(c, dict) and isinstance(c.get("name"), str):
+            out.append((c["name"], input_text(c.get("arguments", {}))))
+    if out:
+        return out
+    text = pred.get("text") if isinstance(pred.get("text"), str) else ""
+    for m in TOOL_CALL_SPAN.finditer(text):
+        call, _ = parse_tool_call_json(m.group(1))
+        if call is not None:
+            out.append((call["name"], input_text(call["arguments"])))
+    if out:
+        return out
+    return [(s.action.strip(), s.action_input.strip()) for s in parse_react(text).steps]
