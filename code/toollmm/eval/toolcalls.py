@@ -1,8 +1,7 @@
 """Tool calls as evaluation reads them: canonical JSON equality, calls out of any prediction format.
 
-``canonical_json`` is THE text of a call (``toollmm.data.toolcall`` owns it once the schema branch is on
-main; the fallback below has the same definition: name first, argument keys sorted at every level, no
-spaces, non-ASCII kept). Two calls are the same call when their canonical JSON is the same string; the
+``canonical_json`` is THE text of a call (owned by ``toollmm.data.toolcall``: name first, argument keys
+sorted at every level, no spaces, non-ASCII kept). Two calls are the same call when their canonical JSON is the same string; the
 scorers and the demo's metrics compare calls only through :func:`same_call`.
 
 A prediction's calls come from one of: the inference ``--batch`` output (``tool_calls: [{name, arguments,
@@ -17,44 +16,8 @@ import re
 from typing import Any
 
 from toollmm.data.react import call_input, parse_react
+from toollmm.data.toolcall import canonical_json, parse_tool_call_json
 from toollmm.tokens import TOOL_CALL_END, TOOL_CALL_START
-
-try:  # the one definition, once toollmm.data.toolcall is on main
-    from toollmm.data.toolcall import canonical_json, parse_tool_call_json
-except ImportError:  # pragma: no cover - identical fallback until then (lead: delete on merge)
-
-    def canonical_json(call: dict[str, Any]) -> str:
-        """``{"name":"x","arguments":{...}}`` for a call or a ``tool_calls`` entry."""
-        if isinstance(call, dict) and "function" in call and "name" not in call:
-            call = call["function"]
-        if not isinstance(call, dict) or "name" not in call:
-            raise ValueError(f"not a tool call: {call!r}")
-        name = json.dumps(call["name"], ensure_ascii=False)
-        args = json.dumps(
-            call.get("arguments") or {}, ensure_ascii=False, sort_keys=True, separators=(",", ":")
-        )
-        return '{"name":' + name + ',"arguments":' + args + "}"
-
-    def parse_tool_call_json(text: str) -> tuple[dict[str, Any] | None, str | None]:
-        """``(call, None)`` or ``(None, reason)`` for the JSON between the tool-call tokens."""
-        try:
-            obj = json.loads(text.strip())
-        except (ValueError, AttributeError, RecursionError) as e:
-            return None, f"tool call is not valid JSON ({e})"
-        if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
-            obj = obj["function"]
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"].strip():
-            return None, "tool call has no name"
-        args = obj.get("arguments") or {}
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                return None, "tool call arguments string is not JSON"
-        if not isinstance(args, dict):
-            return None, "tool call arguments must be a JSON object"
-        return {"name": obj["name"], "arguments": args}, None
-
 
 __all__ = [
     "TOOL_CALL_SPAN",
