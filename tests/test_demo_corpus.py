@@ -283,3 +283,22 @@ def test_a_frozen_random_imagebind_separates_video_attributes(corpus):
 
     assert video_tensor(corpus / "media/video/train/00000.mp4").shape == (15, 3, 2, 224, 224)
     _assert_visible(probe_corpus(corpus, modalities=("video",)), "video")
+
+
+def test_instruct_answers_agree_with_the_medium(corpus):
+    from toollmm.data.demo.text import PULSE_WORDS
+
+    for split in ("train", "heldout"):
+        for rec in _load(corpus, split, "instruct"):
+            attrs = rec["meta"]["attributes"]
+            words = {PULSE_WORDS.get(v, v) if k == "pulse" else v for k, v in attrs.items()}
+            msgs = rec["messages"]
+            for q, a in zip(msgs[0::2], msgs[1::2]):
+                question, answer = q["content"].split("\n")[-1], a["content"]
+                if answer == "Yes.":  # the value asked about is the medium's
+                    assert any(question.endswith(f" {w}?") for w in words), (rec["id"], question)
+                elif answer.startswith("No, "):
+                    assert not any(question.endswith(f" {w}?") for w in words), (rec["id"], question)
+                    assert any(answer.endswith(f" {w}.") for w in words), (rec["id"], answer)
+                else:
+                    assert any(w in answer for w in words), (rec["id"], answer)

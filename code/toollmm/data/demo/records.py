@@ -114,7 +114,9 @@ def lm_t2x(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> di
 
 
 def lm_tool(index: int, rid: str, rng: np.random.Generator) -> dict:
+    """A training-template tool conversation; half the cities and words are made up, so the LM learns to
+    copy spellings it has never seen (held-out cities and words are unseen)."""
     tool = TOOL_NAMES[index % len(TOOL_NAMES)]
-    msgs, info = tool_conversation(tool, "train", rng)
+    msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < 0.5))
     meta = {"kind": "tool", "tool": tool, "template": info["template"]}
     return _record(rid, "instruct", msgs, "train", tools=DEMO_TOOLS, meta=meta)

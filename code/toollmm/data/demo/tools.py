@@ -34,14 +34,20 @@ CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
 CITIES = {
     "train": ["Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon",
               "Dublin", "Oslo", "Helsinki", "Athens", "Cairo", "Tokyo", "Seoul", "Beijing", "Delhi",
-              "Sydney", "Toronto", "Chicago", "Boston", "Denver", "Lima"],
+              "Sydney", "Toronto", "Chicago", "Boston", "Denver", "Lima", "Geneva", "Munich", "Milan",
+              "Naples", "Kyoto", "Manila", "Jakarta", "Bangkok", "Dakar", "Accra", "Lagos", "Havana",
+              "Bogota", "Caracas", "Santiago", "Montreal", "Seattle", "Phoenix", "Dallas", "Miami",
+              "Glasgow", "Krakow", "Budapest", "Riga", "Tallinn", "Sofia", "Zagreb", "Valencia"],
     "heldout": ["Zurich", "Nairobi", "Osaka", "Quito", "Tunis", "Hanoi", "Perth", "Austin"],
 }  # fmt: skip
 WORDS = {
     "train": ["banana", "apple", "mississippi", "letter", "window", "tomato", "balloon", "coffee",
-              "pepper", "rabbit", "bottle", "cherry", "summer", "yellow", "puzzle", "kitten"],
+              "pepper", "rabbit", "bottle", "cherry", "summer", "yellow", "puzzle", "kitten",
+              "garden", "butter", "pizza", "zebra", "jacket", "quilt", "oxygen", "parrot",
+              "dolphin", "pumpkin", "volcano", "candle", "meadow", "pillow", "bubble", "rocket"],
     "heldout": ["giraffe", "hammock", "noodles", "savanna", "whisker", "lemonade"],
 }  # fmt: skip
+_CONSONANTS, _VOWELS = "bcdfghjklmnpqrstvwxz", "aeiouy"
 HELDOUT_IMAGE_COMBOS = 6  # image prompts of generate_image: one held-out shape per colour
 
 
@@ -125,7 +131,18 @@ def image_prompts(split: str) -> list[str]:
     return [caption("image", {"colour": c, "shape": s}) for c, s in pairs]
 
 
-def sample_arguments(tool: str, split: str, rng: np.random.Generator) -> dict:
+def pseudo_name(rng: np.random.Generator, capital: bool) -> str:
+    """A made-up 2-3 syllable name (never a held-out value): LM text that teaches copying any spelling."""
+    while True:
+        n = int(rng.integers(2, 4))
+        name = "".join(_CONSONANTS[rng.integers(20)] + _VOWELS[rng.integers(6)] for _ in range(n))
+        name = name.capitalize() if capital else name
+        if not any(h.lower() in name.lower() for h in CITIES["heldout"] + WORDS["heldout"]):
+            return name
+
+
+def sample_arguments(tool: str, split: str, rng: np.random.Generator, pseudo: bool = False) -> dict:
+    """Arguments from ``split``'s value pools; ``pseudo`` = made-up cities and words (LM text only)."""
     if tool == "calculator":
         op = list(OPS)[rng.integers(len(OPS))]
         if op != "divide":
@@ -138,9 +155,10 @@ def sample_arguments(tool: str, split: str, rng: np.random.Generator) -> dict:
         frm, to = list(UNITS)[rng.integers(len(UNITS))]
         return {"value": _number(rng, split, 2, 500), "from_unit": frm, "to_unit": to}
     if tool == "weather":
-        return {"city": CITIES[split][rng.integers(len(CITIES[split]))], "day": DAYS[rng.integers(len(DAYS))]}
+        city = pseudo_name(rng, True) if pseudo else CITIES[split][rng.integers(len(CITIES[split]))]
+        return {"city": city, "day": DAYS[rng.integers(len(DAYS))]}
     if tool == "count_letters":
-        word = WORDS[split][rng.integers(len(WORDS[split]))]
+        word = pseudo_name(rng, False) if pseudo else WORDS[split][rng.integers(len(WORDS[split]))]
         letter = word[rng.integers(len(word))] if rng.random() < 0.85 else "aeiouxz"[rng.integers(7)]
         return {"word": word, "letter": letter}
     if tool == "generate_image":
@@ -181,7 +199,7 @@ REQUESTS = {
                   "How many '{l}' are in the word {w}?", "In the word {w}, how often does {l} occur?",
                   "Please count how many {l} letters {w} has.", "Tell me the number of {l} in {w}."],
         "heldout": ["Find how frequently {l} shows up in {w}.", "What is the count of letter {l} within {w}?",
-                    "{w}: how many {l} characters?"],
+                    "Look at {w} and count the {l} characters."],
     },
     "generate_image": {
         "train": ["Use the image tool to draw {p}.", "Call the image generator for {p}.",
@@ -221,9 +239,11 @@ def _slots(tool: str, args: dict, result: dict | None = None) -> dict:
     return s
 
 
-def tool_conversation(tool: str, split: str, rng: np.random.Generator) -> tuple[list[dict], dict]:
+def tool_conversation(
+    tool: str, split: str, rng: np.random.Generator, pseudo: bool = False
+) -> tuple[list[dict], dict]:
     """user request -> assistant tool call -> tool result -> assistant answer; returns (messages, info)."""
-    args = sample_arguments(tool, split, rng)
+    args = sample_arguments(tool, split, rng, pseudo)
     result = run_demo_tool(tool, args)
     t = int(rng.integers(len(REQUESTS[tool][split])))
     request = REQUESTS[tool][split][t].format(**_slots(tool, args))
