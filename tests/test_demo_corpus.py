@@ -277,7 +277,6 @@ def test_a_frozen_random_imagebind_separates_image_and_audio_attributes(corpus):
     assert res["image"]["colour"]["acc"] >= 0.9
 
 
-@pytest.mark.slow
 def test_a_frozen_random_imagebind_separates_video_attributes(corpus):
     from toollmm.data.demo.probe import probe_corpus, video_tensor
 

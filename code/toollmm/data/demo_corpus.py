@@ -38,3 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return run(args)
+
+
+if __name__ == "__main__":
+    main()
