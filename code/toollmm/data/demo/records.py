@@ -1,0 +1,122 @@
+"""Unified-schema records of the demo corpus, one builder per task. Media are rendered by ``corpus``;
+here a render is a ``Render(path, modality, attrs)`` with its path relative to the corpus folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from toollmm.tokens import PLACEHOLDER
+
+from . import text
+from .tools import DEMO_TOOLS, TOOL_NAMES, tool_conversation
+
+SOURCE = "toollmm_demo"
+MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
+
+
+@dataclass(frozen=True)
+class Render:
+    path: str
+    modality: str
+    attrs: dict
+
+    @property
+    def caption(self) -> str:
+        return text.caption(self.modality, self.attrs)
+
+
+def _record(rid: str, task: str, messages: list[dict], split: str, **extra) -> dict:
+    rec = {"id": rid, "source": SOURCE, "task": task, "messages": messages}
+    rec |= {k: v for k, v in extra.items() if v is not None and k != "eval"}
+    if split == "heldout" and extra.get("eval") is not None:
+        rec["eval"] = extra["eval"]
+    return rec
+
+
+def _media_eval(r: Render) -> dict:
+    return {
+        "acceptable": [r.caption],
+        "reference": {"caption": r.caption, "attributes": dict(r.attrs)},
+        "modality": r.modality,
+    }
+
+
+def x2t(r: Render, rid: str, split: str, rng: np.random.Generator) -> dict:
+    """Stage 1: the medium and an instruction in, its caption out."""
+    msgs = [
+        {"role": "user", "content": f"{PLACEHOLDER[r.modality]}\n{text.x2t_turn(r.modality, rng)}"},
+        {"role": "assistant", "content": r.caption},
+    ]
+    meta = {"attributes": dict(r.attrs), "caption": r.caption}
+    return _record(
+        rid, "x2t", msgs, split, **{MEDIA_KEY[r.modality]: [r.path]}, eval=_media_eval(r), meta=meta
+    )
+
+
+def t2x(r: Render, rid: str, split: str, rng: np.random.Generator) -> dict:
+    """Stage 2: a request in, a short answer plus a generation target (the caption; ``r`` is a reference)."""
+    q, a = text.t2x_turns(r.modality, r.caption, rng)
+    gen = {"modality": r.modality, "caption": r.caption, "media": r.path}
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a, "generate": [gen]}]
+    meta = {"attributes": dict(r.attrs), "caption": r.caption}
+    return _record(rid, "t2x", msgs, split, eval=_media_eval(r), meta=meta)
+
+
+def _chat(turns: list[tuple[str, str]], first_prefix: str) -> list[dict]:
+    msgs = []
+    for i, (q, a) in enumerate(turns):
+        msgs.append({"role": "user", "content": (first_prefix + q) if i == 0 else q})
+        msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
+def instruct(r: Render, rid: str, split: str, rng: np.random.Generator) -> dict:
+    """Stage 3: 1-3 turns of questions about one medium's attributes."""
+    turns = text.instruct_turns(r.modality, r.attrs, rng)
+    msgs = _chat(turns, PLACEHOLDER[r.modality] + "\n")
+    ev = {"acceptable": [turns[-1][1]], "reference": [a for _, a in turns], "modality": r.modality}
+    meta = {"attributes": dict(r.attrs), "caption": r.caption}
+    return _record(rid, "instruct", msgs, split, **{MEDIA_KEY[r.modality]: [r.path]}, eval=ev, meta=meta)
+
+
+def tool_use(tool: str, rid: str, split: str, rng: np.random.Generator) -> dict:
+    """Stage 3: request -> tool call -> tool result -> answer, with the demo tool set offered."""
+    msgs, info = tool_conversation(tool, split, rng)
+    call = msgs[1]["tool_calls"][0]["function"]
+    ev = {"acceptable": [call], "reference": [call], "split": "unseen_arguments_and_phrasings"}
+    meta = {"tool": tool, "template": info["template"]}
+    return _record(rid, "instruct", msgs, split, tools=DEMO_TOOLS, eval=ev, meta=meta)
+
+
+# ------------------------------------------------------------------------- stand-in LM text
+def lm_copy(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> dict:
+    """The x2t pattern with the medium replaced by its attribute words: teaches copying from context."""
+    words, cap = text.attribute_words(modality, attrs), text.caption(modality, attrs)
+    if rng.random() < 0.25:
+        msgs = [{"role": "assistant", "content": f"{words} caption: {cap}"}]
+    else:
+        msgs = [{"role": "user", "content": f"{words}\n{text.x2t_turn(modality, rng)}"},
+                {"role": "assistant", "content": cap}]  # fmt: skip
+    return _record(rid, "instruct", msgs, "train", meta={"kind": "copy", "modality": modality})
+
+
+def lm_instruct(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> dict:
+    msgs = _chat(text.instruct_turns(modality, attrs, rng), text.attribute_words(modality, attrs) + "\n")
+    return _record(rid, "instruct", msgs, "train", meta={"kind": "instruct", "modality": modality})
+
+
+def lm_t2x(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> dict:
+    q, a = text.t2x_turns(modality, text.caption(modality, attrs), rng)
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return _record(rid, "instruct", msgs, "train", meta={"kind": "t2x", "modality": modality})
+
+
+def lm_tool(index: int, rid: str, rng: np.random.Generator) -> dict:
+    """A training-template tool conversation; half the cities and words are made up, so the LM learns to
+    copy spellings it has never seen (held-out cities and words are unseen)."""
+    tool = TOOL_NAMES[index % len(TOOL_NAMES)]
+    msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < 0.5))
+    meta = {"kind": "tool", "tool": tool, "template": info["template"]}
+    return _record(rid, "instruct", msgs, "train", tools=DEMO_TOOLS, meta=meta)

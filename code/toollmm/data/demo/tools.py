@@ -1,0 +1,259 @@
+"""The demo tool set: specs (``DEMO_TOOLS``), pure-Python backends (``run_demo_tool``) and conversations.
+
+Every tool's result is a deterministic function of its arguments, so inference can really run them and
+the corpus's tool messages are exactly what the backend returns (``json.dumps(result, sort_keys=True)``).
+Held-out conversations use argument values and user phrasings that never occur in training:
+numbers are split by a fixed hash (``number_split``), cities, words and image prompts come from
+disjoint lists, and each tool has disjoint train / held-out request templates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+
+import numpy as np
+
+from .render import ATTRIBUTES
+from .text import caption
+
+OPS = {
+    "add": ("plus", "+"),
+    "subtract": ("minus", "-"),
+    "multiply": ("times", "*"),
+    "divide": ("divided by", "/"),
+}
+UNITS = {  # (from, to): factor, or None for the temperature formula
+    ("km", "miles"): 0.621371, ("miles", "km"): 1.609344, ("kg", "lb"): 2.204623, ("lb", "kg"): 0.453592,
+    ("m", "ft"): 3.280840, ("ft", "m"): 0.3048, ("celsius", "fahrenheit"): None, ("fahrenheit", "celsius"): None,
+}  # fmt: skip
+UNIT_NAMES = sorted({u for pair in UNITS for u in pair})
+DAYS = ["today", "tomorrow", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "snowy", "foggy"]
+CITIES = {
+    "train": ["Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Lisbon",
+              "Dublin", "Oslo", "Helsinki", "Athens", "Cairo", "Tokyo", "Seoul", "Beijing", "Delhi",
+              "Sydney", "Toronto", "Chicago", "Boston", "Denver", "Lima", "Geneva", "Munich", "Milan",
+              "Naples", "Kyoto", "Manila", "Jakarta", "Bangkok", "Dakar", "Accra", "Lagos", "Havana",
+              "Bogota", "Caracas", "Santiago", "Montreal", "Seattle", "Phoenix", "Dallas", "Miami",
+              "Glasgow", "Krakow", "Budapest", "Riga", "Tallinn", "Sofia", "Zagreb", "Valencia"],
+    "heldout": ["Zurich", "Nairobi", "Osaka", "Quito", "Tunis", "Hanoi", "Perth", "Austin"],
+}  # fmt: skip
+WORDS = {
+    "train": ["banana", "apple", "mississippi", "letter", "window", "tomato", "balloon", "coffee",
+              "pepper", "rabbit", "bottle", "cherry", "summer", "yellow", "puzzle", "kitten",
+              "garden", "butter", "pizza", "zebra", "jacket", "quilt", "oxygen", "parrot",
+              "dolphin", "pumpkin", "volcano", "candle", "meadow", "pillow", "bubble", "rocket"],
+    "heldout": ["giraffe", "hammock", "noodles", "savanna", "whisker", "lemonade"],
+}  # fmt: skip
+_CONSONANTS, _VOWELS = "bcdfghjklmnpqrstvwxz", "aeiouy"
+HELDOUT_IMAGE_COMBOS = 6  # image prompts of generate_image: one held-out shape per colour
+
+
+def _spec(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    params = {"type": "object", "properties": properties, "required": required}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": params}}
+
+
+DEMO_TOOLS = [
+    _spec("calculator", "Do one arithmetic operation on two numbers.",
+          {"a": {"type": "number"}, "b": {"type": "number"}, "op": {"type": "string", "enum": list(OPS)}},
+          ["a", "b", "op"]),
+    _spec("unit_convert", "Convert a value between units of length, mass or temperature.",
+          {"value": {"type": "number"}, "from_unit": {"type": "string", "enum": UNIT_NAMES},
+           "to_unit": {"type": "string", "enum": UNIT_NAMES}}, ["value", "from_unit", "to_unit"]),
+    _spec("weather", "Weather forecast for a city on a day.",
+          {"city": {"type": "string"}, "day": {"type": "string", "enum": DAYS}}, ["city", "day"]),
+    _spec("count_letters", "Count how often a letter occurs in a word.",
+          {"word": {"type": "string"}, "letter": {"type": "string", "minLength": 1, "maxLength": 1}},
+          ["word", "letter"]),
+    _spec("generate_image", "Generate an image from a text prompt.",
+          {"prompt": {"type": "string"}}, ["prompt"]),
+]  # fmt: skip
+TOOL_NAMES = [t["function"]["name"] for t in DEMO_TOOLS]
+
+
+def _num(x: float):
+    x = round(float(x), 2)
+    return int(x) if x == int(x) else x
+
+
+def run_demo_tool(name: str, args: dict) -> dict:
+    """The reference backend of each demo tool (pure Python, deterministic). Raises ValueError on bad input."""
+    if name == "calculator":
+        a, b, op = args["a"], args["b"], args["op"]
+        if op == "divide" and b == 0:
+            raise ValueError("calculator: division by zero")
+        res = {"add": a + b, "subtract": a - b, "multiply": a * b, "divide": a / b if b else 0}[op]
+        return {"result": _num(res)}
+    if name == "unit_convert":
+        pair = (args["from_unit"], args["to_unit"])
+        if pair not in UNITS:
+            raise ValueError(f"unit_convert: cannot convert {pair[0]} to {pair[1]}")
+        v = args["value"]
+        if pair == ("celsius", "fahrenheit"):
+            out = v * 9 / 5 + 32
+        elif pair == ("fahrenheit", "celsius"):
+            out = (v - 32) * 5 / 9
+        else:
+            out = v * UNITS[pair]
+        return {"result": _num(out), "unit": pair[1]}
+    if name == "weather":
+        h = hashlib.sha256(f"{args['city'].strip().lower()}|{args['day']}".encode()).digest()
+        return {"city": args["city"], "day": args["day"], "condition": CONDITIONS[h[0] % len(CONDITIONS)],
+                "temperature_c": int(h[1] % 41) - 5}  # fmt: skip
+    if name == "count_letters":
+        return {"count": args["word"].lower().count(args["letter"].lower())}
+    if name == "generate_image":
+        digest = hashlib.sha256(args["prompt"].encode()).hexdigest()[:10]
+        return {"image": f"image_{digest}.png"}
+    raise ValueError(f"unknown demo tool {name!r}; known: {TOOL_NAMES}")
+
+
+def number_split(n: int) -> str:
+    """Fixed partition of integers: about a fifth are held-out values, never used in training."""
+    return "heldout" if zlib.crc32(str(n).encode()) % 5 == 0 else "train"
+
+
+def _number(rng, split: str, lo: int = 2, hi: int = 999) -> int:
+    while True:
+        n = int(rng.integers(lo, hi + 1))
+        if number_split(n) == split:
+            return n
+
+
+def image_prompts(split: str) -> list[str]:
+    """Image captions for generate_image: held-out = one shape per colour, never prompted in training."""
+    colours, shapes = ATTRIBUTES["image"]["colour"], ATTRIBUTES["image"]["shape"]
+    held = {(c, shapes[i % len(shapes)]) for i, c in enumerate(colours[:HELDOUT_IMAGE_COMBOS])}
+    pairs = [(c, s) for c in colours for s in shapes if ((c, s) in held) == (split == "heldout")]
+    return [caption("image", {"colour": c, "shape": s}) for c, s in pairs]
+
+
+def pseudo_name(rng: np.random.Generator, capital: bool) -> str:
+    """A made-up 2-3 syllable name (never a held-out value): LM text that teaches copying any spelling."""
+    while True:
+        n = int(rng.integers(2, 4))
+        name = "".join(_CONSONANTS[rng.integers(20)] + _VOWELS[rng.integers(6)] for _ in range(n))
+        name = name.capitalize() if capital else name
+        if not any(h.lower() in name.lower() for h in CITIES["heldout"] + WORDS["heldout"]):
+            return name
+
+
+def sample_arguments(tool: str, split: str, rng: np.random.Generator, pseudo: bool = False) -> dict:
+    """Arguments from ``split``'s value pools; ``pseudo`` = made-up cities and words (LM text only)."""
+    if tool == "calculator":
+        op = list(OPS)[rng.integers(len(OPS))]
+        if op != "divide":
+            return {"a": _number(rng, split), "b": _number(rng, split), "op": op}
+        while True:  # exact quotients, every value from this split
+            b, q = _number(rng, split, 2, 40), _number(rng, split, 2, 40)
+            if number_split(b * q) == split:
+                return {"a": b * q, "b": b, "op": op}
+    if tool == "unit_convert":
+        frm, to = list(UNITS)[rng.integers(len(UNITS))]
+        return {"value": _number(rng, split, 2, 500), "from_unit": frm, "to_unit": to}
+    if tool == "weather":
+        city = pseudo_name(rng, True) if pseudo else CITIES[split][rng.integers(len(CITIES[split]))]
+        return {"city": city, "day": DAYS[rng.integers(len(DAYS))]}
+    if tool == "count_letters":
+        word = pseudo_name(rng, False) if pseudo else WORDS[split][rng.integers(len(WORDS[split]))]
+        letter = word[rng.integers(len(word))] if rng.random() < 0.85 else "aeiouxz"[rng.integers(7)]
+        return {"word": word, "letter": letter}
+    if tool == "generate_image":
+        prompts = image_prompts(split)
+        return {"prompt": prompts[rng.integers(len(prompts))]}
+    raise ValueError(f"unknown demo tool {tool!r}")
+
+
+def canonical_call(name: str, args: dict) -> dict:
+    return {"name": name, "arguments": json.loads(json.dumps(args, sort_keys=True))}
+
+
+# ------------------------------------------------------------------------------ conversations
+# Request templates per tool and split (disjoint sets); answer templates are shared.
+REQUESTS = {
+    "calculator": {
+        "train": ["What is {a} {w} {b}?", "Calculate {a} {s} {b}.", "Can you work out {a} {w} {b}?",
+                  "Please compute {a} {s} {b}.", "How much is {a} {w} {b}?", "Use the calculator: {a} {s} {b}."],
+        "heldout": ["I need the result of {a} {w} {b}.", "Tell me what {a} {s} {b} equals.",
+                    "Quick maths: {a} {w} {b}?"],
+    },
+    "unit_convert": {
+        "train": ["Convert {v} {f} to {t}.", "How many {t} is {v} {f}?", "What is {v} {f} in {t}?",
+                  "Please change {v} {f} into {t}.", "I have {v} {f}, how much is that in {t}?",
+                  "Express {v} {f} in {t}."],
+        "heldout": ["Could you turn {v} {f} into {t} for me?", "{v} {f} equals how many {t}?",
+                    "Give me {v} {f} converted to {t}."],
+    },
+    "weather": {
+        "train": ["What is the weather in {c} {d}?", "Will it rain in {c} {d}?",
+                  "Weather forecast for {c} {d}, please.", "How warm is it in {c} {d}?",
+                  "Tell me the weather in {c} {d}.", "What weather should I expect in {c} {d}?"],
+        "heldout": ["Is it going to be nice in {c} {d}?", "I am travelling to {c}; what is the forecast {d}?",
+                    "Check the weather for {c} {d}."],
+    },
+    "count_letters": {
+        "train": ["How many times does the letter {l} appear in {w}?", "Count the letter {l} in {w}.",
+                  "How many '{l}' are in the word {w}?", "In the word {w}, how often does {l} occur?",
+                  "Please count how many {l} letters {w} has.", "Tell me the number of {l} in {w}."],
+        "heldout": ["Find how frequently {l} shows up in {w}.", "What is the count of letter {l} within {w}?",
+                    "Look at {w} and count the {l} characters."],
+    },
+    "generate_image": {
+        "train": ["Use the image tool to draw {p}.", "Call the image generator for {p}.",
+                  "Generate an image of {p} with the tool.", "I want a picture of {p}; please use the tool.",
+                  "Create an image of {p} using the tool.", "Please render {p} with the image tool."],
+        "heldout": ["Have the image generator make {p}.", "Could you produce a picture of {p} via the tool?",
+                    "Get the tool to paint {p}."],
+    },
+}  # fmt: skip
+ANSWERS = {
+    "calculator": ["{a} {w} {b} is {r}.", "The answer is {r}."],
+    "unit_convert": ["{v} {f} is {r} {t}.", "That is {r} {t}."],
+    "weather": ["In {c} {d} it will be {cond} at {temp} degrees Celsius.", "The forecast for {c} {d}: {cond}, {temp} C."],
+    "count_letters": ["The letter {l} appears {n} times in {w}.", "{w} contains {n} of the letter {l}."],
+    "generate_image": ["Here is the image of {p}: {image}.", "Done, I saved {p} as {image}."],
+}  # fmt: skip
+
+
+def _slots(tool: str, args: dict, result: dict | None = None) -> dict:
+    s: dict = {}
+    if tool == "calculator":
+        s = {"a": args["a"], "b": args["b"], "w": OPS[args["op"]][0], "s": OPS[args["op"]][1]}
+    elif tool == "unit_convert":
+        s = {"v": args["value"], "f": args["from_unit"], "t": args["to_unit"]}
+    elif tool == "weather":
+        s = {
+            "c": args["city"],
+            "d": args["day"] if args["day"] in ("today", "tomorrow") else "on " + args["day"],
+        }
+    elif tool == "count_letters":
+        s = {"w": args["word"], "l": args["letter"]}
+    elif tool == "generate_image":
+        s = {"p": args["prompt"]}
+    if result:
+        s |= {"r": result.get("result"), "cond": result.get("condition"), "temp": result.get("temperature_c"),
+              "n": result.get("count"), "image": result.get("image")}  # fmt: skip
+    return s
+
+
+def tool_conversation(
+    tool: str, split: str, rng: np.random.Generator, pseudo: bool = False
+) -> tuple[list[dict], dict]:
+    """user request -> assistant tool call -> tool result -> assistant answer; returns (messages, info)."""
+    args = sample_arguments(tool, split, rng, pseudo)
+    result = run_demo_tool(tool, args)
+    t = int(rng.integers(len(REQUESTS[tool][split])))
+    request = REQUESTS[tool][split][t].format(**_slots(tool, args))
+    request = request[0].upper() + request[1:]
+    answer = ANSWERS[tool][rng.integers(len(ANSWERS[tool]))].format(**_slots(tool, args, result))
+    call = {"type": "function", "function": canonical_call(tool, args)}
+    messages = [
+        {"role": "user", "content": request},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": tool, "content": json.dumps(result, sort_keys=True)},
+        {"role": "assistant", "content": answer[0].upper() + answer[1:]},
+    ]
+    return messages, {"tool": tool, "template": f"{tool}/{split}/{t}", "arguments": args, "result": result}

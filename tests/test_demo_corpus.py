@@ -1,0 +1,303 @@
+"""The demo corpus (``--small``): deterministic, schema-valid, held-out really unseen, media show their labels,
+and the tokenizer loads and round-trips the corpus text."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import av
+import jsonschema
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from toollmm.data.demo import render
+from toollmm.data.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
+from toollmm.data.demo.tools import DEMO_TOOLS, REQUESTS, run_demo_tool
+from toollmm.data.demo_corpus import main
+from toollmm.paths import DATA_DIR
+from toollmm.tokens import PLACEHOLDER_RE, TokenContract
+
+MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "summary.json"
+    }
+
+
+def _load(root: Path, split: str, task: str) -> list[dict]:
+    return [json.loads(line) for line in (root / split / f"{task}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    main(["--output", str(out), "--small", "--seed", "0"])
+    return out
+
+
+def _all(root: Path):
+    for split in ("train", "heldout"):
+        for f in sorted((root / split).glob("*.jsonl")):
+            for rec in _load(root, split, f.stem):
+                yield split, f.stem, rec
+
+
+def test_same_seed_writes_identical_files_and_another_seed_differs(corpus, tmp_path):
+    again = tmp_path / "again"
+    generate_demo_corpus(again, seed=0, small=True)
+    assert _hashes(again) == _hashes(corpus)
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (corpus, again))
+    s1.pop("generation_s"), s2.pop("generation_s")
+    assert s1 == s2
+
+    tiny = DemoSizes(renders={m: (1, 1) for m in MEDIA_KEY}, t2x={m: 2 for m in MEDIA_KEY}, instruct=(2, 1),
+                     tools=(2, 1), lm_copy=2, lm_instruct=1, lm_t2x=1, lm_tools=2)  # fmt: skip
+    other = generate_demo_corpus(tmp_path / "seed1", seed=1, sizes=tiny)
+    assert other["seed"] == 1
+    for rel in ("media/image/train/00000.png", "media/audio/train/00000.wav", "media/video/train/00000.mp4"):
+        assert (tmp_path / "seed1" / rel).read_bytes() != (corpus / rel).read_bytes(), rel
+
+
+def test_records_are_schema_valid_and_each_placeholder_has_one_existing_medium(corpus):
+    validator = jsonschema.Draft202012Validator(json.loads((DATA_DIR / "schema.json").read_text()))
+    ids, n = set(), 0
+    for split, task, rec in _all(corpus):
+        assert not list(validator.iter_errors(rec)), (split, task, rec["id"])
+        assert rec["id"] not in ids
+        ids.add(rec["id"])
+        found = [m for msg in rec["messages"] for m in PLACEHOLDER_RE.findall(msg["content"])]
+        for m, key in MEDIA_KEY.items():
+            assert found.count(m) == len(rec.get(key, [])), rec["id"]
+            assert all((corpus / p).is_file() for p in rec.get(key, [])), rec["id"]
+        assert ("eval" in rec) == (split == "heldout"), rec["id"]
+        n += 1
+    summary = json.loads((corpus / "summary.json").read_text())
+    assert n == summary["records_total"] and 300 <= n <= 1500
+    for split, tasks in summary["counts"].items():
+        for task, count in tasks.items():
+            assert len(_load(corpus, split, task)) == count
+
+
+def test_validate_records_names_file_and_record():
+    good = {
+        "id": "r1",
+        "source": "s",
+        "messages": [{"role": "user", "content": "<image>\nhi"}],
+        "images": ["a.png"],
+    }
+    validate_records([good], "f.jsonl")
+    with pytest.raises(ValueError, match=r"f\.jsonl: record r2: 1 <image> placeholders but 0 images"):
+        validate_records([{**good, "id": "r2", "images": []}], "f.jsonl")
+    with pytest.raises(ValueError, match=r"f\.jsonl: record r3: schema error"):
+        validate_records([{**good, "id": "r3", "colour": "red"}], "f.jsonl")
+
+
+def _free_values(call: dict) -> set[tuple[str, object]]:
+    """Argument values that must never repeat across splits (enums like op, unit, day may)."""
+    free = {"a", "b", "value", "city", "word", "prompt"}
+    return {(k, v) for k, v in call["arguments"].items() if k in free}
+
+
+def test_heldout_tool_arguments_and_phrasings_never_occur_in_training(corpus):
+    for tool, sets in REQUESTS.items():
+        assert not set(sets["train"]) & set(sets["heldout"]), tool
+    train_users, train_calls, train_values = set(), set(), set()
+    train_text = []
+    for split, _, rec in _all(corpus):
+        if split != "train":
+            continue
+        for msg in rec["messages"]:
+            train_text.append(msg["content"])
+            if msg["role"] == "user":
+                train_users.add(msg["content"])
+            for c in msg.get("tool_calls", []):
+                train_calls.add(json.dumps(c["function"], sort_keys=True))
+                train_values |= _free_values(c["function"])
+    held = _load(corpus, "heldout", "tools")
+    assert {r["meta"]["tool"] for r in held} == {t["function"]["name"] for t in DEMO_TOOLS}
+    joined = "\n".join(train_text)
+    for rec in held:
+        call = rec["messages"][1]["tool_calls"][0]["function"]
+        assert rec["eval"]["reference"] == [call]
+        assert rec["messages"][0]["content"] not in train_users, rec["id"]
+        assert json.dumps(call, sort_keys=True) not in train_calls, rec["id"]
+        assert not _free_values(call) & train_values, (rec["id"], _free_values(call) & train_values)
+        for v in ("city", "word"):
+            if v in call["arguments"]:
+                assert call["arguments"][v] not in joined, rec["id"]
+
+
+def test_tool_messages_are_the_backends_results_and_calls_match_the_specs(corpus):
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in DEMO_TOOLS}
+    n = 0
+    for _, _, rec in _all(corpus):
+        for i, msg in enumerate(rec["messages"]):
+            for c in msg.get("tool_calls", []):
+                name, args = c["function"]["name"], c["function"]["arguments"]
+                jsonschema.validate(args, params[name])
+                result = rec["messages"][i + 1]
+                assert result["role"] == "tool" and result["name"] == name
+                assert json.loads(result["content"]) == run_demo_tool(name, args)
+                n += 1
+    assert n > 100
+    assert run_demo_tool("calculator", {"a": 84, "b": 12, "op": "divide"}) == {"result": 7}
+    assert run_demo_tool("unit_convert", {"value": 100, "from_unit": "celsius", "to_unit": "fahrenheit"}) == {
+        "result": 212,
+        "unit": "fahrenheit",
+    }
+    assert run_demo_tool("count_letters", {"word": "Banana", "letter": "a"}) == {"count": 3}
+    with pytest.raises(ValueError, match="division by zero"):
+        run_demo_tool("calculator", {"a": 1, "b": 0, "op": "divide"})
+    with pytest.raises(ValueError, match="unknown demo tool 'nope'"):
+        run_demo_tool("nope", {})
+
+
+def test_heldout_media_are_new_renders_of_seen_attribute_values(corpus):
+    for m, key in MEDIA_KEY.items():
+        train, held = _load(corpus, "train", f"x2t_{m}"), _load(corpus, "heldout", f"x2t_{m}")
+        train_caps = {r["messages"][-1]["content"] for r in train}
+        assert {r["messages"][-1]["content"] for r in held} <= train_caps
+        train_bytes = {hashlib.sha256((corpus / r[key][0]).read_bytes()).digest() for r in train}
+        assert not {hashlib.sha256((corpus / r[key][0]).read_bytes()).digest() for r in held} & train_bytes
+        for r in held:
+            assert r["eval"]["acceptable"] == [r["messages"][-1]["content"]]
+            assert r["eval"]["reference"]["attributes"] == r["meta"]["attributes"]
+        t2x = _load(corpus, "heldout", f"t2x_{m}")
+        assert {g["caption"] for r in t2x for g in r["messages"][-1]["generate"]} <= train_caps
+
+
+def _nearest(rgb, palette: dict) -> str:
+    return min(palette, key=lambda k: float(np.sum((np.asarray(palette[k], float) - rgb) ** 2)))
+
+
+def test_images_show_their_colour_and_shape(corpus):
+    fill_ratio = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 0.58}  # area / bounding box
+    recs = _load(corpus, "train", "x2t_image") + _load(corpus, "heldout", "x2t_image")
+    for rec in recs:
+        img = np.asarray(Image.open(corpus / rec["images"][0]).convert("RGB"), dtype=float)
+        assert img.shape == (224, 224, 3)
+        mask = np.abs(img - img[0, 0]).sum(-1) > 60  # the corner is background
+        ys, xs = np.nonzero(mask)
+        attrs = rec["meta"]["attributes"]
+        assert _nearest(img[mask].mean(0), render.COLOURS) == attrs["colour"], rec["id"]
+        ratio = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        assert min(fill_ratio, key=lambda s: abs(fill_ratio[s] - ratio)) == attrs["shape"], rec["id"]
+
+
+def test_tones_have_their_pitch_and_pulse(corpus):
+    bands = {"low": 250.0, "middle": 700.0, "high": 2000.0}
+    pulses_in_3s = {"steady": 0, "slow": 6, "fast": 18}
+    for rec in _load(corpus, "train", "x2t_audio") + _load(corpus, "heldout", "x2t_audio"):
+        wav, sr = sf.read(corpus / rec["audios"][0])
+        assert sr == 16000 and 2.0 <= len(wav) / sr <= 6.0
+        peak = np.fft.rfftfreq(len(wav), 1 / sr)[np.argmax(np.abs(np.fft.rfft(wav)))]
+        attrs = rec["meta"]["attributes"]
+        assert abs(peak - bands[attrs["pitch"]]) <= 0.12 * bands[attrs["pitch"]], (rec["id"], peak)
+        rms = np.sqrt((wav[: len(wav) // 160 * 160].reshape(-1, 160) ** 2).mean(1))  # 10 ms frames
+        on = rms > 0.5 * rms.max()
+        onsets = int(np.sum(on[1:] & ~on[:-1]))
+        assert min(pulses_in_3s, key=lambda k: abs(pulses_in_3s[k] - onsets)) == attrs["pulse"], rec["id"]
+
+
+def test_videos_move_their_colour_in_their_direction(corpus):
+    for rec in _load(corpus, "train", "x2t_video") + _load(corpus, "heldout", "x2t_video"):
+        with av.open(str(corpus / rec["videos"][0])) as c:
+            frames = [f.to_ndarray(format="rgb24").astype(float) for f in c.decode(video=0)]
+        assert len(frames) == 16 and frames[0].shape == (64, 64, 3)
+        centres = []
+        for f in (frames[0], frames[-1]):
+            ys, xs = np.nonzero(f.sum(-1) > 150)
+            centres.append(np.array([xs.mean(), ys.mean()]))
+        dx, dy = centres[1] - centres[0]
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        attrs = rec["meta"]["attributes"]
+        assert moved == attrs["direction"], rec["id"]
+        mid = frames[len(frames) // 2]
+        assert _nearest(mid[mid.sum(-1) > 150].mean(0), render.COLOURS) == attrs["colour"], rec["id"]
+
+
+def test_lm_text_copies_attributes_from_context(corpus):
+    lm = _load(corpus, "train", "lm_pretrain")
+    kinds = {r["meta"]["kind"] for r in lm}
+    assert kinds == {"copy", "instruct", "t2x", "tool"}
+    copies = [r for r in lm if r["meta"]["kind"] == "copy"]
+    assert {r["meta"]["modality"] for r in copies} == set(MEDIA_KEY)
+    for r in copies:
+        context = r["messages"][0]["content"].split("\n")[0].split(" caption:")[0]
+        answer = r["messages"][-1]["content"].split("caption: ")[-1]
+        assert all(w in answer.split() for w in context.split()), r["id"]
+    assert not any(PLACEHOLDER_RE.search(m["content"]) for r in lm for m in r["messages"])
+
+
+def test_tokenizer_loads_round_trips_and_takes_the_token_contract(corpus):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    assert "<image>" not in tok.get_vocab() and "[IMG0]" not in tok.get_vocab()
+    assert 300 <= len(tok) <= 1000
+    texts = [m["content"] for _, _, rec in _all(corpus) for m in rec["messages"] if m["content"]]
+    for t in texts:
+        assert tok.decode(tok.encode(t, add_special_tokens=False)) == t
+    n_before = len(tok)
+    ids = TokenContract().add_to(tok)
+    assert min(ids.new_ids) == n_before
+    enc = tok.encode("<image>\nWhat colour is the shape?", add_special_tokens=False)
+    assert enc[0] == ids.placeholder["image"] and tok.decode(enc[1:]).strip() == "What colour is the shape?"
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_demo_corpus(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no demo corpus but other files"):
+        generate_demo_corpus(tmp_path, small=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _assert_visible(res: dict, modality: str) -> None:
+    attrs = {k: v for k, v in res[modality].items() if isinstance(v, dict)}
+    assert set(attrs) == set(render.ATTRIBUTES[modality])
+    for name, r in attrs.items():
+        assert r["acc"] >= 2 * r["chance"], (modality, name, r)
+
+
+def test_a_frozen_random_imagebind_separates_image_and_audio_attributes(corpus):
+    from toollmm.data.demo.probe import audio_tensor, probe_corpus
+
+    assert audio_tensor(corpus / "media/audio/train/00000.wav").shape == (3, 1, 128, 204)
+    res = probe_corpus(corpus, modalities=("image", "audio"))
+    _assert_visible(res, "image")
+    _assert_visible(res, "audio")
+    assert res["image"]["colour"]["acc"] >= 0.9
+
+
+def test_a_frozen_random_imagebind_separates_video_attributes(corpus):
+    from toollmm.data.demo.probe import probe_corpus, video_tensor
+
+    assert video_tensor(corpus / "media/video/train/00000.mp4").shape == (15, 3, 2, 224, 224)
+    _assert_visible(probe_corpus(corpus, modalities=("video",)), "video")
+
+
+def test_instruct_answers_agree_with_the_medium(corpus):
+    from toollmm.data.demo.text import PULSE_WORDS
+
+    for split in ("train", "heldout"):
+        for rec in _load(corpus, split, "instruct"):
+            attrs = rec["meta"]["attributes"]
+            words = {PULSE_WORDS.get(v, v) if k == "pulse" else v for k, v in attrs.items()}
+            msgs = rec["messages"]
+            for q, a in zip(msgs[0::2], msgs[1::2]):
+                question, answer = q["content"].split("\n")[-1], a["content"]
+                if answer == "Yes.":  # the value asked about is the medium's
+                    assert any(question.endswith(f" {w}?") for w in words), (rec["id"], question)
+                elif answer.startswith("No, "):
+                    assert not any(question.endswith(f" {w}?") for w in words), (rec["id"], question)
+                    assert any(answer.endswith(f" {w}.") for w in words), (rec["id"], answer)
+                else:
+                    assert any(w in answer for w in words), (rec["id"], answer)
