@@ -1,8 +1,9 @@
-"""Raw public datasets -> unified records (and, in later subcommands, shards and the demo corpus).
+"""Raw public datasets -> unified records -> webdataset shards; the demo corpus.
 
     python code/prepare_data.py convert --format llava --input llava_v1_5_mix665k.json \\
         --output data/llava665k.jsonl --media-root /data/llava --on-error skip
     python code/prepare_data.py formats          # every format and its options
+    python code/prepare_data.py demo --output data/demo [--small]
 
 Each subcommand is a small function that parses its arguments and calls the library
 (``toollmm.data.convert``); add one with ``@subcommand``.
@@ -83,6 +84,22 @@ def run_formats(args: argparse.Namespace) -> int:
         print(f"{name:14s} {spec.doc}")
         for key, help_text in {**spec.options, **COMMON_OPTIONS}.items():
             print(f"{'':14s}   --opt {key}=...  {help_text}")
+    return 0
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    from toollmm.data import demo_corpus
+
+    demo_corpus.add_arguments(p)
+
+
+@subcommand("demo", _configure_demo)
+def run_demo(args: argparse.Namespace) -> int:
+    """Write the deterministic demo corpus (media, train/heldout JSONL, tokenizer) to --output."""
+    from toollmm.data import demo_corpus
+
+    summary = demo_corpus.run(args)
+    print(f"demo corpus: {summary['records_total']} records -> {args.output}")
     return 0
 
 
