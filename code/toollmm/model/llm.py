@@ -140,11 +140,20 @@ def prepare_llm(
     """Add the token contract to ``tokenizer`` (or use ``token_ids`` as given, e.g. for a meta-device
     model without a matching tokenizer), attach per-group token rows, checkpointing and LoRA; freeze all."""
     contract = TokenContract.from_config(tokens_cfg)
+    known = False
     if token_ids is None:
         if tokenizer is None:
             raise ValueError("prepare_llm needs a tokenizer or explicit token_ids")
+        vocab = tokenizer.get_vocab()
+        # a base that already holds toollmm's tokens (e.g. the demo's stand-in LM, pretrained with them)
+        # keeps its trained rows; otherwise the new rows start at the mean of the existing ones
+        known = all(t in vocab for t in contract.new_tokens) and model.get_input_embeddings().weight.shape[
+            0
+        ] > max(vocab[t] for t in contract.new_tokens)
         token_ids = contract.add_to(tokenizer)
-    rows = attach_token_rows(model, token_ids, tokens_cfg.init_noise_std, tokens_cfg.init_seed)
+    rows = attach_token_rows(
+        model, token_ids, tokens_cfg.init_noise_std, tokens_cfg.init_seed, keep_existing=known
+    )
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     wrapped = apply_lora(model, lora) if lora.enabled else model

@@ -110,10 +110,13 @@ def _mean_init(
         return (mean + noise * (noise_std * std)).to(weight.dtype)
 
 
-def attach_token_rows(model, token_ids: TokenIds, noise_std: float, seed: int) -> dict[str, TokenRows]:
+def attach_token_rows(
+    model, token_ids: TokenIds, noise_std: float, seed: int, keep_existing: bool = False
+) -> dict[str, TokenRows]:
     """Resize ``model`` (a HF causal LM) to hold ``token_ids``, initialise the new rows and wrap the
     embedding and lm_head so that only per-group row parameters can train. Returns ``{"embed": rows,
-    "head": rows}`` (the same object twice when the embeddings are tied)."""
+    "head": rows}`` (the same object twice when the embeddings are tied). ``keep_existing``: the base
+    was trained with these tokens already; their rows start from the base matrices' values."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if isinstance(emb, RowEmbedding):
         raise ValueError("token rows are already attached to this model")
@@ -130,16 +133,18 @@ def attach_token_rows(model, token_ids: TokenIds, noise_std: float, seed: int) -
     new_ids = [i for g in ROW_GROUPS for i in token_ids.group_ids(g)]
     gen = torch.Generator().manual_seed(seed)
     vocab = emb.weight.shape[0]
-    embed_rows = TokenRows(token_ids, _mean_init(emb.weight, new_ids, noise_std, gen), vocab)
+
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        if keep_existing and not weight.is_meta:
+            return weight.detach()[new_ids].clone()
+        return _mean_init(weight, new_ids, noise_std, gen)
+
+    embed_rows = TokenRows(token_ids, init(emb.weight), vocab)
     _write_rows(emb.weight, embed_rows)
     model.set_input_embeddings(RowEmbedding(emb, embed_rows))
     out = {"embed": embed_rows, "head": embed_rows}
     if head is not None:
-        head_rows = (
-            embed_rows
-            if tied
-            else TokenRows(token_ids, _mean_init(head.weight, new_ids, noise_std, gen), vocab)
-        )
+        head_rows = embed_rows if tied else TokenRows(token_ids, init(head.weight), vocab)
         _write_rows(head.weight, head_rows)
         model.set_output_embeddings(RowLMHead(head, head_rows))
         out["head"] = head_rows

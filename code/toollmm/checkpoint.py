@@ -1,0 +1,234 @@
+"""Stage folders: the one layout that training writes, inference loads and release publishes.
+
+``outputs/<run>/stage_N/`` holds the loadable result of stage N, CUMULATIVE over stages 1..N::
+
+    stage.json            manifest, written last (atomically): format, stage, files with sha256, base models
+    config.yaml           the resolved configuration of the run that wrote it
+    tokenizer/            base tokenizer + toollmm's tokens + the chat template
+    delta.safetensors     new token rows + projections (+ the whole LLM for a stand-in LM trained with `llm`)
+    adapter/              the LoRA adapter in peft's own format (when LoRA was trained or loaded)
+    metrics.jsonl, loss.png, eval/, ckpt/   training by-products (not part of the loadable set)
+
+A stage folder is loaded by :func:`load_stage` and nothing else: it rebuilds the model from the saved
+config (base weights from their paths or Hub ids), checks every file against the manifest's sha256 (a
+save interrupted between files is refused, never half-loaded) and loads the delta strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import configlib
+from .config import Config, from_dict
+from .paths import CACHE_DIR, resolve
+
+log = logging.getLogger(__name__)
+
+FORMAT = "toollmm-stage/1"
+MANIFEST = "stage.json"
+LOADABLE = ("config.yaml", "tokenizer", "delta.safetensors", "adapter")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+class StageError(ValueError):
+    """A stage folder that cannot be loaded as it is."""
+
+
+# ---------------------------------------------------------------------------------- base identity
+def _hash_tree(path: Path) -> str:
+    """sha256 over a file, or over a folder's weight files (each memoised by size and mtime)."""
+    from .model.files import sha256_memoised
+
+    memo = CACHE_DIR / "checkpoint_sha256.json"
+    if path.is_file():
+        return sha256_memoised(path, memo)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_memoised(f, memo).encode())
+    return h.hexdigest()
+
+
+def base_identity(path_or_id: str | None) -> dict | None:
+    """``{"path": ..., "sha256": ...}`` for a local file/folder, ``{"hub_id": ...}`` for a Hub id."""
+    if not path_or_id:
+        return None
+    p = resolve(path_or_id)
+    if p.exists():
+        return {"path": str(path_or_id), "sha256": _hash_tree(p)}
+    if "/" in str(path_or_id) and not str(path_or_id).startswith((".", "/")):
+        return {"hub_id": str(path_or_id)}
+    return {"path": str(path_or_id), "sha256": None, "missing": True}
+
+
+def base_models(cfg: Config) -> dict:
+    m = cfg.model
+    out = {"llm": base_identity(m.llm.path), "encoder": base_identity(m.encoder.checkpoint)}
+    if m.encoder.checkpoint is None:
+        out["encoder"] = {"random_init": {"preset": m.encoder.preset, "seed": m.encoder.seed}}
+    out["decoders"] = {k: base_identity(d.path) for k, d in m.decoders.items() if d.path}
+    return out
+
+
+# ----------------------------------------------------------------------------------- writing
+def _sha_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_hashes(stage_dir: Path) -> dict[str, str]:
+    out = {}
+    for name in LOADABLE:
+        p = stage_dir / name
+        if p.is_file():
+            out[name] = _sha_file(p)
+        elif p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                out[str(f.relative_to(stage_dir))] = _sha_file(f)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_stage(model, cfg: Config, stage_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the loadable set of ``model`` into ``stage_dir`` (rank 0 only; parameters must be whole,
+    i.e. gathered under ZeRO-3). The manifest goes last, so a killed save is detected on load."""
+    from .data.chat_template import install_chat_template
+    from .model.delta import save_delta
+
+    out = Path(stage_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is "being written"
+    _write_atomic(out / "config.yaml", yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
+    tok = model.bundle.tokenizer
+    install_chat_template(
+        tok,
+        cfg.model.chat_template,
+        model.bundle.contract,
+        tool_format=cfg.model.tool_format,
+        system_prompt=cfg.model.system_prompt,
+    )
+    tmp = out / "tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    os.replace(tmp, out / "tokenizer")
+    save_delta(model, out)
+    manifest = {
+        "format": FORMAT,
+        "stage": cfg.run.stage,
+        "run": cfg.run.name,
+        "parts": sorted(model.delta_parts | {"token_rows"}),
+        "token_ids": model.bundle.token_ids.to_dict(),
+        "base_models": base_models(cfg),
+        "files": _file_hashes(out),
+        **(extra or {}),
+    }
+    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    log.info("stage folder %s: parts %s", out, manifest["parts"])
+    return out
+
+
+# ----------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedStage:
+    model: object  # toollmm.model.toollmm_model.ToolLMM
+    config: Config
+    manifest: dict
+    path: Path
+
+    @property
+    def tokenizer(self):
+        return self.model.bundle.tokenizer
+
+
+def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
+    d = Path(stage_dir)
+    f = d / MANIFEST
+    if not f.is_file():
+        hint = " (a save was interrupted, or this is not a stage folder)" if d.is_dir() else ""
+        raise StageError(f"{d}: no {MANIFEST}{hint}")
+    manifest = json.loads(f.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise StageError(f"{f}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if verify:
+        files = _file_hashes(d)
+        bad = sorted(
+            k for k in set(files) | set(manifest["files"]) if files.get(k) != manifest["files"].get(k)
+        )
+        if bad:
+            raise StageError(
+                f"{d}: files differ from the manifest: {bad[:5]} (interrupted save or edited folder)"
+            )
+    return manifest
+
+
+def stage_config(stage_dir: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """The saved config of a stage folder, with dotted overrides (e.g. inference settings)."""
+    d = Path(stage_dir)
+    tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+    sources: dict[str, str] = {}
+    for o in overrides:
+        configlib.merge_tree(tree, configlib.parse_override(o), sources, f"override {o.split('=', 1)[0]}")
+    return from_dict(tree)
+
+
+def load_into(model, stage_dir: str | os.PathLike, verify: bool = True):
+    """Load a stage folder's delta into an already built ``model`` (``train.init_from``)."""
+    from .model.delta import load_delta
+
+    read_manifest(stage_dir, verify=verify)
+    return load_delta(model, stage_dir)
+
+
+def load_stage(
+    path_or_id: str | os.PathLike,
+    *,
+    overrides: list[str] = (),
+    with_encoder: bool = False,
+    device=None,
+    verify: bool = True,
+) -> LoadedStage:
+    """THE loader: a stage or release folder (or a Hub id of a release) -> ready model."""
+    from .model.toollmm_model import build_model
+
+    d = _local_folder(path_or_id)
+    manifest = read_manifest(d, verify=verify)
+    cfg = stage_config(d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *overrides])
+    model = build_model(cfg.model, with_encoder=with_encoder)
+    if device is not None:
+        model.to(device)
+    load_into(model, d, verify=False)
+    model.eval()
+    return LoadedStage(model, cfg, manifest, d)
+
+
+def _local_folder(path_or_id: str | os.PathLike) -> Path:
+    p = resolve(path_or_id)
+    if p.exists():
+        return p
+    text = str(path_or_id)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text))
+        except Exception as e:  # offline, unknown repo, no access
+            raise StageError(f"{text}: not a local folder, and the Hub download failed: {e}") from None
+    raise StageError(f"{p}: no such stage folder")
