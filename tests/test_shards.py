@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from _datastream import make_source, png_bytes, write_jsonl
-from toollmm.data.captions import CaptionStore, caption_key, embed_captions
+from toollmm.data.captions import CaptionStore, add_embed_captions_args, caption_key, embed_captions
 from toollmm.data.records import BadSample
-from toollmm.data.shards import ShardSource, add_shard_args, index_tar, iter_samples, write_shards
+from toollmm.data.shardfmt import index_tar
+from toollmm.data.shards import ShardSource, add_shard_args, iter_samples, write_shards
 from toollmm.data.sources import JsonlSource
 
 
@@ -111,3 +112,26 @@ def test_writer_names_or_counts_bad_records(tmp_path):
         write_shards(JsonlSource(src), tmp_path / "a", 4)
     summary = write_shards(JsonlSource(src), tmp_path / "b", 4, on_error="skip")
     assert summary["written"] == 7 and summary["skipped"] == {"missing_media": 1}
+
+
+def test_embed_captions_seam_caches_and_skips(tmp_path):
+    src = make_source(tmp_path / "src", 8)  # records 3 and 7 are text->image
+    calls = []
+
+    def build_encoders(cfg):  # the decoders module provides DecoderPool.encode_captions here
+        return {"image": lambda texts: calls.append(list(texts)) or fake_encode(texts)}, {"image": "fake-sd"}
+
+    parser = argparse.ArgumentParser()
+    add_embed_captions_args(parser.add_subparsers(), build_encoders)
+    argv = ["embed-captions", "--input", str(src), "--output", str(tmp_path / "out.jsonl")]
+    argv += ["--store", str(tmp_path / "store")]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    keys = [g["embedding"] for r in out for m in r["messages"] for g in m.get("generate", [])]
+    assert len(keys) == 2 and len(calls) == 1 and len(calls[0]) == 2
+    store = CaptionStore(tmp_path / "store")
+    np.testing.assert_array_equal(store.get(keys[0]), fake_encode(calls[0][:1])[0].numpy())
+    assert args.func(parser.parse_args(argv)) == 0 and len(calls) == 1  # nothing recomputed
+    with pytest.raises(BadSample, match="bad_embedding: caption embedding 'nope'"):
+        store.get("nope", "x.jsonl:1")

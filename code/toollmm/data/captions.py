@@ -11,6 +11,7 @@ cond_dim]`` (the pipeline's own ``encode_prompt``), built by the decoders module
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..paths import resolve
 from .records import BadSample, load_caption
 
 log = logging.getLogger(__name__)
@@ -114,3 +116,63 @@ def embed_captions(
             computed += len(chunk)
     log.info("caption embeddings: %d computed, %d already stored in %s", computed, cached, store.root)
     return records, {"computed": computed, "cached": cached}
+
+
+# ------------------------------------------------------------------------------------------ CLI seam
+def decoder_encoders(cfg) -> tuple[dict[str, EncodeCaptions], dict[str, str]]:
+    """``encode_captions`` per enabled decoder (``toollmm.model.decoders.DecoderPool``) and each decoder's
+    identity for the store key: its path plus the names and sizes of its text-encoder files."""
+    from functools import partial
+
+    from ..model.decoders import DecoderPool, pipeline_folder
+
+    pool = DecoderPool(cfg.model.decoders)
+    ids = {}
+    for m in pool.enabled():
+        folder = pipeline_folder(pool.config(m).path)
+        files = sorted(
+            p for sub in ("text_encoder", "tokenizer") for p in (folder / sub).glob("*") if p.is_file()
+        )
+        ids[m] = f"{folder}|" + ",".join(f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in files)
+    return {m: partial(pool.encode_captions, m) for m in pool.enabled()}, ids
+
+
+def add_embed_captions_args(subparsers, build_encoders=decoder_encoders) -> argparse.ArgumentParser:
+    """Register ``embed-captions`` on ``prepare_data.py``; ``build_encoders(cfg) -> (encoders, ids)``."""
+    from ..config import add_config_args
+
+    p = subparsers.add_parser(
+        "embed-captions",
+        help="compute decoder caption embeddings for text->X targets (cached, skipped when present)",
+    )
+    p.add_argument("--input", required=True, help="unified-record JSONL")
+    p.add_argument("--output", required=True, help="JSONL written with generate[].embedding keys set")
+    p.add_argument(
+        "--store", default=".cache/captions", help="caption-embedding store (default .cache/captions)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call")
+    add_config_args(p)
+    p.set_defaults(func=main_embed_captions, build_encoders=build_encoders)
+    return p
+
+
+def main_embed_captions(args: argparse.Namespace) -> int:
+    import json
+
+    from ..config import load_config
+
+    cfg = load_config(config_files=args.config, overrides=args.overrides).config
+    encoders, ids = args.build_encoders(cfg)
+    src = resolve(args.input)
+    with open(src, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records, counts = embed_captions(
+        records, encoders, ids, CaptionStore(resolve(args.store)), args.batch_size
+    )
+    out = resolve(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out)
+    log.info("embed-captions: %s -> %s (%s)", src, out, counts)
+    return 0

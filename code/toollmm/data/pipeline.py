@@ -42,6 +42,12 @@ class MediaDecoder:
     def __init__(self, preprocess=None, feature_lookup: FeatureLookup | None = None):
         self.preprocess = preprocess
         self.feature_lookup = feature_lookup
+        # import the decoders' heavy modules once here, so forked DataLoader workers inherit them
+        # (torchvision alone takes seconds to import, and workers start afresh every epoch)
+        import torchaudio  # noqa: F401
+        import torchvision.transforms  # noqa: F401
+
+        from ..model import preprocess as _  # noqa: F401
 
     def __call__(self, modality: str, media: Media, where: str) -> tuple[str, torch.Tensor]:
         if media.features is not None:
@@ -100,7 +106,10 @@ class SampleProcessor:
             r = self.render(sample.record, where=where)
         except (ValueError, KeyError, TypeError) as e:  # RecordError / FormatError: the record cannot render
             reason = _RENDER_REASONS.get(getattr(e, "reason", ""), "invalid_record")
-            raise BadSample(reason, where, f"cannot render: {e}") from None
+            detail = "; ".join(p.message for p in getattr(e, "problems", [])) or str(
+                e
+            )  # RecordError: no 2nd where
+            raise BadSample(reason, where, f"cannot render: {detail}") from None
         if r is None:
             raise BadSample("overlong", where, "the renderer dropped it (over-long)")
         ids = torch.as_tensor(r.input_ids, dtype=torch.long)
@@ -150,11 +159,18 @@ class SampleProcessor:
         return out
 
 
+def media_tokens_for(model_cfg) -> dict[str, int]:
+    """Placeholder-run length per modality (``toollmm.batch``'s rule, implemented by Data A)."""
+    from .render import media_tokens_from_config
+
+    return media_tokens_from_config(model_cfg)
+
+
 def make_render_fn(cfg, tokenizer, media_tokens: dict[str, int] | None = None) -> Callable:
     """Data A's ``Renderer`` for a full config; over-long samples raise into the stream's own policy
     (``data.overlong``), except ``truncate`` (when Data A offers it), which the renderer applies."""
     from ..tokens import TokenContract
-    from .render import Renderer, media_tokens_from_config
+    from .render import Renderer
 
     overlong = "truncate" if cfg.data.overlong == "truncate" else "raise"
     return Renderer(
@@ -163,7 +179,7 @@ def make_render_fn(cfg, tokenizer, media_tokens: dict[str, int] | None = None) -
         contract=TokenContract.from_config(cfg.model.tokens),
         tool_format=cfg.model.tool_format,
         system_prompt=cfg.model.system_prompt,
-        media_tokens=media_tokens or media_tokens_from_config(cfg.model),
+        media_tokens=media_tokens or media_tokens_for(cfg.model),
         max_length=cfg.data.max_length,
         overlong=overlong,
     ).render

@@ -92,7 +92,7 @@ class _EpochData(IterableDataset):
             try:
                 ok.append(self.processor(self.sources[src].load(int(item))))
             except BadSample as e:
-                if (s.overlong if e.reason == "overlong" else s.on_error) != "skip":
+                if (s.overlong if e.reason == "overlong" else s.on_error) == "raise":  # skip / truncate
                     yield _Item(max(win.start, self.start), error=e)
                     return
                 skipped[e.reason] += 1
