@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from toollmm.config import load_config
-    from toollmm.data.pipeline import MediaDecoder, SampleProcessor, make_render_fn, media_tokens_for
+    from toollmm.data.pipeline import make_processor
     from toollmm.data.shards import ShardSource, write_shards
     from toollmm.data.sources import JsonlSource
     from toollmm.tokenizer_build import build_sentencepiece_tokenizer
@@ -117,14 +117,8 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(
         build_sentencepiece_tokenizer([cfg.model.system_prompt, *text], tmp / "tok")
     )
-    ids = TokenContract.from_config(cfg.model.tokens).add_to(tok)
-    proc = SampleProcessor(
-        make_render_fn(cfg, tok),
-        ids,
-        media_tokens_for(cfg.model),
-        args.max_length,
-        MediaDecoder(cfg.model.preprocess),
-    )
+    TokenContract.from_config(cfg.model.tokens).add_to(tok)
+    proc = make_processor(cfg, tok)
     root = args.media_root
     sources = [JsonlSource(x, media_root=root) for x in paths]
     env = {

@@ -141,7 +141,15 @@ def test_real_token_fraction_is_reported_and_packing_raises_it():
 
 
 def test_packing_and_padding_batches():
-    assert pack_rows([5, 5, 5, 2], 10) == [[0, 1], [2, 3]]
+    rs = random.Random(1)
+    for _ in range(200):
+        lengths = [rs.randint(1, 64) for _ in range(rs.randint(1, 12))]
+        rows = pack_rows(lengths, 64)
+        fills = [sum(lengths[i] for i in r) for r in rows]
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths))) and max(fills) <= 64
+        assert sum(f <= 32 for f in fills) <= 1  # no wasted rows: at most one row is half empty
+    lengths = [60, 50, 10, 10, 10, 10, 10]  # first-fit decreasing alone: rows of 100 and 50 tokens
+    assert [sum(lengths[i] for i in r) for r in pack_rows(lengths, 100)] == [80, 80]
     with pytest.raises(ValueError, match="capacity"):
         pack_rows([11], 10)
     empty = collate([], PAD, packing=True)

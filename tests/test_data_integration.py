@@ -12,7 +12,7 @@ from _datastream import make_source, write_jsonl
 from toollmm.batch import IGNORE_INDEX
 from toollmm.config import load_config
 from toollmm.data.captions import CaptionStore, embed_captions
-from toollmm.data.pipeline import MediaDecoder, SampleProcessor, make_render_fn, media_tokens_for
+from toollmm.data.pipeline import make_processor
 from toollmm.data.shards import ShardSource, write_shards
 from toollmm.data.sources import JsonlSource
 from toollmm.data.stream import StreamSettings, TrainStream
@@ -40,10 +40,7 @@ def test_shards_render_and_preprocess_into_a_batch(tmp_path, tiny_tokenizer_dir)
     embed_captions(records, {"image": embed}, {"image": "toy"}, store)
     write_jsonl(path, records)
     write_shards(JsonlSource(path, captions=store), tmp_path / "sh", 5)
-    media_tokens = media_tokens_for(cfg.model)
-    proc = SampleProcessor(
-        make_render_fn(cfg, tok), ids, media_tokens, cfg.data.max_length, MediaDecoder(cfg.model.preprocess)
-    )
+    proc = make_processor(cfg, tok)
     for packing in (False, True):
         settings = StreamSettings(micro_batch_size=4, pad_id=0, packing=packing, max_length=512, window=2)
         batches = list(TrainStream([ShardSource(tmp_path / "sh")], proc, settings))

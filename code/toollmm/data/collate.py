@@ -1,7 +1,8 @@
 """Rendered samples -> one :class:`toollmm.batch.Batch`: padding or packing, media in placeholder order.
 
 * Padded: one sample per row, right-padded to the longest; ``attention_mask`` ``[B, T]`` 0/1.
-* Packed: samples placed into rows of at most ``max_length`` tokens (first-fit decreasing);
+* Packed: samples placed into as few rows of at most ``max_length`` tokens as first-fit decreasing
+  needs, balanced so the longest row is short;
   ``position_ids`` restart at 0 for each sample and ``attention_mask`` is a bool ``[B, 1, T, T]``
   block-diagonal causal mask, so a sample's logits equal its logits run alone. Padding positions attend
   only to themselves (an all-False row would make SDPA return NaN there).
@@ -40,21 +41,34 @@ class RenderedSample:
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: sample indices per row, each row's total at most ``capacity``."""
-    rows: list[list[int]] = []
+    """Sample indices per row, each row's total at most ``capacity``: as few rows as first-fit decreasing
+    needs, then balanced (longest first into the emptiest row that fits) so the batch width, the longest
+    row, is as short as possible."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if lengths and lengths[order[0]] > capacity:
+        raise ValueError(
+            f"sample {order[0]} has {lengths[order[0]]} tokens, more than the row capacity {capacity}"
+        )
+    ffd: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if lengths[i] > capacity:
-            raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the row capacity {capacity}")
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
+    for i in order:
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            ffd.append([])
+            room.append(capacity)
+            r = len(ffd) - 1
+        ffd[r].append(i)
+        room[r] -= lengths[i]
+    rows: list[list[int]] = [[] for _ in ffd]
+    fill = [0] * len(ffd)
+    for i in order:
+        fits = [r for r in range(len(rows)) if fill[r] + lengths[i] <= capacity]
+        if not fits:
+            return ffd
+        r = min(fits, key=lambda r: (fill[r], r))
+        rows[r].append(i)
+        fill[r] += lengths[i]
+    return rows if max(fill, default=0) <= capacity - min(room, default=0) else ffd
 
 
 def block_causal_mask(segments: list[list[int]], length: int) -> torch.Tensor:

@@ -183,3 +183,21 @@ def make_render_fn(cfg, tokenizer, media_tokens: dict[str, int] | None = None) -
         max_length=cfg.data.max_length,
         overlong=overlong,
     ).render
+
+
+def make_processor(cfg, tokenizer, feature_lookup: FeatureLookup | None = None) -> SampleProcessor:
+    """The processor a training run uses: Data A's renderer for ``cfg``, the token ids of ``cfg``'s contract
+    on ``tokenizer`` (which must already hold them), the encoder's preprocessing, optional cached features.
+
+    ``TrainStream.from_config(cfg, make_processor(cfg, tok), pad_id=tok.pad_token_id or 0)`` is the whole
+    data side of ``train.py``."""
+    from ..tokens import TokenContract
+
+    media_tokens = media_tokens_for(cfg.model)
+    return SampleProcessor(
+        make_render_fn(cfg, tokenizer, media_tokens),
+        TokenContract.from_config(cfg.model.tokens).ids(tokenizer),
+        media_tokens,
+        cfg.data.max_length,
+        MediaDecoder(cfg.model.preprocess, feature_lookup),
+    )
