@@ -114,3 +114,34 @@ def test_resume_refuses_changed_settings(data, processor):
     other = stream(data, processor, micro_batch_size=2)
     with pytest.raises(ValueError, match="micro_batch_size"):
         other.load_state_dict(s.state_dict())
+
+
+def test_from_config_reads_the_data_section(tmp_path, data, processor):
+    import yaml
+
+    from toollmm.config import load_config
+    from toollmm.configlib import ConfigError
+
+    layer = {
+        "run": {"seed": 3},
+        "train": {"micro_batch_size": 5},
+        "data": {
+            "train": [{"path": str(data["a"]), "weight": 1.0}, {"path": str(data["b"]), "weight": 0.5}],
+            "group_window": 4,
+            "packing": True,
+            "on_error": "skip",
+            "num_workers": 0,
+        },
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(layer))
+    cfg = load_config(config_files=[tmp_path / "c.yaml"]).config
+    s = TrainStream.from_config(cfg, processor, pad_id=0, rank=1, world_size=2)
+    assert (s.s.seed, s.s.micro_batch_size, s.s.window, s.s.packing, s.s.rank) == (3, 5, 4, True, 1)
+    assert s.counts == [90, 15] and s.steps_per_epoch == -(-53 // 5)  # 105 samples over 2 ranks
+    batches = take(s)
+    assert len(batches) == s.steps_per_epoch and all(b.attention_mask.dim() == 4 for b in batches)
+    with pytest.raises(ConfigError, match="group_window: must be >= 1"):
+        load_config(config_files=[tmp_path / "c.yaml"], overrides=["data.group_window=0"])
+    with pytest.raises(ValueError, match="without a single record"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        TrainStream([JsonlSource(tmp_path / "empty.jsonl")], processor, s.s)

@@ -76,6 +76,7 @@ class _EpochData(IterableDataset):
         super().__init__()
         self.sources, self.processor, self.plan = sources, processor, rank_plan
         self.steps, self.start, self.epoch, self.s = steps, start, epoch, s
+        self._logged: Counter = Counter()
 
     def __iter__(self):
         info = get_worker_info()
@@ -96,7 +97,8 @@ class _EpochData(IterableDataset):
                     yield _Item(max(win.start, self.start), error=e)
                     return
                 skipped[e.reason] += 1
-                log.warning("skipping %s", e)
+                self._logged[e.reason] += 1  # the first few per reason and worker in full, then quietly
+                log.log(logging.WARNING if self._logged[e.reason] <= 10 else logging.DEBUG, "skipping %s", e)
         gen = P.rng(s.seed, P._BATCHES, self.epoch, s.rank, j)
         groups = P.group_batches([len(x) for x in ok], len(win), s.micro_batch_size, s.group_by_length, gen)
         for k, g in zip(win, groups):
@@ -113,6 +115,9 @@ class TrainStream:
     ):
         self.sources, self.processor, self.s = list(sources), processor, settings
         self.sizes = [len(x) for x in self.sources]
+        empty = [getattr(x, "path", None) or x.name for x, n in zip(self.sources, self.sizes) if n == 0]
+        if empty:
+            raise ValueError(f"data source(s) without a single record: {empty}")
         self.counts = P.mixture_counts(
             self.sizes, weights or [1.0] * len(self.sources), settings.mixture, settings.epoch_samples
         )
