@@ -129,18 +129,18 @@ def main(argv=None) -> int:
         "records": sum(len(s) for s in sources),
     }
     print(json.dumps({"env": env}))
-    for kw in (
-        {"group_by_length": True},
-        {"group_by_length": False},
-        {"packing": True, "group_by_length": False},
-    ):
+    for kw in [{"group_by_length": g, "packing": p} for p in (False, True) for g in (True, False)]:
         print(json.dumps({"source": "jsonl", **run(sources, proc, args, **kw)}))
     if args.shards:
         shard_sources = []
         for k, s in enumerate(sources):
             write_shards(s, tmp / f"sh{k}", 1000, on_error="skip")
             shard_sources.append(ShardSource(tmp / f"sh{k}"))
-        print(json.dumps({"source": "shards", **run(shard_sources, proc, args, group_by_length=True)}))
+        print(
+            json.dumps(
+                {"source": "shards", **run(shard_sources, proc, args, group_by_length=True, packing=False)}
+            )
+        )
     return 0
 
 

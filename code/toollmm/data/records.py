@@ -124,8 +124,17 @@ def _semantic_check():
 
 
 def validate_record(record: dict, where: str) -> None:
-    """Schema (classified: unknown key / empty conversation / other), then Data A's semantic checks
-    (``toollmm.data.schema.check_record``) or, without them, placeholder counts and supervision."""
+    """Data A's checks (``toollmm.data.schema.check_record``: schema, roles, fields, placeholders, raw
+    special tokens, supervision) or, without them, the schema plus placeholder counts and supervision.
+    Schema errors are classified as unknown key / empty conversation / other."""
+    check = _semantic_check()
+    if check is not None:
+        problems = check(record)
+        if not problems:
+            return
+        if problems[0].reason != "schema":
+            reason = _CHECK_REASONS.get(problems[0].reason, "invalid_record")
+            raise BadSample(reason, where, "; ".join(p.message for p in problems))
     errors = sorted(_validator().iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         text = "; ".join(
@@ -133,13 +142,6 @@ def validate_record(record: dict, where: str) -> None:
         )
         more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
         raise BadSample(_reason(errors), where, text + more)
-    check = _semantic_check()
-    if check is not None:
-        problems = check(record)
-        if problems:
-            reason = _CHECK_REASONS.get(problems[0].reason, "invalid_record")
-            raise BadSample(reason, where, "; ".join(p.message for p in problems))
-        return
     for modality, key in MEDIA_KEYS.items():
         n_text = sum(m["content"].count(PLACEHOLDER[modality]) for m in record["messages"])
         n_media = len(record.get(key, []))
