@@ -100,6 +100,12 @@ def main(argv=None) -> int:
     p.add_argument("--shards", action="store_true", help="also measure from webdataset shards")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as d:
+        measure(Path(d), args)
+    return 0
+
+
+def measure(tmp: Path, args) -> None:
     from transformers import AutoTokenizer
 
     from toollmm.config import load_config
@@ -109,7 +115,6 @@ def main(argv=None) -> int:
     from toollmm.tokenizer_build import build_sentencepiece_tokenizer
     from toollmm.tokens import TokenContract
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     paths = [Path(x) for x in args.input] if args.input else [synthetic(tmp / "syn", args.records)]
     cfg = load_config(overrides=[f"data.max_length={args.max_length}"]).config
     with open(paths[0]) as f:
@@ -141,7 +146,6 @@ def main(argv=None) -> int:
                 {"source": "shards", **run(shard_sources, proc, args, group_by_length=True, packing=False)}
             )
         )
-    return 0
 
 
 if __name__ == "__main__":
