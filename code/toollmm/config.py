@@ -234,9 +234,14 @@ class ModelConfig:
 class SourceConfig:
     path: str = opt(help="JSONL of unified records, or a webdataset shard folder / brace pattern")
     name: str | None = opt(None, "source name for mixture weights and logs (default: file stem)")
-    weight: float = opt(1.0, "mixture weight (relative sampling probability)")
+    weight: float = opt(
+        1.0,
+        "mixture weight: with data.mixture 'scale' the source gives weight x its size samples per epoch "
+        "(1 = one pass, 0.5 = a random half, 2 = twice); with 'ratio' its share of the epoch",
+    )
     media_root: str | None = opt(
-        None, "folder that record media paths are relative to (default: the file's folder)"
+        None,
+        "folder that JSONL media paths are relative to (default: the file's folder); shards hold their media",
     )
     task: Literal["auto", "x2t", "t2x", "instruct"] = opt(
         "auto", "how records train; 'auto' infers from the record"
@@ -258,9 +263,33 @@ class DataConfig:
     )
     packing: bool = opt(False, "pack several samples per sequence (attention kept inside each sample)")
     group_by_length: bool = opt(True, "length-grouped sampling to cut padding")
-    shuffle: bool = opt(True, "shuffle training data (deterministic for run.seed)")
-    shuffle_buffer: int = opt(1000, "shuffle buffer for streamed shards")
+    group_window: int = opt(
+        16, "micro-batches per window: a worker loads a window, sorts it by length and cuts it into batches"
+    )
+    shuffle: bool = opt(
+        True, "shuffle training data (global shuffle of the index; deterministic for run.seed)"
+    )
     num_workers: int = opt(2, "DataLoader workers")
+    mixture: Literal["scale", "ratio"] = opt(
+        "scale",
+        "how source weights mix: 'scale' = weight x source size per epoch; 'ratio' = shares of the epoch",
+    )
+    epoch_samples: int | None = opt(
+        None, "samples per epoch over all sources and ranks (null: the mixture's natural total)"
+    )
+    captions: str | None = opt(
+        None, "caption-embedding store (prepare_data.py embed-captions) for text->X targets of JSONL sources"
+    )
+
+    def check(self) -> list[str]:
+        out = [f"{k}: must be >= 1" for k in ("max_length", "group_window") if getattr(self, k) < 1]
+        out += ["num_workers: must be >= 0"] if self.num_workers < 0 else []
+        out += (
+            ["epoch_samples: must be >= 1 or null"]
+            if self.epoch_samples is not None and self.epoch_samples < 1
+            else []
+        )
+        return out + [f"train[{i}].weight: must be >= 0" for i, s in enumerate(self.train) if s.weight < 0]
 
 
 # ----------------------------------------------------------------------------------------- train

@@ -1,0 +1,178 @@
+"""Caption embeddings for text->X targets: an on-disk store and the seam ``embed-captions`` plugs into.
+
+A stage-2/3 signal span is supervised by the decoder text encoder's embedding of its caption
+(``[n_query, cond_dim]``, e.g. 77 x 768 for SD v1.5). They are computed once, stored here keyed by
+decoder identity + caption, and referenced from the record by ``generate[].embedding`` (the key).
+``prepare_data.py shard`` copies them into the shards; JSONL sources read them from the store.
+
+The decoder-specific part is one callable per modality, ``encode_captions(texts) -> Tensor[n, n_query,
+cond_dim]`` (the pipeline's own ``encode_prompt``), built by the decoders module and passed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..paths import resolve
+from .records import BadSample, load_caption
+
+log = logging.getLogger(__name__)
+
+EncodeCaptions = Callable[[list[str]], "object"]  # texts -> Tensor/ndarray [n, n_query, cond_dim]
+
+
+def caption_key(caption: str, decoder_id: str) -> str:
+    """Stable key of one caption under one decoder text encoder (a different decoder = a new key)."""
+    return hashlib.sha256(f"{decoder_id}\0{caption}".encode()).hexdigest()[:32]
+
+
+class CaptionStore:
+    """``<root>/<key[:2]>/<key>.npy`` files, written atomically (safe with several ranks)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npy"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str, where: str = "") -> np.ndarray:
+        p = self.path(key)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise BadSample(
+                "bad_embedding",
+                where,
+                f"caption embedding {key!r} is not in {self.root} (run embed-captions)",
+            ) from None
+        return load_caption(data, where, str(p))
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, p)
+
+
+def embed_captions(
+    records: Iterable[dict],
+    encoders: Mapping[str, EncodeCaptions],
+    decoder_ids: Mapping[str, str],
+    store: CaptionStore,
+    batch_size: int = 32,
+) -> tuple[list[dict], dict[str, int]]:
+    """Give every ``generate`` target that has a caption an ``embedding`` key, computing only the
+    embeddings the store lacks (in batches of ``batch_size`` per modality).
+
+    ``encoders[modality](texts)`` must return ``[len(texts), n_query, cond_dim]``. Returns the records
+    (updated in place) and counts ``{"computed": n, "cached": n}``.
+    """
+    records = list(records)
+    todo: dict[str, dict[str, str]] = {}  # modality -> key -> caption
+    cached = 0
+    for rec in records:
+        for m in rec.get("messages", []):
+            for g in m.get("generate") or []:
+                if "caption" not in g:
+                    continue
+                mod = g["modality"]
+                if mod not in encoders:
+                    raise KeyError(f"record {rec.get('id')}: no caption encoder for modality {mod!r}")
+                g["embedding"] = key = caption_key(g["caption"], decoder_ids[mod])
+                if store.has(key) or key in todo.get(mod, {}):
+                    cached += store.has(key)
+                    continue
+                todo.setdefault(mod, {})[key] = g["caption"]
+    computed = 0
+    for mod, items in todo.items():
+        keys = list(items)
+        for i in range(0, len(keys), batch_size):
+            chunk = keys[i : i + batch_size]
+            out = encoders[mod]([items[k] for k in chunk])
+            out = out.detach().float().cpu().numpy() if hasattr(out, "detach") else np.asarray(out)
+            if out.ndim != 3 or out.shape[0] != len(chunk):
+                raise ValueError(
+                    f"encode_captions[{mod}] returned shape {out.shape} for {len(chunk)} captions; "
+                    "expected [n, n_query, cond_dim]"
+                )
+            for k, arr in zip(chunk, out):
+                store.put(k, arr)
+            computed += len(chunk)
+    log.info("caption embeddings: %d computed, %d already stored in %s", computed, cached, store.root)
+    return records, {"computed": computed, "cached": cached}
+
+
+# ------------------------------------------------------------------------------------------ CLI seam
+def decoder_encoders(cfg) -> tuple[dict[str, EncodeCaptions], dict[str, str]]:
+    """``encode_captions`` per enabled decoder (``toollmm.model.decoders.DecoderPool``) and each decoder's
+    identity for the store key: its path plus the names and sizes of its text-encoder files."""
+    from functools import partial
+
+    from ..model.decoders import DecoderPool, pipeline_folder
+
+    pool = DecoderPool(cfg.model.decoders)
+    ids = {}
+    for m in pool.enabled():
+        folder = pipeline_folder(pool.config(m).path)
+        files = sorted(
+            p for sub in ("text_encoder", "tokenizer") for p in (folder / sub).glob("*") if p.is_file()
+        )
+        ids[m] = f"{folder}|" + ",".join(f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in files)
+    return {m: partial(pool.encode_captions, m) for m in pool.enabled()}, ids
+
+
+def add_embed_captions_args(subparsers, build_encoders=decoder_encoders) -> argparse.ArgumentParser:
+    """Register ``embed-captions`` on ``prepare_data.py``; ``build_encoders(cfg) -> (encoders, ids)``."""
+    from ..config import add_config_args
+
+    p = subparsers.add_parser(
+        "embed-captions",
+        help="compute decoder caption embeddings for text->X targets (cached, skipped when present)",
+    )
+    p.add_argument("--input", required=True, help="unified-record JSONL")
+    p.add_argument("--output", required=True, help="JSONL written with generate[].embedding keys set")
+    p.add_argument(
+        "--store", default=".cache/captions", help="caption-embedding store (default .cache/captions)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call")
+    add_config_args(p)
+    p.set_defaults(func=main_embed_captions, build_encoders=build_encoders)
+    return p
+
+
+def main_embed_captions(args: argparse.Namespace) -> int:
+    import json
+
+    from ..config import load_config
+
+    cfg = load_config(config_files=args.config, overrides=args.overrides).config
+    encoders, ids = args.build_encoders(cfg)
+    src = resolve(args.input)
+    with open(src, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records, counts = embed_captions(
+        records, encoders, ids, CaptionStore(resolve(args.store)), args.batch_size
+    )
+    out = resolve(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out)
+    log.info("embed-captions: %s -> %s (%s)", src, out, counts)
+    return 0
