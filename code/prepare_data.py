@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
         configure(p)
         p.set_defaults(run=run)
+    from toollmm.data.captions import add_embed_captions_args
+    from toollmm.data.shards import add_shard_args
+
+    add_shard_args(sub).set_defaults(run=lambda a: a.func(a))
+    add_embed_captions_args(sub).set_defaults(run=lambda a: a.func(a))
     return parser
 
 

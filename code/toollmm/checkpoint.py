@@ -232,3 +232,43 @@ def _local_folder(path_or_id: str | os.PathLike) -> Path:
         except Exception as e:  # offline, unknown repo, no access
             raise StageError(f"{text}: not a local folder, and the Hub download failed: {e}") from None
     raise StageError(f"{p}: no such stage folder")
+
+
+def export_llm(model, out_dir: str | os.PathLike) -> Path:
+    """Write the model's LLM as a plain Hugging Face folder (weights + tokenizer), the way a base model
+    is shipped: LoRA merged, trained token rows written into the embedding and lm_head matrices.
+    Used for the demo's stand-in LM, which later stages then load exactly like Vicuna."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm = copy.deepcopy(model.llm)
+    if model.bundle.lora:
+        llm = llm.merge_and_unload()
+    emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    plain = nn.Embedding(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx)
+    with torch.no_grad():
+        plain.weight.copy_(emb.weight)
+        plain.weight[emb.token_rows.ids] = emb.token_rows.matrix().to(plain.weight.dtype)
+    tied = head is not None and head.weight is emb.weight
+    llm.set_input_embeddings(plain)
+    if head is not None and not tied:
+        lin = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(head.weight)
+            lin.weight[head.token_rows.ids] = head.token_rows.matrix().to(lin.weight.dtype)
+            if head.bias is not None:
+                lin.bias.copy_(head.bias)
+        llm.set_output_embeddings(lin)
+    elif tied:
+        llm.tie_weights()
+    llm.save_pretrained(str(tmp))
+    model.bundle.tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log.info("exported the LLM to %s", out)
+    return out

@@ -278,7 +278,8 @@ class DataConfig:
         None, "samples per epoch over all sources and ranks (null: the mixture's natural total)"
     )
     captions: str | None = opt(
-        None, "caption-embedding store (prepare_data.py embed-captions) for text->X targets of JSONL sources"
+        ".cache/captions",
+        "caption-embedding store (prepare_data.py embed-captions) for text->X targets of JSONL sources",
     )
 
     def check(self) -> list[str]:
@@ -324,6 +325,10 @@ class TrainConfig:
     save_every: int = opt(500, "resume checkpoint every N steps (0 = only at the end)")
     keep_last: int = opt(2, "resume checkpoints kept")
     log_every: int = opt(10, "metrics line every N steps")
+    eval_batches: int | None = opt(None, "held-out batches per validation (null = the whole held-out split)")
+    export_llm: str | None = opt(
+        None, "also write the trained LLM as a plain Hugging Face folder here (the demo's stand-in base LM)"
+    )
     deepspeed_config: str = opt("dsconfig/stage_3.json", "DeepSpeed JSON (systems settings only)")
 
 

@@ -38,8 +38,10 @@ def caption_key(caption: str, decoder_id: str) -> str:
 class CaptionStore:
     """``<root>/<key[:2]>/<key>.npy`` files, written atomically (safe with several ranks)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, decoder_ids: Mapping[str, str] | None = None):
         self.root = Path(root)
+        # when set, a target without an ``embedding`` key is looked up by caption_key(caption, decoder id)
+        self.decoder_ids = dict(decoder_ids or {})
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npy"

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from ..paths import resolve
-from .captions import CaptionStore
+from .captions import CaptionStore, caption_key
 from .records import (
     MEDIA_KEYS,
     BadSample,
@@ -76,9 +76,14 @@ def read_media(record: dict, root: Path, where: str) -> dict[str, list[Media]]:
 def store_captions(record: dict, store: CaptionStore | None, where: str) -> dict:
     """Caption embeddings referenced by ``generate[].embedding`` keys, from the store (when one is set)."""
     out = {}
+    if store is None:
+        return out
     for j, g in enumerate(generate_targets(record)):
-        if "embedding" in g and store is not None:
-            out[j] = store.get(g["embedding"], where)
+        key = g.get("embedding")
+        if key is None and "caption" in g and g.get("modality") in store.decoder_ids:
+            key = caption_key(g["caption"], store.decoder_ids[g["modality"]])
+        if key is not None:
+            out[j] = store.get(key, where)
     return out
 
 
@@ -129,11 +134,12 @@ def is_shard_folder(path: Path | str) -> bool:
     return "{" in s or s.endswith(".tar") or (Path(s).is_dir())
 
 
-def open_source(src, captions_dir: str | None = None) -> Source:
-    """Build the source a ``SourceConfig`` describes (JSONL file, or shard folder / brace pattern)."""
+def open_source(src, captions_dir: str | None = None, decoder_ids: dict | None = None) -> Source:
+    """Build the source a ``SourceConfig`` describes (JSONL file, or shard folder / brace pattern).
+    ``decoder_ids``: targets without an ``embedding`` key are found in the store by caption."""
     from .shards import ShardSource
 
-    store = CaptionStore(resolve(captions_dir)) if captions_dir else None
+    store = CaptionStore(resolve(captions_dir), decoder_ids) if captions_dir else None
     p = resolve(src.path)
     if p is not None and is_shard_folder(p):
         return ShardSource(src.path, name=src.name, captions=store)

@@ -129,7 +129,17 @@ class TrainStream:
         self._agreed = False
 
     @classmethod
-    def from_config(cls, cfg, processor, pad_id: int, *, split: str = "train", rank=None, world_size=None):
+    def from_config(
+        cls,
+        cfg,
+        processor,
+        pad_id: int,
+        *,
+        split: str = "train",
+        rank=None,
+        world_size=None,
+        decoder_ids=None,
+    ):
         """Build from a full ``toollmm.config.Config`` (``data``, ``train.micro_batch_size``, ``run.seed``);
         rank and world size default to the initialised process group."""
         d = cfg.data
@@ -158,7 +168,7 @@ class TrainStream:
             mixture=d.mixture if train else "scale",
             epoch_samples=d.epoch_samples if train else None,
         )
-        sources = [open_source(x, d.captions) for x in srcs]
+        sources = [open_source(x, d.captions, decoder_ids) for x in srcs]
         return cls(sources, processor, settings, [x.weight for x in srcs] if train else None)
 
     # ----------------------------------------------------------------------------------- state

@@ -56,7 +56,7 @@ def sha256_memoised(path: str | os.PathLike, memo: str | os.PathLike) -> str:
     entry = table.get(str(path))
     if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
         return entry["sha256"]
-    log.info("hashing %s (%.1f MB) for the feature-cache identity", path, st.st_size / 1e6)
+    log.info("hashing %s (%.1f MB), remembered in %s", path, st.st_size / 1e6, memo)
     digest = sha256_file(path)
     table[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     try:

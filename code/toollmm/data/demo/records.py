@@ -95,7 +95,7 @@ def lm_copy(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> d
     """The x2t pattern with the medium replaced by its attribute words: teaches copying from context."""
     words, cap = text.attribute_words(modality, attrs), text.caption(modality, attrs)
     if rng.random() < 0.25:
-        msgs = [{"role": "assistant", "content": f"{words} caption: {cap}"}]
+        msgs = [{"role": "user", "content": f"{words} caption:"}, {"role": "assistant", "content": cap}]
     else:
         msgs = [{"role": "user", "content": f"{words}\n{text.x2t_turn(modality, rng)}"},
                 {"role": "assistant", "content": cap}]  # fmt: skip

@@ -1,0 +1,83 @@
+"""Tiny base models placed exactly as real checkpoints are: for the demo and for end-to-end tests.
+
+``build_base_models(out_dir, tokenizer_dir, model_cfg)`` writes
+
+    <out>/imagebind/imagebind_tiny.pth   a seeded random ImageBindModel of ``model_cfg.encoder.dims``,
+                                         saved as a plain state dict (loaded like imagebind_huge.pth)
+    <out>/llm_init/                      a randomly initialised Llama (HF folder + the given tokenizer)
+    <out>/diffusion/tiny-{sd,t2v,audioldm}/   tiny diffusers pipelines (save_pretrained folders)
+
+so every later step goes through the real loaders (strict ImageBind keys, ``from_pretrained``,
+``DiffusionPipeline.from_pretrained``) with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TinyLlama:
+    """A small Llama shape; the defaults give ~1.3 M parameters plus embeddings."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+
+
+def write_llm(
+    out_dir: str | Path, tokenizer_dir: str | Path, shape: TinyLlama | None = None, seed: int = 0
+) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    shape = shape or TinyLlama()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape.__dict__
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def write_encoder(path: str | Path, model_cfg) -> Path:
+    """Save the seeded random ImageBind of ``model_cfg.encoder`` as a checkpoint file."""
+    from .model.encoder import build_encoder
+
+    cfg = copy.deepcopy(model_cfg)
+    cfg.encoder.checkpoint = None
+    enc = build_encoder(cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(enc.model.state_dict(), path)
+    return path
+
+
+def build_base_models(
+    out_dir: str | Path, tokenizer_dir: str | Path, model_cfg, llm: TinyLlama | None = None, seed: int = 0
+) -> dict[str, Path]:
+    from .model.tiny_decoders import build_tiny_decoders
+
+    out = Path(out_dir)
+    paths = {
+        "encoder": write_encoder(out / "imagebind" / "imagebind_tiny.pth", model_cfg),
+        "llm_init": write_llm(out / "llm_init", tokenizer_dir, llm, seed),
+    }
+    paths.update({f"decoder_{m}": p for m, p in build_tiny_decoders(out / "diffusion", seed=seed).items()})
+    log.info("base models in %s: %s", out, {k: str(v) for k, v in paths.items()})
+    return paths

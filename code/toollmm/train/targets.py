@@ -1,0 +1,63 @@
+"""Stage-2/3 alignment targets: every ``generate`` caption embedded once by its decoder's own text encoder.
+
+Before training, the captions of the run's JSONL sources that the store lacks are embedded
+(``toollmm.data.captions.embed_captions`` with ``DecoderPool.encode_captions``) by rank 0; the others
+wait. Records need no ``embedding`` key: the stream finds a target by ``caption_key(caption, decoder id)``.
+Shard sources carry their embeddings already (``prepare_data.py embed-captions`` + ``shard``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from ..data.captions import CaptionStore, decoder_encoders, embed_captions
+from ..paths import resolve
+
+log = logging.getLogger(__name__)
+
+
+def _jsonl_records(cfg):
+    for src in list(cfg.data.train) + list(cfg.data.heldout):
+        p = resolve(src.path)
+        if p.is_dir():
+            continue
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                if '"generate"' in line:
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        continue  # the stream reports malformed lines under its own policy
+
+
+def needs_targets(cfg, model) -> bool:
+    w = cfg.train.loss_weights
+    aligned = [m for m in model.output_proj if w.get(f"align_{m}", w.get("align", 1.0)) != 0.0]
+    return bool(aligned) and bool(cfg.data.captions)
+
+
+def precompute_captions(cfg, model, rank: int = 0) -> dict[str, str] | None:
+    """Embed missing captions; returns the decoder ids the stream uses as caption keys (None: no targets)."""
+    if not needs_targets(cfg, model):
+        return None
+    records = list(_jsonl_records(cfg))
+    if not records:
+        return None
+    modalities = sorted(
+        {g["modality"] for r in records for m in r["messages"] for g in m.get("generate") or []}
+    )
+    encoders, ids = decoder_encoders(cfg)
+    missing = [m for m in modalities if m not in encoders]
+    if missing:
+        raise ValueError(f"records ask to generate {missing} but model.decoders has no path for it")
+    if rank == 0:
+        t0 = time.perf_counter()
+        _, counts = embed_captions(records, encoders, ids, CaptionStore(resolve(cfg.data.captions)))
+        log.info("caption targets in %s: %s in %.1f s", cfg.data.captions, counts, time.perf_counter() - t0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return ids

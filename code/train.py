@@ -1,0 +1,48 @@
+"""Train one stage of toollmm: the same recipe for every stage; what differs lives in config/stage_N.yaml.
+
+    python code/train.py --stage 1                       # usually through: bash scripts/train.sh --stage 1
+    python code/train.py --stage 3 --config config/demo.yaml run.name=demo train.max_steps=50
+    python code/train.py --stage 2 --resume              # continue from outputs/<run>/stage_2/ckpt/latest
+    python code/train.py --stage 1 --print-config        # the resolved config, each value with its source
+
+Writes outputs/<run.name>/stage_N/ (loadable, cumulative over stages) and stage_N/ckpt/ (resume state).
+Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from toollmm.config import ConfigError, add_config_args, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3], help="stage to train")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the stage's newest resume checkpoint"
+    )
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    add_config_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
+    except ConfigError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(loaded.describe())
+        return 0
+    from toollmm.train.loop import run_stage
+
+    run_stage(loaded, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
