@@ -99,9 +99,9 @@ def build_release(
     merge: bool = False,
     merge_dtype: str = "auto",
 ) -> Release:
-    """Write the release folder of ``stage_dir`` into ``out_dir`` (replaced atomically), then check it."""
+    """Write the release folder of ``stage_dir`` into ``out_dir`` (replaced only once the new folder is
+    complete and checked; a failed build leaves ``out_dir`` as it was)."""
     from .hub_card import write_card
-    from .tokens import GROUPS, TokenIds
 
     src, out = Path(stage_dir), Path(out_dir)
     manifest = read_manifest(src)  # every file checked against its sha256
@@ -113,40 +113,52 @@ def build_release(
     tree = yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8"))
     bases = describe_bases(tree, manifest, base_ids)
     tmp = _prepare_out(out)
+    try:
+        config = _write_loadable(src, tmp, manifest, tree, bases, repo_id)
+        if merge:
+            write_merged(src, tmp / "merged", merge_dtype)
+        write_card(tmp, src, config, license=license, datasets=list(datasets))
+        release = Release(tmp, repo_id, release_files(tmp), bases)
+        check_release(release)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    release.folder = out
+    log.info("release folder %s: %d files", out, len(release.files))
+    return release
+
+
+def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dict, repo_id: str) -> dict:
+    """The stage-folder part (tokenizer, delta, adapter, config.yaml, stage.json) and config.json."""
+    from .tokens import GROUPS, TokenIds
+
     shutil.copytree(src / "tokenizer", tmp / "tokenizer")
     shutil.copy2(src / "delta.safetensors", tmp / "delta.safetensors")
     if (src / "adapter").is_dir():
         _copy_adapter(src / "adapter", tmp / "adapter", bases["llm"]["ref"] or bases["llm"]["name"])
-    (tmp / "config.yaml").write_text(
-        yaml.safe_dump(released_config(tree, bases), sort_keys=False), encoding="utf-8"
-    )
-    ids = TokenIds(**manifest["token_ids"])
-    new_manifest = {**manifest, "files": _file_hashes(tmp), "base_models": bases}
+    released = released_config(tree, bases)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(released, sort_keys=False), encoding="utf-8")
+    public = {r: {k: v for k, v in b.items() if k != "trained_with"} for r, b in bases.items()}
+    new_manifest = {**manifest, "files": _file_hashes(tmp), "base_models": public}
     new_manifest["release"] = {"repo_id": repo_id, "toollmm": __version__, "from": src.name}
     (tmp / MANIFEST).write_text(json.dumps(new_manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    ids = TokenIds(**manifest["token_ids"])
     config = {
         "format": FORMAT,
         "toollmm_version": __version__,
         "repo_id": repo_id,
         "stage": manifest.get("stage"),
         "parts": manifest.get("parts"),
-        "base_models": bases,
+        "base_models": public,
         "token_ids": manifest["token_ids"],
         "token_rows": {g: ids.group_ids(g) for g in GROUPS},  # row order of token_rows.*.<group>
-        "model": released_config(tree, bases)["model"],
+        "model": released["model"],
         "files": new_manifest["files"],
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-    if merge:
-        write_merged(src, tmp / "merged", merge_dtype)
-    write_card(tmp, src, config, license=license, datasets=list(datasets))
-    release = Release(tmp, repo_id, release_files(tmp), bases)
-    check_release(release)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    release.folder = out
-    log.info("release folder %s: %d files", out, len(release.files))
-    return release
+    return config
 
 
 def write_merged(stage_dir: Path, out: Path, dtype: str = "auto") -> Path:
