@@ -210,7 +210,10 @@ def load_stage(
 
     d = _local_folder(path_or_id)
     manifest = read_manifest(d, verify=verify)
-    cfg = stage_config(d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *overrides])
+    from .hub_bases import local_base_overrides
+
+    local = local_base_overrides(d)  # Hub ids of known bases -> their pretrained_checkpoint/ copies
+    cfg = stage_config(d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *local, *overrides])
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)
@@ -227,18 +230,21 @@ def _local_folder(path_or_id: str | os.PathLike) -> Path:
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
 
+        wanted = [MANIFEST, *LOADABLE, *(f"{name}/*" for name in LOADABLE)]  # not a release's merged/
         try:
-            return Path(snapshot_download(text))
+            return Path(snapshot_download(text, allow_patterns=wanted))
         except Exception as e:  # offline, unknown repo, no access
             raise StageError(f"{text}: not a local folder, and the Hub download failed: {e}") from None
     raise StageError(f"{p}: no such stage folder")
 
 
-def export_llm(model, out_dir: str | os.PathLike) -> Path:
+def export_llm(model, out_dir: str | os.PathLike, *, dtype=None, copy: bool = True) -> Path:
     """Write the model's LLM as a plain Hugging Face folder (weights + tokenizer), the way a base model
     is shipped: LoRA merged, trained token rows written into the embedding and lm_head matrices.
-    Used for the demo's stand-in LM, which later stages then load exactly like Vicuna."""
-    import copy
+    Used for the demo's stand-in LM, which later stages then load exactly like Vicuna, and by
+    ``release.py --merge``. ``dtype``: cast the merged weights before saving; ``copy=False`` merges in
+    place (the model's LLM is consumed: half the peak memory, for a model that is thrown away after)."""
+    import copy as copy_module
 
     import torch
     from torch import nn
@@ -246,7 +252,7 @@ def export_llm(model, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    llm = copy.deepcopy(model.llm)
+    llm = copy_module.deepcopy(model.llm) if copy else model.llm
     if model.bundle.lora:
         llm = llm.merge_and_unload()
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
@@ -266,6 +272,8 @@ def export_llm(model, out_dir: str | os.PathLike) -> Path:
         llm.set_output_embeddings(lin)
     elif tied:
         llm.tie_weights()
+    if dtype is not None:
+        llm.to(dtype)
     llm.save_pretrained(str(tmp))
     model.bundle.tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
