@@ -212,6 +212,8 @@ class Runtime:
             )
             produced = self.sink.since(n0)
             for (i, _, _), row in zip(ready, results):
+                for w in row.warnings:
+                    log.warning("request %s: %s", requests[i].id or i, w)
                 rows[i] = row
                 outs[i] = output_dict(row, row_media(row, produced), self.load_s, prep_s)
         return outs, rows
