@@ -179,11 +179,16 @@ def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
-def stage_config(stage_dir: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """The saved config of a stage folder, with dotted overrides (e.g. inference settings)."""
+def stage_config(
+    stage_dir: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
+) -> Config:
+    """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
+    then dotted overrides (e.g. inference settings)."""
     d = Path(stage_dir)
     tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
     sources: dict[str, str] = {}
+    for f in config_files:
+        configlib.merge_tree(tree, configlib.load_yaml(resolve(f)), sources, str(f))
     for o in overrides:
         configlib.merge_tree(tree, configlib.parse_override(o), sources, f"override {o.split('=', 1)[0]}")
     return from_dict(tree)
@@ -201,11 +206,14 @@ def load_stage(
     path_or_id: str | os.PathLike,
     *,
     overrides: list[str] = (),
+    config_files: list[str | os.PathLike] = (),
     with_encoder: bool = False,
     device=None,
     verify: bool = True,
 ) -> LoadedStage:
-    """THE loader: a stage or release folder (or a Hub id of a release) -> ready model."""
+    """THE loader: a stage or release folder (or a Hub id of a release) -> ready model. ``config_files``
+    and ``overrides`` are layered on the saved config (inference and decoder settings; a changed
+    architecture fails the strict delta load)."""
     from .model.toollmm_model import build_model
 
     d = _local_folder(path_or_id)
@@ -213,7 +221,9 @@ def load_stage(
     from .hub_bases import local_base_overrides
 
     local = local_base_overrides(d)  # Hub ids of known bases -> their pretrained_checkpoint/ copies
-    cfg = stage_config(d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *local, *overrides])
+    cfg = stage_config(
+        d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *local, *overrides], config_files=config_files
+    )
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)
