@@ -44,5 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``main`` for a process of its own: the process group is destroyed before the interpreter exits."""
+    ok = False
+    try:
+        code = main()
+        ok = True
+        return code
+    finally:
+        if "torch" in sys.modules:
+            from toollmm.train.ds import shutdown_distributed
+
+            shutdown_distributed(barrier=ok)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

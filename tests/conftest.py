@@ -35,3 +35,11 @@ def tiny_tokenizer_dir(tmp_path_factory):
     from toollmm.tokenizer_build import build_sentencepiece_tokenizer
 
     return build_sentencepiece_tokenizer(SAMPLE_TEXT * 20, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def train_world(tmp_path_factory):
+    """Demo corpus (--small), tiny base models and a per-stage config YAML (tests/_train_world.py)."""
+    from _train_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("train_world"))
