@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -124,16 +125,26 @@ def child_env(**extra: str) -> dict:
     return {**env, **extra}
 
 
-def run_train(args: list[str], log: Path, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+def run_logged(cmd: list[str], log: Path, timeout: float = 600, **env: str) -> int:
+    """Run ``cmd`` in its own session with output to ``log``; on timeout the whole process group (launcher,
+    ranks, DataLoader workers) is killed, so a hung rank never outlives the test."""
     with open(log, "w") as f:
-        return subprocess.run(
-            [sys.executable, str(TRAIN_PY), *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=child_env(),
-            timeout=timeout,
-            **popen,
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(**env), start_new_session=True
         )
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(
+                f"timed out after {timeout} s: {' '.join(cmd)}\n{Path(log).read_text()[-3000:]}"
+            ) from None
+
+
+def run_train(args: list[str], log: Path, timeout: float = 600) -> int:
+    """``python code/train.py ARGS`` in a process of its own; returns the exit code."""
+    return run_logged([sys.executable, str(TRAIN_PY), *args], log, timeout)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -192,10 +192,13 @@ class ToolLMM(nn.Module):
             targets = batch.signal_targets.get(m)
             with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0.0):
                 if targets is None or targets.positions.shape[0] == 0:
-                    # the projection still runs (on a zero span) at its usual place: same module calls
-                    # on every rank under ZeRO-3, and a zero gradient for it on every rank
+                    # The projection still runs, on a zero span wired to the same tensors as a real one
+                    # (hidden states + input embeddings): under ZeRO-3 every rank and micro-batch must
+                    # make the same module calls in the same order, backward included; it also gives
+                    # the projection a (zero) gradient on every rank.
                     span = len(self.bundle.token_ids.signal[m])
-                    term = proj(hidden.new_zeros(1, span, hidden.shape[-1])).sum().float() * 0.0
+                    zero_span = ((hidden[:1, :1] + embeds[:1, :1]) * 0.0).expand(1, span, -1)
+                    term = proj(zero_span).sum().float() * 0.0
                     losses[f"align_{m}"] = hidden.new_zeros((), dtype=torch.float32)
                 else:
                     term = self._align(m, batch, hidden, embeds)
