@@ -29,12 +29,20 @@ class World:
     config: Path
 
     def args(self, stage: int, run: str, *overrides: str, init_from: str | None = "previous") -> list[str]:
-        """``train.py`` arguments for ``stage`` of run ``run`` (outputs under ``root/out/<run>``); stages
-        2 and 3 start from the same run's previous stage unless ``init_from`` says otherwise."""
-        if init_from == "previous":
-            init_from = str(self.stage_dir(run, stage - 1)) if stage >= 2 else None
-        head = ["--stage", str(stage), "--config", TINY_ENCODER, "--config", str(self.config)]
-        return head + [f"run.name={run}", f"train.init_from={init_from or 'null'}", *overrides]
+        """``train.py`` arguments for ``stage`` of run ``run`` (outputs under ``root/out/<run>``). By default
+        stages 2 and 3 start from the same run's previous stage (config/stage_N.yaml's ``previous``)."""
+        head = [
+            "--stage",
+            str(stage),
+            "--config",
+            TINY_ENCODER,
+            "--config",
+            str(self.config),
+            f"run.name={run}",
+        ]
+        if init_from != "previous":
+            head.append(f"train.init_from={init_from or 'null'}")
+        return head + list(overrides)
 
     def stage_dir(self, run: str, stage: int) -> Path:
         return self.root / "out" / run / f"stage_{stage}"

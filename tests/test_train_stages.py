@@ -14,7 +14,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from safetensors.torch import load_file
 
 from _train_world import read_jsonl
-from toollmm.checkpoint import load_into, load_stage
+from toollmm.checkpoint import load_into, load_stage, stage_config
 from toollmm.config import load_config
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import REPO_ROOT
@@ -64,7 +64,7 @@ def chain(train_world):
     plus a stage 3 that does not train the input projection; each with the model it started from."""
     out = {}
     for stage in (0, 1, 2, 3):
-        out[stage] = run(train_world.args(stage, "chain"))
+        out[stage] = run(train_world.args(stage, "chain"))  # 2 and 3: init_from: previous
         out[stage]["initial"] = initial_model(out[stage]["loaded"])
     args = train_world.args(
         3, "frozen_in", STAGE_3_NO_INPUT_PROJ, init_from=str(train_world.stage_dir("chain", 2))
@@ -123,6 +123,8 @@ def test_stage_folders_are_cumulative(chain, train_world):
         assert torch.equal(s3[k], dict(chain[3]["model"].named_parameters())[k])
     rows = "token_rows.head.signal"  # ... and the rows it trains are its own (lm_head rows always learn)
     assert not torch.equal(frozen_in[rows], s2[rows]) and not torch.equal(frozen_in[rows], s3[rows])
+    recorded = stage_config(train_world.stage_dir("chain", 3)).train.init_from  # `previous`, resolved
+    assert recorded == str(train_world.stage_dir("chain", 2))
     parts = json.loads((train_world.stage_dir("frozen_in", 3) / "stage.json").read_text())["parts"]
     assert {"input_proj", "lora", "output_proj.image", "token_rows"} <= set(parts)
     loaded = load_stage(train_world.stage_dir("frozen_in", 3))  # THE loader reads it strictly
@@ -174,6 +176,11 @@ def test_print_config_shows_sources(train_world, capsys):
     assert "micro_batch_size: 3  # [override train.micro_batch_size]" in text
     assert "grad_accum: 2  # [config/stage_3.yaml]" in text
     assert "max_steps: 2  # [" + str(train_world.config) in text
+
+
+def test_init_from_previous_needs_the_previous_stage(train_world):
+    with pytest.raises(ValueError, match="holds no finished stage 1 of run 'lonely'"):
+        run(train_world.args(2, "lonely"))
 
 
 def test_resume_without_a_checkpoint_starts_fresh_and_a_finished_run_resumes_to_itself(train_world, caplog):

@@ -24,6 +24,22 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_init_from(cfg, stage_dir) -> None:
+    """``train.init_from: previous`` -> this run's stage N-1 folder (written into the config, so the stage
+    folder records the real path); a missing folder is an error before anything expensive runs."""
+    if cfg.train.init_from != "previous":
+        return
+    if cfg.run.stage < 1:
+        raise ValueError("train.init_from=previous: stage 0 has no previous stage")
+    prev = stage_dir.parent / f"stage_{cfg.run.stage - 1}"
+    if not (prev / "stage.json").is_file():
+        raise ValueError(
+            f"train.init_from=previous: {prev} holds no finished stage {cfg.run.stage - 1} of run "
+            f"{cfg.run.name!r}; train that stage first, or set train.init_from=<stage folder>"
+        )
+    cfg.train.init_from = str(prev)
+
+
 def build_run(cfg, rank: int, world: int):
     """(model, trainable counts, train stream, held-out stream or None). Media come from the feature
     cache when it is enabled (the encoder is then dropped before the engine sees the model)."""

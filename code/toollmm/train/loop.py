@@ -23,7 +23,7 @@ import torch
 from .. import configlib
 from ..config import Loaded
 from ..paths import ensure_torch_extensions_dir, resolve
-from .build import build_run, total_steps
+from .build import build_run, resolve_init_from, total_steps
 from .ds import build_ds_config, compute_dtype, init_distributed
 from .finish import SeenSamples, rank_report, save_loadable
 from .resume import ResumeCheckpoints
@@ -91,6 +91,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
 
     cfg = loaded.config
     stage_dir = stage_dir_of(cfg)
+    resolve_init_from(cfg, stage_dir)
     ckpts = ResumeCheckpoints(stage_dir / "ckpt", rank, local_rank, cfg.train.keep_last)
     resume = _resume_decision(ckpts, resume)
     if rank == 0:
