@@ -187,17 +187,15 @@ def wandb_id(out_dir: Path, run_name: str) -> str:
 
 
 def truncate_metrics(path: Path, start_step: int) -> None:
-    """Fresh start: no old lines. Resume from ``start_step``: drop the lines logged after it."""
+    """Fresh start: no old lines. Resume from ``start_step``: drop the lines logged after it (and an old
+    ``end`` event: the resumed run writes its own)."""
     if not path.exists():
         return
     if start_step == 0:
         path.unlink()
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= start_step
-    ]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [json.dumps(r) for r in rows if r["step"] <= start_step and r.get("event") != "end"]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
     os.replace(tmp, path)
