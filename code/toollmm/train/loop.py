@@ -200,7 +200,7 @@ def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
         got = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(got, keys)
         keys = sorted({k for ks in got for k in ks})
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64)
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64, device=engine.device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return {k: float(t[i] / max(1.0, float(t[-1]))) for i, k in enumerate(keys)}

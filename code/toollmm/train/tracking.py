@@ -60,31 +60,34 @@ class MetricsWindow:
     """Loss terms, token counts and compute time since the last metrics line."""
 
     def __init__(self):
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict = defaultdict(float)  # loss term -> running sum (a device tensor once added to)
         self.n = self.real = self.total = self.samples = self.steps = 0
         self.seconds = 0.0
 
     def add(self, out: dict, batch) -> None:
         for k, v in out.items():
-            self.sums[k] += float(v.detach())
+            self.sums[k] = self.sums[k] + v.detach().double()  # stays on the device: no sync per micro-batch
         self.n += 1
         self.real += batch.real_tokens
         self.total += batch.input_ids.numel()
         self.samples += sum(len(r) for r in batch.sample_ids)
 
     def mean(self, key: str) -> float:
-        return self.sums[key] / max(1, self.n)
+        return float(self.sums[key]) / max(1, self.n)
 
     def metrics(self, engine, stream=None) -> dict:
         """The metrics line, summed over ranks (a collective: every rank calls it at the same step)."""
         import torch
 
         keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys] + [self.n, self.real, self.total, self.samples])
-        mem = torch.tensor(memory_mb(), dtype=torch.float64)
+        counts = [self.n, self.real, self.total, self.samples]
+        # on the engine's device: NCCL reduces CUDA tensors only
+        t = torch.tensor(
+            [float(self.sums[k]) for k in keys] + counts, dtype=torch.float64, device=engine.device
+        )
+        mem = torch.tensor(memory_mb(), dtype=torch.float64, device=engine.device)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
-            t = t.double()
             dist.all_reduce(t)
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         n, real, total, samples = (float(x) for x in t[len(keys) :])
