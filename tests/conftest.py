@@ -44,3 +44,11 @@ def tiny_stage_dir(tmp_path_factory, tiny_tokenizer_dir):
     from inference_fixtures import build_tiny_stage
 
     return build_tiny_stage(tmp_path_factory.mktemp("tiny_stage"), tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def train_world(tmp_path_factory):
+    """Demo corpus (--small), tiny base models and a per-stage config YAML (tests/_train_world.py)."""
+    from _train_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("train_world"))

@@ -7,7 +7,8 @@
     tokenizer/            base tokenizer + toollmm's tokens + the chat template
     delta.safetensors     new token rows + projections (+ the whole LLM for a stand-in LM trained with `llm`)
     adapter/              the LoRA adapter in peft's own format (when LoRA was trained or loaded)
-    metrics.jsonl, loss.png, eval/, ckpt/   training by-products (not part of the loadable set)
+    metrics.jsonl, loss.png, ranks.json, config_resolved.txt, wandb/, eval/, ckpt/
+                          training by-products (not part of the loadable set)
 
 A stage folder is loaded by :func:`load_stage` and nothing else: it rebuilds the model from the saved
 config (base weights from their paths or Hub ids), checks every file against the manifest's sha256 (a
