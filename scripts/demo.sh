@@ -7,8 +7,8 @@
 #
 # 1. setup (.venv)  2. corpus -> data/demo/  3. base models -> outputs/demo/base/ (a user places real
 # checkpoints the same way)  4. stages 0-3 through scripts/train.sh --config config/demo.yaml, each followed
-# by its held-out evaluation (python code/evaluate.py demo)  5. one inference request, once code/inference.py
-# exists  6. outputs/demo/metrics.json and a summary table. Each step's full log: outputs/demo/logs/.
+# by its held-out evaluation (python code/evaluate.py demo)  5. one inference request (code/inference.py)
+# 6. outputs/demo/metrics.json and a summary table. Each step's full log: outputs/demo/logs/.
 # Starts from a clean outputs/demo/ run (stage folders, logs and metrics of a previous demo are removed;
 # base models are rebuilt; the encoder-feature and caption caches under outputs/demo/cache/ are reused).
 set -euo pipefail
@@ -70,21 +70,24 @@ for STAGE in 0 1 2 3; do
   fi
 done
 
-# >>> inference hook: one request through code/inference.py once it exists (built by another issue)
-if [ -f code/inference.py ]; then
-  t=$(now)
-  if "$PYTHON" code/inference.py --checkpoint outputs/demo/stage_3 --prompt "What is 17 plus 25?" --json \
-      > "$LOGS/inference.json" 2> "$LOGS/inference.log"; then
-    echo "[demo] inference                  done in $(secs "$t") s: $LOGS/inference.json"
-    head -c 2000 "$LOGS/inference.json"; echo
-  else
-    echo "[demo] inference                  FAILED; see $LOGS/inference.log" >&2
-    tail -n 20 "$LOGS/inference.log" >&2
-  fi
+# One request through the inference CLI (the demo tool set runs in-process): the trained model picks a
+# tool, fills its arguments from the request, reads the result and answers.
+PROMPT="Check the weather for Zurich tomorrow."
+t=$(now)
+if "$PYTHON" code/inference.py --checkpoint outputs/demo/stage_3 --prompt "$PROMPT" --json \
+    --output-dir outputs/demo/inference > "$LOGS/inference.json" 2> "$LOGS/inference.log"; then
+  echo "[demo] inference                  done in $(secs "$t") s: $LOGS/inference.json"
+  "$PYTHON" - "$LOGS/inference.json" "$PROMPT" <<'PY'
+import json, sys
+out = json.load(open(sys.argv[1]))
+print(f"         user: {sys.argv[2]}")
+print("         model: " + json.dumps(out, ensure_ascii=False)[:600])
+PY
 else
-  echo "[demo] inference                  skipped (code/inference.py is not in this checkout yet)"
+  echo "[demo] inference                  FAILED after $(secs "$t") s; last lines of $LOGS/inference.log:" >&2
+  tail -n 20 "$LOGS/inference.log" >&2
+  exit 1
 fi
-# <<< inference hook
 
 "$PYTHON" code/evaluate.py demo-report --run outputs/demo --total-wall-s "$(secs "$T0")" \
   ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"} 2>"$LOGS/report.log"

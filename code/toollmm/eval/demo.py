@@ -207,11 +207,12 @@ def evaluate_t2x(stage, data_dir: Path, limit: int | None) -> dict:
 
 # ------------------------------------------------------------------------------------- stage 3
 def demo_registry():
-    """The demo tools with their reference backends (``toollmm.data.demo.agent_tools``, in-process)."""
+    """The demo tool set (``toollmm.agent.toolsets``) with its in-process reference backends."""
     from ..agent.registry import Registry
+    from ..agent.toolsets import declare_sets
 
     reg = Registry()
-    reg.import_path("toollmm.data.demo.agent_tools")
+    declare_sets(reg, ["demo"])
     return reg
 
 
@@ -272,7 +273,7 @@ def evaluate_stage(
     import toollmm
 
     from ..checkpoint import read_manifest, stage_config
-    from ..train.loop import seed_all
+    from ..train.build import seed_all
 
     bad = [t for t in tasks if t not in TASKS]
     if bad:
