@@ -52,8 +52,9 @@ def run_stage(loaded: Loaded, resume: bool = False) -> dict:
         shutdown_distributed()
 
 
-def _build(cfg, rank: int, world: int):
-    """Model (+ init_from) and the data streams; media come from the feature cache when enabled."""
+def build_parts(cfg, rank: int, world: int):
+    """``(model, trainable counts, train stream, held-out stream or None)``: model (+ init_from) and the
+    data streams; media come from the feature cache when enabled."""
     from ..data.pipeline import make_processor
     from ..data.stream import TrainStream
     from ..model.toollmm_model import build_model
@@ -87,6 +88,29 @@ def _build(cfg, rank: int, world: int):
     return model, counts, stream, heldout
 
 
+def make_engine(cfg, model, steps: int, world: int):
+    """``(engine, compute dtype)``: the DeepSpeed engine over the model's optimiser groups."""
+    import deepspeed
+
+    ds = build_ds_config(cfg, world)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.param_groups(cfg.train.optim),
+        config=ds,
+        lr_scheduler=lambda opt: make_scheduler(opt, steps, cfg.train.optim),
+    )
+    return engine, compute_dtype(ds)
+
+
+def train_step(engine, batch, dtype) -> dict:
+    """One micro-batch: forward, backward, and the engine's step (an optimiser step at the accumulation
+    boundary). Returns the loss terms."""
+    out = engine(batch.to(engine.device, dtype))
+    engine.backward(out["loss"])
+    engine.step()
+    return out
+
+
 def _has_media(cfg) -> bool:
     """Cheap check: does any source record mention a medium? (the first lines of each JSONL)."""
     import json
@@ -109,8 +133,6 @@ def total_steps(cfg, stream) -> int:
 
 
 def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -> dict:
-    import deepspeed
-
     cfg = loaded.config
     stage_dir = stage_dir_of(cfg)
     if rank == 0:
@@ -123,16 +145,9 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
             world,
         )
     t_start = time.perf_counter()
-    model, counts, stream, heldout = _build(cfg, rank, world)
+    model, counts, stream, heldout = build_parts(cfg, rank, world)
     steps = total_steps(cfg, stream)
-    ds = build_ds_config(cfg, world)
-    dtype = compute_dtype(ds)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=model.param_groups(cfg.train.optim),
-        config=ds,
-        lr_scheduler=lambda opt: make_scheduler(opt, steps, cfg.train.optim),
-    )
+    engine, dtype = make_engine(cfg, model, steps, world)
     ckpts = ResumeCheckpoints(stage_dir / "ckpt", rank, local_rank, cfg.train.keep_last)
     step = 0
     if resume:
@@ -165,9 +180,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
     engine.train()
     while step < steps:
         for batch in stream:
-            out = engine(batch.to(engine.device, dtype))
-            engine.backward(out["loss"])
-            engine.step()
+            out = train_step(engine, batch, dtype)
             window.add(out, batch)
             if not engine.is_gradient_accumulation_boundary():
                 continue

@@ -1,0 +1,128 @@
+"""Feature-cache figure: stage-1 step time with cached encoder features vs encoding every step.
+
+Per modality, two stage-1 runs (``config/stage_1.yaml``: only the input projection trains) over the same
+first samples of the demo's ``x2t_<modality>`` file, same order, ``num_workers 0`` so every cost lands in
+the timed step: (a) feature cache on (the pre-pass fills it first; its time is reported, not timed in the
+steps); (b) cache off: each step decodes and preprocesses its media and runs the frozen encoder. In (b)
+the media decoding + preprocessing (the processor's decoder) and the encoder forward are timed on their own.
+
+    speedup       = step time (b) / step time (a)
+    ideal_speedup = step time (b) / (step time (b) - encoding time per step)   (encoding for free)
+    efficiency    = speedup / ideal_speedup = (b - encoding) / (a)
+
+The encoder is an ImageBind of huge's depths with widths scaled so that its FLOPs per medium, relative to
+the LLM's stage-1 training FLOPs per sample, equal ImageBind-huge's relative to Vicuna-7B's
+(``toollmm.bench.world.encoder_dims_for``; both ratios are reported).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+from ..config import PreprocessConfig
+from ..train.ds import init_distributed
+from ..train.loop import build_parts, make_engine, train_step
+from .flops import VICUNA_7B, encoder_flops_per_input, train_flops
+from .world import HUGE, World
+
+
+class _Timed:
+    """Wraps a callable and adds its wall time to ``clock[0]``."""
+
+    def __init__(self, fn, clock: list):
+        self.fn, self.clock = fn, clock
+
+    def __call__(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*a, **kw)
+        finally:
+            self.clock[0] += time.perf_counter() - t0
+
+
+def subset(world: World, name: str, n: int) -> Path:
+    """The first ``n`` records of a training file, as its own JSONL (the media stay where they are)."""
+    src = world.demo / "train" / f"{name}.jsonl"
+    out = world.work / "subsets" / f"{world.demo.name}_{name}_{n}.jsonl"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, encoding="utf-8") as f:
+            lines = [line for _, line in zip(range(n), f)]
+        out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+def _run(world: World, name: str, data: dict, cache: bool) -> dict:
+    s = world.sizes
+    cfg = world.config(
+        name,
+        1,
+        train={"micro_batch_size": s.stage1_micro_batch, "max_steps": 10**6},
+        data=data,
+        model={"feature_cache": {"enabled": cache}},
+    ).config
+    t0 = time.perf_counter()
+    model, _, stream, _ = build_parts(cfg, 0, 1)
+    prepass = time.perf_counter() - t0
+    engine, dtype = make_engine(cfg, model, 10**6, 1)
+    clock = [0.0]
+    if not cache:
+        model.encoder.encode = _Timed(model.encoder.encode, clock)
+        stream.processor.decode = _Timed(stream.processor.decode, clock)
+    it = iter(stream)
+    for _ in range(s.warmup):
+        train_step(engine, next(it), dtype)
+    clock[0] = 0.0
+    times = []
+    for _ in range(s.cache_steps):
+        t0 = time.perf_counter()
+        train_step(engine, next(it), dtype)
+        times.append(time.perf_counter() - t0)
+    it.close()
+    out = {"step_s": statistics.mean(times), "encode_s": clock[0] / len(times), "prepass_s": prepass}
+    del engine, model, stream, it
+    gc.collect()
+    return out
+
+
+def flop_ratios(world: World, modality: str) -> dict:
+    """Encoder FLOPs per medium over the LLM's stage-1 training FLOPs per sample: bench vs the real pair."""
+    st = world.token_stats(f"x2t_{modality}")
+    n, sup = round(st["tokens"]), round(st["supervised"])
+    pre = PreprocessConfig()
+    dims = type(HUGE)(**world.encoder_dims())
+    bench = encoder_flops_per_input(dims, pre, modality) / train_flops(world.sizes.llm, [n], sup)
+    real = encoder_flops_per_input(HUGE, pre, modality) / train_flops(VICUNA_7B, [n], sup)
+    return {"bench": bench, "imagebind_huge_over_vicuna_7b": real}
+
+
+def feature_cache(world: World, modality: str) -> dict:
+    s = world.sizes
+    n = s.stage1_micro_batch * (s.warmup + s.cache_steps)
+    data = {
+        "train": [{"path": str(subset(world, f"x2t_{modality}", n)), "media_root": str(world.demo)}],
+        "num_workers": 0,
+        "shuffle": False,
+        "max_length": s.max_length,
+    }
+    init_distributed()
+    cached = _run(world, f"cache_{modality}_on", data, cache=True)
+    fresh = _run(world, f"cache_{modality}_off", data, cache=False)
+    a, b, e = cached["step_s"], fresh["step_s"], fresh["encode_s"]
+    speedup = b / a
+    ideal = b / max(b - e, 1e-9)
+    return {
+        "speedup": speedup,
+        "ideal_speedup": ideal,
+        "efficiency": speedup / ideal,
+        "step_s_cached": a,
+        "step_s_encoding": b,
+        "encode_s_per_step": e,
+        "prepass_s": cached["prepass_s"],
+        "flop_ratio": flop_ratios(world, modality),
+        "encoder_dims": json.loads(json.dumps(world.encoder_dims())),
+    }

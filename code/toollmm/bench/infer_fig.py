@@ -1,0 +1,104 @@
+"""Inference figure: a process that loads everything for one request vs the second request of a warm one.
+
+Both go through ``toollmm.load(stage folder).generate([Request])`` (renderer prompt, media preprocessing
+and the frozen encoder, the decode engine over the step model) with the same request: a held-out demo
+instruction with an image, greedy, ``max_new_tokens`` fixed. The cold time is the wall time of a fresh
+``python code/bench.py infer-once`` process (interpreter start, imports, loading, generation, exit).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..paths import REPO_ROOT
+from .world import World
+
+TRAINABLE = ["lora", "input_proj", "token_rows.signal", "token_rows.tool"]
+
+
+def prepare(world: World) -> tuple[Path, Path]:
+    """A stage folder of the bench model (untrained delta: timing does not depend on the values) and the
+    request file."""
+    from ..checkpoint import save_stage
+    from ..model.toollmm_model import build_model
+
+    stage_dir = world.work / f"infer_stage_{world.sizes.name}"
+    request = world.work / "infer_request.json"
+    if not (stage_dir / "manifest.json").is_file():
+        cfg = world.config(
+            "infer",
+            3,
+            train={"trainable": TRAINABLE},
+            data={"train": [world.source("train", "tools")]},
+            model={"decoders": {m: {"path": None} for m in ("image", "video", "audio")}},
+        ).config
+        model = build_model(cfg.model)
+        model.trainable_parameters(TRAINABLE)
+        save_stage(model, cfg, stage_dir)
+    with open(world.demo / "heldout" / "instruct.jsonl", encoding="utf-8") as f:
+        rec = next(r for r in map(json.loads, f) if r.get("images"))
+    req = {
+        "messages": rec["messages"][:1],
+        "images": [str(world.demo / p) for p in rec["images"]],
+        "id": rec["id"],
+    }
+    request.write_text(json.dumps(req))
+    return stage_dir, request
+
+
+def _overrides(new_tokens: int) -> list[str]:
+    return [f"inference.max_new_tokens={new_tokens}", "inference.temperature=0.0"]
+
+
+def infer_once(stage_dir: str, request: str, new_tokens: int) -> dict:
+    """Load and answer one request (the body of the cold process)."""
+    import toollmm
+    from toollmm.inference_api import Request
+
+    t0 = time.perf_counter()
+    rt = toollmm.load(stage_dir, overrides=_overrides(new_tokens))
+    t1 = time.perf_counter()
+    res = rt.generate([Request(**json.loads(Path(request).read_text()))])[0]
+    t2 = time.perf_counter()
+    return {"load_s": t1 - t0, "generate_s": t2 - t1, "tokens": len(res.token_ids)}
+
+
+def inference(world: World) -> dict:
+    import toollmm
+    from toollmm.inference_api import Request
+
+    n = world.sizes.new_tokens
+    stage_dir, request = prepare(world)
+    colds, inner = [], []
+    for _ in range(world.sizes.repeats):
+        cmd = [sys.executable, str(REPO_ROOT / "code" / "bench.py"), "infer-once"]
+        cmd += ["--stage", str(stage_dir), "--request", str(request), "--new-tokens", str(n)]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        colds.append(time.perf_counter() - t0)
+        if out.returncode != 0:
+            raise RuntimeError(f"cold inference process failed:\n{out.stderr[-3000:]}")
+        inner.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    req = Request(**json.loads(request.read_text()))
+    t0 = time.perf_counter()
+    rt = toollmm.load(stage_dir, overrides=_overrides(n))
+    load_s = time.perf_counter() - t0
+    rt.generate([req])
+    t0 = time.perf_counter()
+    res = rt.generate([req])[0]
+    warm = time.perf_counter() - t0
+    cold = statistics.median(colds)
+    return {
+        "speedup": cold / warm,
+        "cold_s": cold,
+        "warm_second_s": warm,
+        "warm_load_s": load_s,
+        "cold_inner": inner,
+        "tokens": len(res.token_ids),
+        "finish_reason": res.finish_reason,
+    }

@@ -1,0 +1,244 @@
+"""Training figures: MFU of the stage-3 step, our trainer's real tokens/s, real-token fractions, and the
+data pipeline against the trainer. All of them train through ``toollmm.train.loop`` (``build_parts``,
+``make_engine``, ``train_step``, or the whole ``run_stage``) on the demo corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from ..model.losses import next_token_targets
+from ..train.ds import init_distributed
+from ..train.loop import build_parts, make_engine, run_stage, stage_dir_of, train_step
+from .flops import LlamaShape, train_flops
+from .gemm import gemm_gflops
+from .world import World
+
+log = logging.getLogger(__name__)
+
+
+def sample_lengths(batch) -> list[int]:
+    """Real samples' lengths: from the padding mask, or from the restarts of a packed row's position ids
+    (padding positions restart at 0 each and so are runs of one)."""
+    if batch.attention_mask.dim() == 2:
+        out = [int(x) for x in batch.attention_mask.sum(1).tolist() if x]
+    else:
+        out = []
+        for row in batch.position_ids.tolist():
+            run = 0
+            for p in row + [0]:
+                if p == 0:
+                    if run > 1:
+                        out.append(run)
+                    run = 1
+                else:
+                    run += 1
+    if sum(out) != batch.real_tokens:
+        raise ValueError(f"sample lengths {out} do not add up to the batch's {batch.real_tokens} real tokens")
+    return out
+
+
+def batch_flops(shape: LlamaShape, batch) -> float:
+    """Model FLOPs of one training step on ``batch`` (``toollmm.bench.flops``)."""
+    starts = (batch.position_ids == 0) if batch.attention_mask.dim() == 4 else None
+    keep, _ = next_token_targets(batch.labels, starts)
+    return train_flops(shape, sample_lengths(batch), int(keep.sum()))
+
+
+def stage3_tools(world: World, name: str, steps: int, **data) -> object:
+    """Stage 3 (config/stage_3.yaml's trainable set, dsconfig/stage_3.json) on the demo's tool-use file:
+    packed rows of at most ``max_length`` tokens."""
+    s = world.sizes
+    return world.config(
+        name,
+        3,
+        train={"micro_batch_size": s.micro_batch, "max_steps": steps},
+        data={
+            "train": [world.source("train", "tools", task="instruct")],
+            "max_length": s.max_length,
+            "packing": True,
+            **data,
+        },
+    )
+
+
+def _batches(stream):
+    while True:
+        yield from stream
+
+
+def mfu(world: World, profile_to=None) -> dict:
+    """Rounds of (GEMM burst, a few timed steps); MFU per round = step FLOP/s / GEMM FLOP/s of that round;
+    the median round is reported (the machine is shared: pairing each step burst with its own GEMM burst
+    keeps load changes out of the ratio)."""
+    s = world.sizes
+    cfg = stage3_tools(world, "mfu", 10**6).config
+    init_distributed()
+    model, _, stream, _ = build_parts(cfg, 0, 1)
+    engine, dtype = make_engine(cfg, model, 10**6, 1)
+    it = _batches(stream)
+    for _ in range(s.warmup):
+        train_step(engine, next(it), dtype)
+    rounds, shapes = [], []
+    for _ in range(s.rounds):
+        g = gemm_gflops(s.gemm_seconds, engine.device)
+        flops = seconds = tokens = 0.0
+        for _ in range(s.steps_per_round):
+            batch = next(it)
+            shapes.append(tuple(batch.input_ids.shape))
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            train_step(engine, batch, dtype)
+            _sync(engine.device)
+            seconds += time.perf_counter() - t0
+            flops += batch_flops(s.llm, batch)
+            tokens += batch.real_tokens
+        rounds.append(
+            {
+                "gemm_gflops": g["gflops"],
+                "step_gflops": flops / seconds / 1e9,
+                "tokens_per_s": tokens / seconds,
+            }
+        )
+    if profile_to is not None:
+        _profile(engine, it, dtype, profile_to)
+    mid = statistics.median(r["step_gflops"] / r["gemm_gflops"] for r in rounds)
+    return {
+        "gemm_gflops": statistics.median(r["gemm_gflops"] for r in rounds),
+        "mfu": mid,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
+        "rounds": rounds,
+        "batch_shapes": sorted(set(shapes)),
+        "gemm_by_shape": g["by_shape"],
+        **_device_memory(engine.device),
+    }
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_memory(device) -> dict:
+    if torch.device(device).type != "cuda":
+        return {"device": "cpu"}
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "max_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+    }
+
+
+def _profile(engine, it, dtype, out_path) -> None:
+    """Two steps under torch.profiler; the operator table (self CPU time) goes to ``out_path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(2):
+            train_step(engine, next(it), dtype)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)
+    out_path.write_text(table + "\n\nby input shape:\n" + shapes)
+
+
+def trainer_tokens(world: World) -> dict:
+    """Our whole stage-3 trainer (``run_stage``): median real tokens/s of its per-step metrics lines
+    after the warm-up steps."""
+    from ..train.tracking import read_metrics
+
+    s = world.sizes
+    loaded = stage3_tools(world, "ours", s.trainer_steps + s.warmup)
+    stage_dir = stage_dir_of(loaded.config)
+    (stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_stage(loaded)
+    rows = [r for r in read_metrics(stage_dir / "metrics.jsonl") if "tok_s" in r]
+    steady = rows[s.warmup :]
+    _cleanup(stage_dir)
+    return {
+        "real_tokens_per_s": statistics.median(r["tok_s"] for r in steady),
+        "samples_per_s": statistics.median(r["samples_s"] for r in steady),
+        "real_token_fraction": statistics.mean(r["real_token_fraction"] for r in steady),
+        "steps": len(steady),
+    }
+
+
+def _cleanup(stage_dir) -> None:
+    import shutil
+
+    shutil.rmtree(stage_dir / "ckpt", ignore_errors=True)  # resume checkpoints: hundreds of MB each run
+
+
+def real_tokens(world: World) -> dict:
+    """Real tokens over batch cells for one epoch of the tool file: ours (packing, length grouping) and
+    naive (one sample per row padded to the longest, no grouping), same micro-batch and max length."""
+    from transformers import AutoTokenizer
+
+    from ..data.pipeline import make_processor
+    from ..data.stream import TrainStream
+    from ..tokens import TokenContract
+
+    out = {}
+    for name, data in (
+        ("ours", {}),
+        ("naive", {"packing": False, "group_by_length": False}),
+    ):
+        cfg = stage3_tools(world, f"tokens_{name}", 1, num_workers=0, **data).config
+        tok = AutoTokenizer.from_pretrained(str(world.llm))
+        TokenContract.from_config(cfg.model.tokens).add_to(tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        stream = TrainStream.from_config(cfg, make_processor(cfg, tok), pad, rank=0, world_size=1)
+        real = cells = 0
+        for batch in stream:
+            real += batch.real_tokens
+            cells += batch.input_ids.numel()
+        out[name] = real / cells
+    out["stats"] = world.token_stats("tools")
+    return out
+
+
+def loader_vs_trainer(world: World) -> dict:
+    """Samples/s of the stage-3 data pipeline alone (instruction records with media from the feature cache,
+    plus tool records; its DataLoader workers) over samples/s of training on the same stream."""
+    s = world.sizes
+    n = s.loader_batches
+    cfg = world.config(
+        "loader",
+        3,
+        train={"micro_batch_size": s.micro_batch, "max_steps": 10**6},
+        data={
+            "train": [
+                world.source("train", "instruct", task="instruct"),
+                world.source("train", "tools", task="instruct"),
+            ],
+            "max_length": s.max_length,
+            "packing": True,
+            "epoch_samples": s.micro_batch * (n + s.warmup) * 2,
+        },
+    ).config
+    init_distributed()
+    t0 = time.perf_counter()
+    model, _, stream, _ = build_parts(cfg, 0, 1)
+    prepass = time.perf_counter() - t0
+    alone = _samples_per_s(stream, n, None)
+    engine, dtype = make_engine(cfg, model, 10**6, 1)
+    trained = _samples_per_s(stream, n, lambda b: train_step(engine, b, dtype))
+    return {"loader_samples_per_s": alone, "train_samples_per_s": trained, "prepass_s": prepass}
+
+
+def _samples_per_s(stream, n: int, step) -> float:
+    """Samples per second over ``n`` batches after the first (which pays for starting the workers)."""
+    it = iter(stream)
+    first = next(it)
+    if step is not None:
+        step(first)
+    samples, t0 = 0, time.perf_counter()
+    for _ in range(n):
+        batch = next(it)
+        if step is not None:
+            step(batch)
+        samples += sum(len(r) for r in batch.sample_ids)
+    return samples / (time.perf_counter() - t0)
