@@ -43,7 +43,7 @@ def _run_named(name: str, world, out_dir: Path) -> dict:
     from toollmm.bench import cache_fig, hf_baseline, infer_fig, train_figs
 
     if name == "mfu":
-        return train_figs.mfu(world, profile_to=out_dir / "profile_mfu.txt")
+        return train_figs.mfu(world, profile_to=out_dir / "profile_mfu.txt" if world.sizes.profile else None)
     if name == "ours":
         return train_figs.trainer_tokens(world)
     if name == "hf":

@@ -45,14 +45,14 @@ class _Timed:
 
 
 def subset(world: World, name: str, n: int) -> Path:
-    """The first ``n`` records of a training file, as its own JSONL (the media stay where they are)."""
+    """``n`` records spread evenly over a training file (every k-th), as their own JSONL (the media stay
+    where they are): a mixed file's subset keeps its mix."""
     src = world.demo / "train" / f"{name}.jsonl"
     out = world.work / "subsets" / f"{world.demo.name}_{name}_{n}.jsonl"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, encoding="utf-8") as f:
-            lines = [line for _, line in zip(range(n), f)]
-        out.write_text("".join(lines), encoding="utf-8")
+        lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+        out.write_text("".join(lines[:: max(1, len(lines) // n)][:n]), encoding="utf-8")
     return out
 
 

@@ -122,6 +122,9 @@ def run(out_dir: Path, sizes, work: Path, threads: int) -> int:
     ensure_torch_extensions_dir()  # DeepSpeed's JIT ops: built once, reused by every figure
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOOLLMM_NO_TQDM="1")
+    # OpenMP threads that sleep (not spin) at barriers: on a shared machine a spinning thread whose partner
+    # was descheduled made element-wise ops ~20x slower (measured; docs/benchmarks.md). Both trainers get it.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     mach = machine(threads)
     t0 = time.perf_counter()

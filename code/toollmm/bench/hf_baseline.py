@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .flops import train_flops
+from .gemm import gemm_gflops
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -23,11 +25,11 @@ class _Counting:
     """The collator, counting each batch's real tokens (attention mask ones) in order."""
 
     def __init__(self, collator):
-        self.collator, self.tokens = collator, []
+        self.collator, self.lengths = collator, []
 
     def __call__(self, features):
         batch = self.collator(features)
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.lengths.append([int(n) for n in batch["attention_mask"].sum(1).tolist()])
         return batch
 
 
@@ -128,11 +130,15 @@ def hf_trainer_tokens(world: World) -> dict:
             model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()]
         )
         trainer.train()
-    rates = [
-        n / (b - a) for n, a, b in zip(collator.tokens[: len(ends) - 1], ends[:-1], ends[1:], strict=False)
-    ][s.warmup :]
+    gemm = gemm_gflops(s.gemm_seconds, "cuda" if on_gpu else "cpu")["gflops"]
+    steps_done = list(zip(collator.lengths, ends[:-1], ends[1:]))[s.warmup :]
+    rates = [sum(n) / (b - a) for n, a, b in steps_done]
+    # executed FLOPs: this step computes logits at every position (real ones counted)
+    flops = [train_flops(s.llm, n, sum(n)) / (b - a) / 1e9 for n, a, b in steps_done]
     return {
         "real_tokens_per_s": statistics.median(rates),
+        "mfu": statistics.median(flops) / gemm,
+        "gemm_gflops": gemm,
         "steps": len(rates),
         "max_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
     }

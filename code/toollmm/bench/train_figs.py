@@ -203,20 +203,22 @@ def real_tokens(world: World) -> dict:
 def loader_vs_trainer(world: World) -> dict:
     """Samples/s of the stage-3 data pipeline alone (instruction records with media from the feature cache,
     plus tool records; its DataLoader workers) over samples/s of training on the same stream."""
+    from .cache_fig import subset
+
     s = world.sizes
     n = s.loader_batches
+    half = s.micro_batch * (n + s.warmup + 1)  # records per file: both passes' batches, no repeats
     cfg = world.config(
         "loader",
         3,
         train={"micro_batch_size": s.micro_batch, "max_steps": 10**6},
         data={
             "train": [
-                world.source("train", "instruct", task="instruct"),
-                world.source("train", "tools", task="instruct"),
+                {"path": str(subset(world, name, half)), "media_root": str(world.demo), "task": "instruct"}
+                for name in ("instruct", "tools")
             ],
             "max_length": s.max_length,
             "packing": True,
-            "epoch_samples": s.micro_batch * (n + s.warmup) * 2,
         },
     ).config
     init_distributed()

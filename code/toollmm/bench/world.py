@@ -57,6 +57,8 @@ class Sizes:
     repeats: int = 2  # vs-HF: alternate ours / HF this many times
     gemm_seconds: float = 1.0
     new_tokens: int = 32  # inference
+    profile: bool = True  # torch.profiler table of two MFU steps (outputs/bench/figures/profile_mfu.txt)
+    grad_ckpt: bool = False  # activation checkpointing (the real 7B config's setting)
     extra: dict = field(default_factory=dict)
 
 
@@ -72,16 +74,17 @@ QUICK = Sizes(
     LlamaShape(hidden=256, layers=2, intermediate=688, vocab=32000, heads=4, kv_heads=4),
     demo_small=True,
     micro_batch=4,
-    stage1_micro_batch=4,
+    stage1_micro_batch=2,
     warmup=1,
     rounds=2,
     steps_per_round=2,
-    trainer_steps=6,
-    cache_steps=3,
-    loader_batches=10,
+    trainer_steps=4,
+    cache_steps=2,
+    loader_batches=6,
     repeats=1,
     gemm_seconds=0.3,
     new_tokens=8,
+    profile=False,
 )
 SIZES = {"full": FULL, "quick": QUICK}
 
@@ -234,7 +237,7 @@ class World:
         m = {
             "encoder": {"preset": "bench", "checkpoint": None, "seed": 0, "dims": self.encoder_dims()},
             "feature_cache": {"dir": str(self.work / "features")},
-            "llm": {"path": str(self.llm), "gradient_checkpointing": False},
+            "llm": {"path": str(self.llm), "gradient_checkpointing": self.sizes.grad_ckpt},
             "output_proj": {k: dict(OUTPUT_PROJ) for k in ("image", "video", "audio")},
             "decoders": {
                 "image": {"path": str(self.decoders / "tiny-sd")},

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import IGNORE_INDEX
+from .packed_attention import PACKED_SDPA
 
 LOSS_WEIGHT_KEYS = ("lm", "align", "align_image", "align_video", "align_audio")
 
@@ -30,16 +31,17 @@ def prepare_attention_mask(mask: torch.Tensor, attn_implementation: str, dtype: 
     first gets its diagonal set, so padding positions attend to themselves instead of to nothing (some
     attention kernels return NaN for a fully masked row, and NaN * 0 still poisons gradients); real tokens
     already attend to themselves, so their outputs do not change. Then: sdpa and others take the boolean mask, eager an
-    additive float mask; flash_attention_2 takes no mask and finds sample boundaries in ``position_ids``.
+    additive float mask; flash_attention_2 and ``PACKED_SDPA`` (``toollmm.model.packed_attention``, what
+    ``sdpa`` loads as) take no mask and find sample boundaries in ``position_ids``.
     """
     if mask.dim() == 2:
         return mask
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
         raise ValueError(f"attention_mask must be [B, T] or [B, 1, T, T], got {tuple(mask.shape)}")
+    if attn_implementation in ("flash_attention_2", PACKED_SDPA):
+        return None
     t = mask.shape[-1]
     m = mask.bool() | torch.eye(t, dtype=torch.bool, device=mask.device)
-    if attn_implementation == "flash_attention_2":
-        return None
     if attn_implementation == "eager":
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
     return m

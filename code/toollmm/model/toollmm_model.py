@@ -183,7 +183,7 @@ class ToolLMM(nn.Module):
             targets = batch.signal_targets.get(m)
             if targets is None or targets.positions.shape[0] == 0:
                 touch = zero_touch(proj)
-                losses[f"align_{m}"] = out.logits.new_zeros((), dtype=torch.float32)
+                losses[f"align_{m}"] = embeds.new_zeros((), dtype=torch.float32)
                 total = total if touch is None else total + touch
                 continue
             with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0.0):
