@@ -127,6 +127,9 @@ def run(out_dir: Path, sizes, work: Path, threads: int) -> int:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     mach = machine(threads)
+    mach["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
+    if sizes.name == "vicuna7b" and mach["device"] == "cpu":
+        raise SystemExit("bench: --sizes vicuna7b needs a GPU host (a 7B step on this CPU takes hours)")
     t0 = time.perf_counter()
     run_figure("setup", work, sizes.name, out_dir, env)
     figs: dict[str, list[dict]] = {}

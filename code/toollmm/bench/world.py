@@ -51,9 +51,9 @@ class Sizes:
     warmup: int = 2
     rounds: int = 5  # MFU: rounds of (GEMM burst, steps)
     steps_per_round: int = 3
-    trainer_steps: int = 24  # vs-HF runs, each side
+    trainer_steps: int = 16  # vs-HF runs, each side
     cache_steps: int = 8  # feature-cache runs, each side
-    loader_batches: int = 40
+    loader_batches: int = 20
     repeats: int = 2  # vs-HF: alternate ours / HF this many times
     gemm_seconds: float = 1.0
     new_tokens: int = 32  # inference
@@ -86,7 +86,19 @@ QUICK = Sizes(
     new_tokens=8,
     profile=False,
 )
-SIZES = {"full": FULL, "quick": QUICK}
+#: GPU hosts only: the real LLM shape (random weights from its config), to check docs/scaling.md
+VICUNA = Sizes(
+    "vicuna7b",
+    VICUNA_7B,
+    demo_small=False,
+    micro_batch=16,
+    stage1_micro_batch=32,
+    max_length=2048,
+    trainer_steps=20,
+    gemm_seconds=2.0,
+    grad_ckpt=True,
+)
+SIZES = {"full": FULL, "quick": QUICK, "vicuna7b": VICUNA}
 
 #: output projections scaled with the LLM so trainable projections : LLM parameters stay near the real
 #: run's (NExT-GPT shape on Vicuna-7B: 95.8 M : 6.74 B = 1.4 %); d 64 / ff 256 / 4+4 layers on a 106 M LLM
@@ -154,9 +166,15 @@ def write_llm(out: Path, tokenizer_dir: Path, shape: LlamaShape, seed: int = 0) 
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
+    big = shape.total_params > 2e9  # a 7B model is built in bf16 (half the host memory)
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        torch.set_default_dtype(torch.bfloat16 if big else default)
+        try:
+            model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(default)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
