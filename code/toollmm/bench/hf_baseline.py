@@ -88,17 +88,25 @@ def hf_trainer_tokens(world: World) -> dict:
         ),
     )
     collator = _Counting(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
+    starts: list[float] = []
     ends: list[float] = []
+    bursts: list[float] = []
+    device = "cuda" if on_gpu else "cpu"
 
     class Timer(TrainerCallback):
+        """Step i runs from starts[i] to ends[i]; a GEMM burst follows each step, outside both."""
+
         def on_step_begin(self, args, state, control, **kw):
-            if not ends:
-                ends.append(time.perf_counter())
+            if not starts:
+                bursts.append(gemm_gflops(s.gemm_seconds, device)["gflops"])
+                starts.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
             if on_gpu:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
+            bursts.append(gemm_gflops(s.gemm_seconds, device)["gflops"])
+            starts.append(time.perf_counter())
 
     o = cfg.train.optim
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,15 +138,14 @@ def hf_trainer_tokens(world: World) -> dict:
             model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()]
         )
         trainer.train()
-    gemm = gemm_gflops(s.gemm_seconds, "cuda" if on_gpu else "cpu")["gflops"]
-    steps_done = list(zip(collator.lengths, ends[:-1], ends[1:]))[s.warmup :]
-    rates = [sum(n) / (b - a) for n, a, b in steps_done]
-    # executed FLOPs: this step computes logits at every position (real ones counted)
-    flops = [train_flops(s.llm, n, sum(n)) / (b - a) / 1e9 for n, a, b in steps_done]
+    done = list(zip(collator.lengths, starts, ends, bursts, bursts[1:]))[s.warmup :]
+    rates = [sum(n) / (b - a) for n, a, b, _, _ in done]
+    # executed FLOPs: this step computes logits at every position (the real ones are counted)
+    mfus = [train_flops(s.llm, n, sum(n)) / (b - a) / 1e9 / ((g0 + g1) / 2) for n, a, b, g0, g1 in done]
     return {
         "real_tokens_per_s": statistics.median(rates),
-        "mfu": statistics.median(flops) / gemm,
-        "gemm_gflops": gemm,
+        "mfu": statistics.median(mfus),
+        "gemm_gflops": statistics.median(bursts),
         "steps": len(rates),
         "max_memory_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None,
     }

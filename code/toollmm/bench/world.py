@@ -49,13 +49,13 @@ class Sizes:
     stage1_micro_batch: int
     max_length: int = 512
     warmup: int = 2
-    rounds: int = 5  # MFU: rounds of (GEMM burst, steps)
+    rounds: int = 5  # MFU: rounds x steps_per_round timed steps, each between two GEMM bursts
     steps_per_round: int = 3
     trainer_steps: int = 16  # vs-HF runs, each side
     cache_steps: int = 8  # feature-cache runs, each side
     loader_batches: int = 20
     repeats: int = 2  # vs-HF: alternate ours / HF this many times
-    gemm_seconds: float = 1.0
+    gemm_seconds: float = 0.4  # per GEMM burst (four shapes)
     new_tokens: int = 32  # inference
     profile: bool = True  # torch.profiler table of two MFU steps (outputs/bench/figures/profile_mfu.txt)
     grad_ckpt: bool = False  # activation checkpointing (the real 7B config's setting)
@@ -82,7 +82,7 @@ QUICK = Sizes(
     cache_steps=2,
     loader_batches=6,
     repeats=1,
-    gemm_seconds=0.3,
+    gemm_seconds=0.2,
     new_tokens=8,
     profile=False,
 )
