@@ -9,6 +9,7 @@ instruction with an image, greedy, ``max_new_tokens`` fixed. The cold time is th
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,37 +69,56 @@ def infer_once(stage_dir: str, request: str, new_tokens: int) -> dict:
     return {"load_s": t1 - t0, "generate_s": t2 - t1, "tokens": len(res.token_ids)}
 
 
+def _cold(stage_dir: Path, request: Path, n: int, threads: int | None = None) -> tuple[float, dict]:
+    """Wall time of a fresh process answering the request (and what it reports about itself)."""
+    cmd = [sys.executable, str(REPO_ROOT / "code" / "bench.py"), "infer-once"]
+    cmd += ["--stage", str(stage_dir), "--request", str(request), "--new-tokens", str(n)]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"cold inference process failed:\n{out.stderr[-3000:]}")
+    return wall, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _second(rt, req) -> float:
+    rt.generate([req])
+    t0 = time.perf_counter()
+    rt.generate([req])
+    return time.perf_counter() - t0
+
+
 def inference(world: World) -> dict:
+    """The figure at the harness's thread count, and (details) the same with one thread, the usual
+    setting for a CPU serving process: token-by-token decoding is many tiny ops, where waking a second
+    OpenMP thread per op costs more than it saves."""
+    import torch
+
     import toollmm
     from toollmm.inference_api import Request
 
     n = world.sizes.new_tokens
     stage_dir, request = prepare(world)
-    colds, inner = [], []
-    for _ in range(world.sizes.repeats):
-        cmd = [sys.executable, str(REPO_ROOT / "code" / "bench.py"), "infer-once"]
-        cmd += ["--stage", str(stage_dir), "--request", str(request), "--new-tokens", str(n)]
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        colds.append(time.perf_counter() - t0)
-        if out.returncode != 0:
-            raise RuntimeError(f"cold inference process failed:\n{out.stderr[-3000:]}")
-        inner.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    colds = [_cold(stage_dir, request, n) for _ in range(world.sizes.repeats)]
     req = Request(**json.loads(request.read_text()))
     t0 = time.perf_counter()
     rt = toollmm.load(stage_dir, overrides=_overrides(n))
     load_s = time.perf_counter() - t0
-    rt.generate([req])
-    t0 = time.perf_counter()
-    res = rt.generate([req])[0]
-    warm = time.perf_counter() - t0
-    cold = statistics.median(colds)
-    return {
+    warm = _second(rt, req)
+    threads = torch.get_num_threads()
+    cold = statistics.median(w for w, _ in colds)
+    out = {
         "speedup": cold / warm,
         "cold_s": cold,
         "warm_second_s": warm,
         "warm_load_s": load_s,
-        "cold_inner": inner,
-        "tokens": len(res.token_ids),
-        "finish_reason": res.finish_reason,
+        "threads": threads,
+        "cold_inner": [inner for _, inner in colds],
     }
+    if threads > 1:
+        torch.set_num_threads(1)
+        warm1 = _second(rt, req)
+        cold1, _ = _cold(stage_dir, request, n, threads=1)
+        out.update(one_thread={"speedup": cold1 / warm1, "cold_s": cold1, "warm_second_s": warm1})
+    return out
