@@ -167,3 +167,39 @@ def test_frozen_encoder_inside_a_deepspeed_engine(monkeypatch):
     engine.backward(loss)
     engine.step()
     assert not torch.equal(before, model.proj.weight) and torch.isfinite(loss)
+
+
+def test_memory_per_gpu_by_hand():
+    from toollmm.bench.scaling import memory_per_gpu_gb
+
+    s = flops.LlamaShape(hidden=8, layers=2, intermediate=16, vocab=10, heads=2, kv_heads=2)
+    # weights 1480 x 2 B; states 100 x 12 / 8 + 100 x 2 / 8; activations 2 x 10 x 8 x 2 + 34 x 10 x 8;
+    # logits 2 x 3 x 10 x 4 x 2; plus 3 GB
+    want = (2960 + 175 + 3040 + 480) / 1e9 + 3.0
+    assert memory_per_gpu_gb(s, 100, 2, 2, 5, 3, checkpointing=True) == pytest.approx(want)
+    z3 = (2960 / 8 + 2 * 1320 + 175 + 3040 + 480) / 1e9 + 3.0
+    assert memory_per_gpu_gb(s, 100, 3, 2, 5, 3, checkpointing=True) == pytest.approx(z3)
+
+
+def test_scaling_projection_is_calibrated_and_ordered():
+    from toollmm.bench import scaling as S
+
+    mfu = S.calibrated_mfu()
+    assert 0.15 < mfu < 0.6
+    for (samples, tokens, sup, factor), hours in zip(S.LLAVA.values(), S.ANCHOR_HOURS.values()):
+        per = factor * flops.VICUNA_7B.body_params * tokens + factor * flops.VICUNA_7B.head_params * sup
+        implied = samples * per / (8 * S.GPUS[0].bf16_tflops * 1e12 * mfu) / 3600
+        assert abs(implied / hours - 1) < 0.25  # one MFU explains both published runs
+    run = S.RUNS[2]
+    a2, a3 = (S.project(S.GPUS[0], z3, run, mfu) for z3 in (False, True))
+    h2 = S.project(S.GPUS[1], False, run, mfu)
+    assert a3["hours"] >= a2["hours"] > h2["hours"] and a3["memory_gb"] < a2["memory_gb"] < 80
+    text = S.render(None)
+    assert text.count("| stage ") == len(S.RUNS) and "3.5 h" in text and "not published" in text
+    assert all(a[:40] in text for a in S.ASSUMPTIONS)
+    gpu = {
+        "mfu_gpu": 0.41,
+        "machine": {"device": "NVIDIA H100"},
+        "sizes": {"llm": {"hidden": 4096, "layers": 32}},
+    }
+    assert "MFU used: 8x A100-80G 0.41" in S.render(gpu)

@@ -41,6 +41,12 @@ def gemm_rate(m: int, k: int, n: int, seconds: float, device=None, dtype=None) -
                 return 2.0 * m * k * n * reps / dt
 
 
+#: the MFU bursts: a large square product and the ~100M model's MLP product, each long enough to see the
+#: same machine load as a training step (on a shared machine a 0.1 s burst can catch a moment when the other
+#: core is free and read twice the rate a multi-second step can sustain)
+BURST_SHAPES = ((2048, 2048, 2048), (1024, 768, 2048))
+
+
 def gemm_gflops(seconds: float = 1.0, device=None, dtype=None, shapes=SHAPES) -> dict:
     """``{"gflops": best, "by_shape": {"MxKxN": gflops}}`` over ``shapes``, ``seconds`` split among them."""
     per = seconds / len(shapes)

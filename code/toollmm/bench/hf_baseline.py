@@ -15,7 +15,7 @@ import time
 import torch
 
 from .flops import train_flops
-from .gemm import gemm_gflops
+from .gemm import BURST_SHAPES, gemm_gflops
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,14 @@ def hf_trainer_tokens(world: World) -> dict:
 
         def on_step_begin(self, args, state, control, **kw):
             if not starts:
-                bursts.append(gemm_gflops(s.gemm_seconds, device)["gflops"])
+                bursts.append(gemm_gflops(s.gemm_seconds, device, shapes=BURST_SHAPES)["gflops"])
                 starts.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
             if on_gpu:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
-            bursts.append(gemm_gflops(s.gemm_seconds, device)["gflops"])
+            bursts.append(gemm_gflops(s.gemm_seconds, device, shapes=BURST_SHAPES)["gflops"])
             starts.append(time.perf_counter())
 
     o = cfg.train.optim

@@ -116,7 +116,7 @@ def inference(world: World) -> dict:
         "threads": threads,
         "cold_inner": [inner for _, inner in colds],
     }
-    if threads > 1:
+    if threads > 1 and world.sizes.name != "quick":  # one more cold process: not worth it in CI
         torch.set_num_threads(1)
         warm1 = _second(rt, req)
         cold1, _ = _cold(stage_dir, request, n, threads=1)

@@ -94,7 +94,7 @@ def markdown(bench: dict) -> str:
             "GEMM fp32 GFLOP/s" if mk == "mfu_cpu" else "GEMM bf16 GFLOP/s",
             bench["gemm_gflops"],
             None,
-            "best of 4 shapes, same process as the step",
+            "median of the bursts around the MFU steps",
         ),
         _row(
             f"MFU ({'CPU' if mk == 'mfu_cpu' else 'GPU'})",

@@ -15,7 +15,7 @@ from ..model.losses import next_token_targets
 from ..train.ds import init_distributed
 from ..train.loop import build_parts, make_engine, run_stage, stage_dir_of, train_step
 from .flops import LlamaShape, train_flops
-from .gemm import gemm_gflops
+from .gemm import BURST_SHAPES, gemm_gflops
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def mfu(world: World, profile_to=None) -> dict:
     for _ in range(s.warmup):
         train_step(engine, next(it), dtype)
     n = s.rounds * s.steps_per_round
-    bursts = [gemm_gflops(s.gemm_seconds, engine.device)]
+    bursts = [gemm_gflops(s.gemm_seconds, engine.device, shapes=BURST_SHAPES)]
     steps, shapes = [], []
     for _ in range(n):
         batch = next(it)
@@ -95,7 +95,7 @@ def mfu(world: World, profile_to=None) -> dict:
         train_step(engine, batch, dtype)
         _sync(engine.device)
         dt = time.perf_counter() - t0
-        bursts.append(gemm_gflops(s.gemm_seconds, engine.device))
+        bursts.append(gemm_gflops(s.gemm_seconds, engine.device, shapes=BURST_SHAPES))
         steps.append({"gflops": batch_flops(s.llm, batch) / dt / 1e9, "tokens_per_s": batch.real_tokens / dt})
     g = [b["gflops"] for b in bursts]
     ratios = [st["gflops"] / ((g[i] + g[i + 1]) / 2) for i, st in enumerate(steps)]

@@ -51,11 +51,11 @@ class Sizes:
     warmup: int = 2
     rounds: int = 5  # MFU: rounds x steps_per_round timed steps, each between two GEMM bursts
     steps_per_round: int = 3
-    trainer_steps: int = 16  # vs-HF runs, each side
+    trainer_steps: int = 12  # vs-HF runs, each side
     cache_steps: int = 8  # feature-cache runs, each side
     loader_batches: int = 20
-    repeats: int = 2  # vs-HF: alternate ours / HF this many times
-    gemm_seconds: float = 0.4  # per GEMM burst (four shapes)
+    repeats: int = 3  # vs-HF: alternate ours / HF this many times
+    gemm_seconds: float = 1.5  # per GEMM burst (gemm.BURST_SHAPES)
     new_tokens: int = 32  # inference
     profile: bool = True  # torch.profiler table of two MFU steps (outputs/bench/figures/profile_mfu.txt)
     grad_ckpt: bool = False  # activation checkpointing (the real 7B config's setting)
