@@ -1,8 +1,8 @@
 """Feature-cache figure: stage-1 step time with cached encoder features vs encoding every step.
 
 Per modality, two stage-1 setups (``config/stage_1.yaml``: only the input projection trains) over the same
-samples of the demo's ``x2t_<modality>`` file, same order, ``num_workers 0`` so every cost lands in the
-timed step, built side by side in one process and stepped alternately (a change of machine load hits both):
+samples of the demo's ``x2t_<modality>`` file, same order, ``num_workers 0`` and windows of one batch so
+every cost lands in the timed step of its batch, built side by side in one process and stepped alternately (a change of machine load hits both):
 (a) feature cache on (the pre-pass fills it first; its time is reported, not timed in the steps); (b) cache
 off: each step decodes and preprocesses its media and runs the frozen encoder. In (b) the media decoding +
 preprocessing (the processor's decoder) and the encoder forward are timed on their own (``e``).
@@ -103,6 +103,7 @@ def feature_cache(world: World, modality: str) -> dict:
     data = {
         "train": [{"path": str(subset(world, f"x2t_{modality}", n)), "media_root": str(world.demo)}],
         "num_workers": 0,
+        "group_window": 1,  # each batch loads (and decodes) its own samples inside its own step
         "shuffle": False,
         "max_length": s.max_length,
     }
