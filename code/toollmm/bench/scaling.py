@@ -223,9 +223,12 @@ def _bench_lines(bench: dict | None) -> list[str]:
         lsps = (bench.get("details", {}).get("loader") or {}).get("loader_samples_per_s")
         if lsps:
             need = max(r[2] / project(GPUS[1], False, r, calibrated_mfu())["hours"] / 3600 for r in RUNS)
-            verdict = "keeps up" if lsps >= need else "does NOT keep up: add CPU workers"
-            out.append(f"- data pipeline {lsps:,.0f} samples/s on this machine; the fastest projected stage "
-                       f"needs {need:,.0f} samples/s: it {verdict}.")  # fmt: skip
+            per_rank = need / N_GPUS  # every rank streams its own share with its own workers
+            verdict = "keeps up" if lsps >= per_rank else "does NOT keep up: add CPU workers"
+            out.append(
+                f"- data pipeline {lsps:,.0f} samples/s on this machine's {m.get('cores', '?')} cores; the fastest "
+                f"projected stage (8x H100) needs {need:,.0f} samples/s in all, {per_rank:,.0f} per rank: it {verdict}."
+            )
     fc = bench.get("feature_cache") or {}
     if fc:
         out.append("- feature cache efficiency " + ", ".join(f"{k} {v['efficiency']:.2f}" for k, v in fc.items())
