@@ -51,16 +51,17 @@ def subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None]):
     return deco
 
 
-def load_generator(checkpoint: str, benchmark: str) -> Generator:
+def load_generator(checkpoint: str, benchmark: str, output_dir: str | Path | None = None) -> Generator:
     """The model's ``generate(prompts) -> outputs`` for ``evaluate.py run`` (see toollmm.eval.run).
 
-    Connects ``toollmm.load(checkpoint)``: the loaded model must offer ``eval_generator(benchmark)``
-    returning that callable (ReAct text for gpt4tools / viot checkpoints trained in ReAct form, tool-call
-    tokens otherwise; stopping at the first call when a prompt asks ``stop_at_tool_call``)."""
+    Connects ``toollmm.load(checkpoint)`` (media and tool files go to ``output_dir``): the runtime's
+    ``eval_generator(benchmark)`` returns that callable (ReAct text for gpt4tools / viot checkpoints trained
+    in ReAct form, tool-call tokens otherwise; stopping at the first call, not run, when a prompt asks
+    ``stop_at_tool_call``)."""
     import toollmm
 
     try:
-        model = toollmm.load(checkpoint)
+        model = toollmm.load(checkpoint, output_dir=output_dir)
     except (ImportError, AttributeError) as e:
         raise EvalError(
             f"evaluate.py run needs the inference layer (toollmm.load), which this build lacks: {e}"
@@ -127,16 +128,20 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="results folder (default: <checkpoint>/eval)")
 
 
+def results_dir(args: argparse.Namespace) -> Path:
+    if args.output is None and not Path(args.checkpoint).is_dir():
+        raise EvalError(
+            f"--checkpoint {args.checkpoint} is not a local folder: give --output for the results"
+        )
+    return Path(args.output) if args.output else Path(args.checkpoint) / "eval"
+
+
 @subcommand("run", _configure_run)
 def run_run(args: argparse.Namespace) -> int:
     """Generate with a checkpoint, score, and write <checkpoint>/eval/<benchmark>.json."""
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
-    out = Path(args.output) if args.output else Path(args.checkpoint) / "eval"
-    if args.output is None and not Path(args.checkpoint).is_dir():
-        raise EvalError(
-            f"--checkpoint {args.checkpoint} is not a local folder: give --output for the results"
-        )
+    out = results_dir(args)
     generate = args.generator_factory(args.checkpoint, args.benchmark)
     opts = ScoreOptions(compat=args.compat, strict=args.strict)
     result = run_benchmark(
@@ -170,7 +175,9 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     """``generator_factory`` replaces :func:`load_generator` for ``run`` (a scripted model in tests)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    args.generator_factory = generator_factory or load_generator
+    args.generator_factory = generator_factory or (
+        lambda checkpoint, benchmark: load_generator(checkpoint, benchmark, results_dir(args) / "media")
+    )
     try:
         return args.run(args)
     except EvalError as e:

@@ -5,8 +5,12 @@
     python code/train.py --stage 2 --resume              # continue from outputs/<run>/stage_2/ckpt/latest
     python code/train.py --stage 1 --print-config        # the resolved config, each value with its source
 
-Writes outputs/<run.name>/stage_N/ (loadable, cumulative over stages) and stage_N/ckpt/ (resume state).
-Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
+Writes outputs/<run.name>/stage_N/ (loadable, cumulative over stages; metrics.jsonl, loss.png, ranks.json)
+and stage_N/ckpt/ (resume state). ``--resume`` without a checkpoint yet starts the stage from step 0 (so a
+restarted job can always pass it); without ``--resume`` an existing checkpoint is replaced (a warning says
+so). Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
+``main(argv)`` runs in-process (tests, notebooks: the process group is kept for the next stage);
+run as a script, the process group is destroyed before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3], help="stage to train")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the stage's newest resume checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue from the stage's newest resume checkpoint (none yet: start from step 0)",
     )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_config_args(parser)
@@ -44,5 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """``main`` for a process of its own: the process group is destroyed before the interpreter exits."""
+    ok = False
+    try:
+        code = main()
+        ok = True
+        return code
+    finally:
+        if "torch" in sys.modules:
+            from toollmm.train.ds import shutdown_distributed
+
+            shutdown_distributed(barrier=ok)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

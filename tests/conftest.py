@@ -35,3 +35,20 @@ def tiny_tokenizer_dir(tmp_path_factory):
     from toollmm.tokenizer_build import build_sentencepiece_tokenizer
 
     return build_sentencepiece_tokenizer(SAMPLE_TEXT * 20, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_stage_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A loadable stage folder (``save_stage``) over tiny base models (ImageBind, Llama, three diffusers
+    pipelines) with the demo tool set declared; see tests/inference_fixtures.py."""
+    from inference_fixtures import build_tiny_stage
+
+    return build_tiny_stage(tmp_path_factory.mktemp("tiny_stage"), tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def train_world(tmp_path_factory):
+    """Demo corpus (--small), tiny base models and a per-stage config YAML (tests/_train_world.py)."""
+    from _train_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("train_world"))

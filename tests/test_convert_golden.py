@@ -2,7 +2,7 @@
 
 Inputs: ``tests/fixtures/samples/`` (the real records of /work/shared/samples, unwrapped from their
 ``_provenance`` grouping into each upstream file's own shape) and ``tests/fixtures/upstream/`` (records
-written from an upstream schema where no real sample exists; sources in data/SOURCES.md).
+written from an upstream schema where no real sample exists; sources in data/README.md "Sources").
 Goldens: ``tests/fixtures/golden/<format>/<file>.json``, written by hand from the source records.
 """
 

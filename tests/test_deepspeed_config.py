@@ -66,7 +66,8 @@ def test_gpu_bf16_is_kept_when_requested():
 
 def _train_sh(*args, env=None):
     e = {**os.environ, **(env or {})}
-    e.pop("MASTER_PORT", None)
+    for k in ("MASTER_PORT", "MASTER_ADDR", "OMP_NUM_THREADS"):  # set by in-process runs / the caller
+        e.pop(k, None)
     return subprocess.run(
         ["bash", str(REPO_ROOT / "scripts/train.sh"), *args], capture_output=True, text=True, env=e
     )

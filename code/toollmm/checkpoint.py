@@ -7,7 +7,8 @@
     tokenizer/            base tokenizer + toollmm's tokens + the chat template
     delta.safetensors     new token rows + projections (+ the whole LLM for a stand-in LM trained with `llm`)
     adapter/              the LoRA adapter in peft's own format (when LoRA was trained or loaded)
-    metrics.jsonl, loss.png, eval/, ckpt/   training by-products (not part of the loadable set)
+    metrics.jsonl, loss.png, ranks.json, config_resolved.txt, wandb/, eval/, ckpt/
+                          training by-products (not part of the loadable set)
 
 A stage folder is loaded by :func:`load_stage` and nothing else: it rebuilds the model from the saved
 config (base weights from their paths or Hub ids), checks every file against the manifest's sha256 (a
@@ -179,11 +180,16 @@ def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
     return manifest
 
 
-def stage_config(stage_dir: str | os.PathLike, overrides: list[str] = ()) -> Config:
-    """The saved config of a stage folder, with dotted overrides (e.g. inference settings)."""
+def stage_config(
+    stage_dir: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
+) -> Config:
+    """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
+    then dotted overrides (e.g. inference settings)."""
     d = Path(stage_dir)
     tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
     sources: dict[str, str] = {}
+    for f in config_files:
+        configlib.merge_tree(tree, configlib.load_yaml(resolve(f)), sources, str(f))
     for o in overrides:
         configlib.merge_tree(tree, configlib.parse_override(o), sources, f"override {o.split('=', 1)[0]}")
     return from_dict(tree)
@@ -201,16 +207,24 @@ def load_stage(
     path_or_id: str | os.PathLike,
     *,
     overrides: list[str] = (),
+    config_files: list[str | os.PathLike] = (),
     with_encoder: bool = False,
     device=None,
     verify: bool = True,
 ) -> LoadedStage:
-    """THE loader: a stage or release folder (or a Hub id of a release) -> ready model."""
+    """THE loader: a stage or release folder (or a Hub id of a release) -> ready model. ``config_files``
+    and ``overrides`` are layered on the saved config (inference and decoder settings; a changed
+    architecture fails the strict delta load)."""
     from .model.toollmm_model import build_model
 
     d = _local_folder(path_or_id)
     manifest = read_manifest(d, verify=verify)
-    cfg = stage_config(d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *overrides])
+    from .hub_bases import local_base_overrides
+
+    local = local_base_overrides(d)  # Hub ids of known bases -> their pretrained_checkpoint/ copies
+    cfg = stage_config(
+        d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *local, *overrides], config_files=config_files
+    )
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)
@@ -227,18 +241,21 @@ def _local_folder(path_or_id: str | os.PathLike) -> Path:
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
 
+        wanted = [MANIFEST, *LOADABLE, *(f"{name}/*" for name in LOADABLE)]  # not a release's merged/
         try:
-            return Path(snapshot_download(text))
+            return Path(snapshot_download(text, allow_patterns=wanted))
         except Exception as e:  # offline, unknown repo, no access
             raise StageError(f"{text}: not a local folder, and the Hub download failed: {e}") from None
     raise StageError(f"{p}: no such stage folder")
 
 
-def export_llm(model, out_dir: str | os.PathLike) -> Path:
+def export_llm(model, out_dir: str | os.PathLike, *, dtype=None, copy: bool = True) -> Path:
     """Write the model's LLM as a plain Hugging Face folder (weights + tokenizer), the way a base model
     is shipped: LoRA merged, trained token rows written into the embedding and lm_head matrices.
-    Used for the demo's stand-in LM, which later stages then load exactly like Vicuna."""
-    import copy
+    Used for the demo's stand-in LM, which later stages then load exactly like Vicuna, and by
+    ``release.py --merge``. ``dtype``: cast the merged weights before saving; ``copy=False`` merges in
+    place (the model's LLM is consumed: half the peak memory, for a model that is thrown away after)."""
+    import copy as copy_module
 
     import torch
     from torch import nn
@@ -246,7 +263,7 @@ def export_llm(model, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    llm = copy.deepcopy(model.llm)
+    llm = copy_module.deepcopy(model.llm) if copy else model.llm
     if model.bundle.lora:
         llm = llm.merge_and_unload()
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
@@ -266,6 +283,8 @@ def export_llm(model, out_dir: str | os.PathLike) -> Path:
         llm.set_output_embeddings(lin)
     elif tied:
         llm.tie_weights()
+    if dtype is not None:
+        llm.to(dtype)
     llm.save_pretrained(str(tmp))
     model.bundle.tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)

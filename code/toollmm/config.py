@@ -314,7 +314,11 @@ class TrainConfig:
     trainable: list[str] = opt(
         factory=list, help="input_proj, output_proj.image|video|audio, lora, token_rows.signal|tool, llm"
     )
-    init_from: str | None = opt(None, "previous stage folder to load strictly (e.g. outputs/<run>/stage_1)")
+    init_from: str | None = opt(
+        None,
+        "stage folder to load strictly before training (e.g. outputs/<run>/stage_1); `previous` = this run's "
+        "stage N-1 (<output_root>/<run.name>/stage_<N-1>)",
+    )
     loss_weights: dict[str, float] = opt({"lm": 1.0, "align": 1.0}, "weight per loss term")
     optim: OptimConfig = opt(factory=OptimConfig, help="optimiser and schedule")
     micro_batch_size: int = opt(4, "samples per GPU per step")

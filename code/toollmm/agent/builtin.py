@@ -78,9 +78,12 @@ def bind_model_hooks(
     bound: list[str] = []
 
     def bind(name: str, fn: Callable) -> None:
-        if name in registry:
+        spec = registry.get(name)
+        # declared tools get the model's ability; a same-named tool that already has its own backend
+        # (a user tool, the demo set's generate_image) keeps it
+        if spec is not None and (spec.backend is None or spec.source == "builtin"):
             registry.set_backend(name, fn, isolation="inprocess")
-            bound.append(registry.get(name).name)
+            bound.append(spec.name)
 
     if caption is not None:
         bind("caption", lambda path: caption(path))

@@ -15,6 +15,11 @@ and ``<tool_result>`` / ``</tool_result>`` are banned from sampling). A row is i
 
 Nothing the model writes can crash the engine: every problem lands in the row's ``errors``. Limits:
 ``max_new_tokens`` sampled tokens, ``max_tool_steps`` call attempts, ``max_repeated_calls`` identical calls.
+
+Per call, ``generate`` also takes ``on_tokens(row, ids)`` (every token a row appends, sampled or forced: the
+streaming hook), a ``signal_hook`` for this call only, and ``stop_at_tool_call`` (per row): the row ends
+right after its first tool call, which is parsed and reported (``result`` None) but NOT run — the
+benchmarks' teacher-forced protocol.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,9 +75,23 @@ class Engine:
         self.max_append = getattr(model, "max_append", None)
 
     # ------------------------------------------------------------------------------ main loop
-    def generate(self, prompts: list[list[int]], media: Any = None) -> list[RowResult]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        media: Any = None,
+        *,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+        signal_hook: SignalHook | None = None,
+        stop_at_tool_call: bool | Sequence[bool] = False,
+    ) -> list[RowResult]:
         t0 = time.perf_counter()
-        rows = [RowState(i, len(p)) for i, p in enumerate(prompts)]
+        stops = (
+            [stop_at_tool_call] * len(prompts) if isinstance(stop_at_tool_call, bool) else stop_at_tool_call
+        )
+        if len(stops) != len(prompts):
+            raise ValueError(f"stop_at_tool_call: {len(stops)} flags for {len(prompts)} prompts")
+        rows = [RowState(i, len(p), stop_at_call=bool(s)) for i, (p, s) in enumerate(zip(prompts, stops))]
+        hook = signal_hook if signal_hook is not None else self.signal_hook
         state, out = self.model.start([list(p) for p in prompts], media)
         model_s = time.perf_counter() - t0
         while True:
@@ -90,7 +110,9 @@ class Engine:
             for r, toks, s in zip(rows, appends, starts):
                 if toks:
                     hid = out.hidden[r.index] if out.hidden is not None else None
-                    self._collect(r, r.prompt_len + s, len(toks), hid, state)
+                    self._collect(r, r.prompt_len + s, len(toks), hid, state, hook)
+                    if on_tokens is not None:
+                        on_tokens(r.index, list(toks))
         return [self._result(r, model_s) for r in rows]
 
     def _advance(self, row: RowState, logits: torch.Tensor, t0: float) -> list[int]:
@@ -167,7 +189,9 @@ class Engine:
         )
         return False
 
-    def _collect(self, row: RowState, start: int, n: int, hidden, state: Any) -> None:
+    def _collect(
+        self, row: RowState, start: int, n: int, hidden, state: Any, hook: SignalHook | None
+    ) -> None:
         """Attach hidden states of the tokens just appended; fire the hook for spans now complete."""
         for j, pos in enumerate(range(start, start + n)):
             span = row.wanted.pop(pos, None)
@@ -176,18 +200,18 @@ class Engine:
             ok = hidden is not None and j < len(hidden)
             span.hidden.append(hidden[j] if ok else None)
             if len(span.hidden) == len(span.ids):
-                self._fire(row, span, state)
+                self._fire(row, span, state, hook)
 
-    def _fire(self, row: RowState, span: Span, state: Any) -> None:
+    def _fire(self, row: RowState, span: Span, state: Any, hook: SignalHook | None) -> None:
         hidden = None if any(h is None for h in span.hidden) else torch.stack(list(span.hidden))
         ev = SignalEvent(span.modality, list(span.positions), span.forced)
         where = f"{span.modality} signal span at positions {span.positions[0]}..{span.positions[-1]}"
-        if self.signal_hook is None:
+        if hook is None:
             ev.error = "no signal hook"
             row.errors.append(f"{where}: no decoder hook in this session, nothing generated")
         else:
             try:
-                ev.result = self.signal_hook(
+                ev.result = hook(
                     row=row.index, modality=span.modality, positions=ev.positions, hidden=hidden, state=state
                 )
             except Exception as e:
@@ -250,6 +274,11 @@ class Engine:
         if res is None:  # runaway: the row was stopped
             return
         row.tool_results.append(res)
+        if row.stop_at_call:  # parsed and reported, not run: the row ends here
+            if not res.ok:
+                row.errors.append(f"tool call 1 ({truncate(res.name, 100)}): {res.error}")
+            self._stop(row, "tool_call")
+            return
         if not res.ok:
             row.errors.append(f"tool call {len(row.tool_results)} ({truncate(res.name, 100)}): {res.error}")
         if self.react:
@@ -259,6 +288,9 @@ class Engine:
         row.pending.extend((tid, None) for tid in body)
 
     def _run_tool(self, row: RowState, name: str, args: Any, *, text_input: bool) -> ToolResult | None:
+        if row.stop_at_call:  # reported as written (ReAct: the raw Action Input), not run
+            spec = self.registry.get(name)
+            return ToolResult(spec.name if spec else truncate(str(name), 200), args, None, None, 0.0)
         key = json.dumps([name, args], sort_keys=True, default=str)
         row.call_counts[key] += 1
         if row.call_counts[key] > self.cfg.max_repeated_calls:
@@ -304,15 +336,23 @@ class Engine:
             return "end of text"
         return repr(self.tok.convert_ids_to_tokens(int(tid)))
 
-    def _result(self, row: RowState, model_s: float) -> RowResult:
+    def visible_ids(self, ids: Sequence[int]) -> list[int]:
+        """What the user is shown of generated ``ids``: tool-call and tool-result spans removed (token
+        format); the caller decodes with ``skip_special_tokens=True``."""
+        if self.react:
+            return list(ids)
         shown, inside = [], False
         opens = {self.t[TOOL_CALL_START], self.t[TOOL_RESULT_START]}
         closes = {self.t[TOOL_CALL_END], self.t[TOOL_RESULT_END]}
-        for tid in row.gen:
-            if not self.react and tid in opens | closes:
+        for tid in ids:
+            if tid in opens or tid in closes:
                 inside = tid in opens
             elif not inside:
                 shown.append(tid)
+        return shown
+
+    def _result(self, row: RowState, model_s: float) -> RowResult:
+        shown = self.visible_ids(row.gen)
         timings = {
             "first_token_s": row.first_token_s or 0.0,
             "total_s": row.total_s,

@@ -30,7 +30,7 @@ class RowResult:
     signals: list[SignalEvent]
     errors: list[str]
     warnings: list[str]
-    finish_reason: str  # eos | max_new_tokens | tool_limit | runaway | error
+    finish_reason: str  # eos | max_new_tokens | tool_limit | runaway | tool_call | error
     timings: dict[str, float]
 
     def to_dict(self) -> dict:
@@ -50,6 +50,7 @@ class Span:
 class RowState:
     index: int
     prompt_len: int
+    stop_at_call: bool = False  # end the row after its first tool call, without running it
     gen: list[int] = field(default_factory=list)
     pending: deque = field(default_factory=deque)  # (token, span or None)
     mode: str = "text"

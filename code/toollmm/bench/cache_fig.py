@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 from ..config import PreprocessConfig
+from ..train.build import build_run
 from ..train.ds import init_distributed
-from ..train.loop import build_parts, make_engine, train_step
+from ..train.loop import make_engine
 from .flops import VICUNA_7B, encoder_flops_per_input, train_flops
+from .step import train_step
 from .world import HUGE, World
 
 
@@ -69,7 +71,7 @@ class _Run:
             model={"feature_cache": {"enabled": cache}},
         ).config
         t0 = time.perf_counter()
-        self.model, _, stream, _ = build_parts(cfg, 0, 1)
+        self.model, _, stream, _ = build_run(cfg, 0, 1)
         self.prepass = time.perf_counter() - t0
         self.engine, self.dtype = make_engine(cfg, self.model, 10**6, 1)
         self.clock = [0.0]  # cache off: decoding + preprocessing + encoder; cache on: feature lookups

@@ -1,6 +1,6 @@
 """Training figures: MFU of the stage-3 step, our trainer's real tokens/s, real-token fractions, and the
-data pipeline against the trainer. All of them train through ``toollmm.train.loop`` (``build_parts``,
-``make_engine``, ``train_step``, or the whole ``run_stage``) on the demo corpus.
+data pipeline against the trainer. All of them train through ``toollmm.train`` (``build_run``,
+``make_engine`` and the loop's ``optimiser_step``, or the whole ``run_stage``) on the demo corpus.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import time
 import torch
 
 from ..model.losses import next_token_targets
+from ..train.build import build_run
 from ..train.ds import init_distributed
-from ..train.loop import build_parts, make_engine, run_stage, stage_dir_of, train_step
+from ..train.loop import make_engine, run_stage, stage_dir_of
 from .flops import LlamaShape, train_flops
 from .gemm import BURST_SHAPES, gemm_gflops
+from .step import train_step
 from .world import World
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def mfu(world: World, profile_to=None) -> dict:
     s = world.sizes
     cfg = stage3_tools(world, "mfu", 10**6).config
     init_distributed()
-    model, _, stream, _ = build_parts(cfg, 0, 1)
+    model, _, stream, _ = build_run(cfg, 0, 1)
     engine, dtype = make_engine(cfg, model, 10**6, 1)
     it = _batches(stream)
     for _ in range(s.warmup):
@@ -221,7 +223,7 @@ def loader_vs_trainer(world: World) -> dict:
     ).config
     init_distributed()
     t0 = time.perf_counter()
-    model, _, stream, _ = build_parts(cfg, 0, 1)
+    model, _, stream, _ = build_run(cfg, 0, 1)
     prepass = time.perf_counter() - t0
     alone = _samples_per_s(stream, n, None)
     engine, dtype = make_engine(cfg, model, 10**6, 1)

@@ -2,7 +2,7 @@
 
 The reference chain is the record's ``eval.reference`` (the converter normalises the test files' tool
 spellings to the names VIoTGPT registers: ``toollmm.data.convert.viot.ALIASES`` / ``normalize_tool``,
-sourced in data/SOURCES.md "VIoT tool names"). Predicted steps come from VIoTGPT's own output
+sourced in data/README.md, "VIoT tool names"). Predicted steps come from VIoTGPT's own output
 (JSONL ``{id: <query>, chains: [<agent step log>...] | <error text>, result}``, written by
 ``test_VIoTGPT_noupload.py`` / ``_upload.py`` / ``_uploadvideo.py``) or the inference ``--batch`` form; their
 tool names are normalised the same way. Steps are aligned by position:

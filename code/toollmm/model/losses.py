@@ -92,12 +92,3 @@ def lm_loss_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def l2_alignment(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """NExT-GPT's alignment loss: Euclidean distance per conditioning token, averaged over tokens."""
     return torch.linalg.vector_norm(pred.float() - target.float(), dim=-1).mean()
-
-
-def zero_touch(module: torch.nn.Module) -> torch.Tensor | None:
-    """``0 * sum(trainable params)``: gives every trainable parameter of a module that this batch did
-    not use a (zero) gradient, so all ranks reduce the same set of gradients under DeepSpeed."""
-    ps = [p for p in module.parameters() if p.requires_grad]
-    if not ps:
-        return None
-    return sum(p.sum() for p in ps) * 0.0

@@ -26,7 +26,6 @@ from .losses import (
     lm_loss_at,
     next_token_targets,
     prepare_attention_mask,
-    zero_touch,
 )
 from .projections import InputProjection, OutputProjection
 
@@ -87,21 +86,43 @@ class ToolLMM(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------- forward
-    def media_tokens(self, modality: str, media: MediaInputs) -> torch.Tensor:
-        """Projected LLM tokens ``[N, n_out * tokens_per_input, H]`` for one modality's media."""
+    def media_features(self, modality: str, media: MediaInputs) -> torch.Tensor:
+        """Encoder outputs ``[N, n_out, D]`` for one modality's media (cached features or the encoder)."""
         if media.features is not None:
-            feats = media.features
-        elif media.pixels is not None:
+            return media.features
+        if media.pixels is not None:
             if self.encoder is None:
                 raise ValueError(
                     f"batch has {modality} pixels (keys {media.keys[:3]}...) but the model was built "
                     "without an encoder; build it with the encoder or feed cached features"
                 )
             with torch.no_grad():
-                feats = self.encoder.encode(modality, media.pixels)
-        else:
-            raise ValueError(f"batch.media[{modality!r}] holds neither features nor pixels")
-        return self.input_proj(feats)
+                return self.encoder.encode(modality, media.pixels)
+        raise ValueError(f"batch.media[{modality!r}] holds neither features nor pixels")
+
+    def media_tokens(self, modality: str, media: MediaInputs) -> torch.Tensor:
+        """Projected LLM tokens ``[N, n_out * tokens_per_input, H]`` for one modality's media."""
+        return self.input_proj(self.media_features(modality, media))
+
+    def _project_all(
+        self, feats: list[torch.Tensor], device
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """ONE input-projection call per forward for every modality's features (each vector is
+        projected on its own, so this equals one call per modality), with a zero stand-in when the batch
+        has no media. Under ZeRO-3 every rank must call the same modules in the same order (parameter
+        gathers are collectives) whatever its data; the stand-in's ``0 * sum`` also gives the projection
+        a (zero) gradient on every rank. Returns the tokens per modality and that zero term."""
+        dim = self.input_proj.in_dim
+        flat = [f.reshape(-1, 1, dim) for f in feats] or [torch.zeros(1, 1, dim)]
+        tokens = self.input_proj(torch.cat([f.to(device=device, dtype=torch.float32) for f in flat]))
+        if not feats:
+            return [], tokens.sum() * 0.0
+        out, start = [], 0
+        for f in feats:
+            n = f.shape[0] * f.shape[1]
+            out.append(tokens[start : start + n].reshape(f.shape[0], -1, tokens.shape[-1]))
+            start += n
+        return out, None
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Input embeddings ``[B, T, H]`` with projected media written at the placeholder positions."""
@@ -112,6 +133,7 @@ class ToolLMM(nn.Module):
         unknown = sorted(set(batch.media) - set(MODALITIES))
         if unknown:
             raise ValueError(f"batch.media: unknown modality {unknown}; known: {list(MODALITIES)}")
+        present, feats = [], []
         for m, count in zip(MODALITIES, counts):
             media = batch.media.get(m)
             if media is None or len(media) == 0:
@@ -121,7 +143,12 @@ class ToolLMM(nn.Module):
                         f"(samples {batch.sample_ids})"
                     )
                 continue
-            tokens = self.media_tokens(m, media)
+            present.append((m, count, media))
+            feats.append(self.media_features(m, media))
+        projected, zero = self._project_all(feats, ids.device)
+        if zero is not None:
+            return embeds + zero.to(embeds.dtype)
+        for (m, count, media), tokens in zip(present, projected):
             if count != tokens.shape[0] * tokens.shape[1]:
                 raise ValueError(
                     f"{m}: {count} placeholder tokens in input_ids but {tokens.shape[0]} media x "
@@ -156,16 +183,15 @@ class ToolLMM(nn.Module):
             **extra,
         )
 
-    def _needs_hidden(self, batch: Batch) -> bool:
-        return any(len(t.positions) for t in batch.signal_targets.values())
-
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         embeds = self.embed(batch)
         packed = batch.attention_mask.dim() == 4 and batch.position_ids is not None
         starts = (batch.position_ids == 0) if packed else None
-        # logits only where a supervised token is predicted; hidden states only for the alignment loss
+        # Logits only where a supervised token is predicted. Hidden states only when the model has output
+        # projections: they then run on every micro-batch (idle ones on a zero span wired to the last
+        # hidden state, below), so this depends on the model, never on a rank's data.
         keep, targets = next_token_targets(batch.labels, starts)
-        needs_hidden = self._needs_hidden(batch)
+        needs_hidden = bool(self.output_proj)
         out = self.run_llm(batch, embeds, logits_at=keep, hidden_states=needs_hidden)
         losses = {"lm": lm_loss_at(out.logits, targets)}
         total = self.loss_weights.get("lm", 1.0) * losses["lm"]
@@ -181,17 +207,21 @@ class ToolLMM(nn.Module):
         for m, proj in self.output_proj.items():
             w = align_weight(self.loss_weights, m)
             targets = batch.signal_targets.get(m)
-            if targets is None or targets.positions.shape[0] == 0:
-                touch = zero_touch(proj)
-                losses[f"align_{m}"] = embeds.new_zeros((), dtype=torch.float32)
-                total = total if touch is None else total + touch
-                continue
             with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0.0):
-                losses[f"align_{m}"] = self._align(m, batch, hidden, embeds)
-            total = total + w * losses[f"align_{m}"]
-        if not any(len(v) for v in batch.media.values()):
-            touch = zero_touch(self.input_proj)
-            total = total if touch is None else total + touch
+                if targets is None or targets.positions.shape[0] == 0:
+                    # The projection still runs, on a zero span wired to the same tensors as a real one
+                    # (hidden states + input embeddings): under ZeRO-3 every rank and micro-batch must
+                    # make the same module calls in the same order, backward included; it also gives
+                    # the projection a (zero) gradient on every rank.
+                    span = len(self.bundle.token_ids.signal[m])
+                    zero_span = ((hidden[:1, :1] + embeds[:1, :1]) * 0.0).expand(1, span, -1)
+                    term = proj(zero_span).sum().float() * 0.0
+                    losses[f"align_{m}"] = hidden.new_zeros((), dtype=torch.float32)
+                else:
+                    term = self._align(m, batch, hidden, embeds)
+                    losses[f"align_{m}"] = term
+            if w != 0.0:
+                total = total + w * term
         losses["loss"] = total
         return losses
 

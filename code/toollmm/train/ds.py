@@ -159,12 +159,15 @@ def gpu_visible_but_unusable() -> str | None:
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Join (or create) the process group: nccl on GPUs, gloo on CPU. Returns (rank, local_rank, world)."""
+    """Join (or create) the process group: nccl on GPUs, gloo on CPU. Returns (rank, local_rank, world).
+    The group lives as long as the process (``code/train.py`` destroys it before exit), so several stages
+    can run in one process. Without a launcher (one process) the rendezvous variables are filled in,
+    with a fresh free port each time unless MASTER_PORT was given."""
     import deepspeed
 
+    global _OWN_PORT
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     problem = gpu_visible_but_unusable()
     if problem:
         raise RuntimeError(problem)
@@ -173,15 +176,23 @@ def init_distributed() -> tuple[int, int, int]:
     if on_gpu:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
+        if _OWN_PORT or "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())  # a second run in one process: a new port
+            _OWN_PORT = True
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
 
 
-def shutdown_distributed() -> None:
-    """Barrier, then destroy the group before interpreter exit (ZeRO-3 under torchrun crashed at exit
-    about 1 run in 7 without this, ENVIRONMENT.md)."""
+_OWN_PORT = False
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """(Barrier, then) destroy the group before interpreter exit (ZeRO-3 under torchrun crashed at exit
+    about 1 run in 7 without this, ENVIRONMENT.md). No barrier after a failure: the other ranks may be
+    stuck elsewhere, and the launcher stops them."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
-            torch.distributed.barrier()
+            if barrier:
+                torch.distributed.barrier()
         finally:
             torch.distributed.destroy_process_group()

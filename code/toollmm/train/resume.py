@@ -1,10 +1,12 @@
 """Resume checkpoints under ``outputs/<run>/stage_N/ckpt/``, written atomically.
 
-Layout: ``ckpt/step_00000120/`` (DeepSpeed's own files: model, optimiser, scheduler) plus
-``rank{r}_state.pt`` per rank (step, RNG states, data position), and ``ckpt/latest`` naming the newest
-COMPLETE tag. A save goes to ``step_X.partial/`` first; only when every rank has finished does the
-node's local rank 0 rename it and replace ``latest`` (os.replace), so a run killed mid-save leaves
-the previous checkpoint intact. Stale ``.partial`` folders are removed; the last ``keep_last`` are kept.
+Layout: ``ckpt/step_00000120/`` (DeepSpeed's own files: the TRAINED parameters only -- frozen base
+weights are rebuilt from their checkpoints, so a 7B run does not rewrite 13 GB per save -- optimiser
+and scheduler) plus ``rank{r}_state.pt`` per rank (step, RNG states, data position), and ``ckpt/latest``
+naming the newest COMPLETE tag. A save goes to ``step_X.partial/`` first; only when every rank has
+finished does rank 0 rename it and replace ``latest`` (os.replace), so a run killed mid-save leaves the
+previous checkpoint intact. Stale ``.partial`` folders are removed; the last ``keep_last`` are kept.
+Like DeepSpeed's own checkpoints, this assumes every node sees the run folder (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class ResumeCheckpoints:
     def __init__(self, ckpt_dir: Path, rank: int, local_rank: int, keep_last: int = 2):
         self.dir = Path(ckpt_dir)
         self.rank, self.local_rank, self.keep_last = rank, local_rank, max(1, keep_last)
+        self.leader = rank == 0  # renames and prunes on the shared filesystem
 
     # ------------------------------------------------------------------ reading
     def latest(self) -> str | None:
@@ -75,7 +78,7 @@ class ResumeCheckpoints:
         load_path, _ = engine.load_checkpoint(
             str(self.dir),
             tag=tag,
-            load_module_strict=False,
+            load_module_strict=False,  # frozen parameters are not in the checkpoint
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
@@ -95,17 +98,17 @@ class ResumeCheckpoints:
     def save(self, engine, step: int, extra: dict) -> Path:
         tag = f"step_{step:08d}"
         partial = f"{tag}.partial"
-        if self.local_rank == 0:
+        if self.leader:
             shutil.rmtree(self.dir / partial, ignore_errors=True)
             self.dir.mkdir(parents=True, exist_ok=True)
         _barrier()
-        engine.save_checkpoint(str(self.dir), tag=partial, save_latest=False)
+        engine.save_checkpoint(str(self.dir), tag=partial, save_latest=False, exclude_frozen_parameters=True)
         state = {"step": step, "rng": rng_state(), **extra}
         tmp = self.dir / partial / f".rank{self.rank}_state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.dir / partial / f"rank{self.rank}_state.pt")
         _barrier()
-        if self.local_rank == 0:
+        if self.leader:
             final = self.dir / tag
             if final.exists():
                 shutil.rmtree(final)

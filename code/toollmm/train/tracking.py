@@ -1,43 +1,112 @@
 """Quiet, rank-aware run tracking: one metrics dict per logged step, written by rank 0 only.
 
-* ``metrics.jsonl`` in the stage folder (one JSON object per line: step, each loss term, lr, grad
-  norm, real tokens/s, samples/s, real-token fraction, memory; validation lines carry ``split``),
-* a loss-curve PNG redrawn at the end,
-* wandb (offline by default, writing under the run folder; ``disabled`` is a no-op),
+* ``metrics.jsonl`` in the stage folder: one JSON object per logged step with ``step``, each loss term
+  (``loss``, ``lm``, ``align_<modality>``; means over the window's micro-batches and all ranks), ``lr``,
+  ``grad_norm``, ``tok_s`` (real, non-padding tokens per second, all ranks), ``samples_s``,
+  ``real_token_fraction``, ``mem_mb`` / ``mem_peak_mb`` (GPU allocated / peak allocated, or the process's
+  resident / peak resident memory on CPU; the largest rank's), ``step_s`` and ``epoch``; validation lines
+  hold ``val_<term>``; ``event`` lines mark start and end. A resumed run first drops the lines past its
+  checkpoint, so the file reads as one uninterrupted run.
+* a loss-curve PNG (``loss.png``) redrawn at the end,
+* wandb (offline by default, writing ``<stage folder>/wandb/offline-run-*``; ``disabled`` is a no-op;
+  the run id is stable per run and stage, so a resumed run continues the same wandb run),
 * a tqdm bar with ETA on rank 0 only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+from collections import defaultdict
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 def setup_logging(rank: int, level: str = "INFO") -> None:
-    """Rank 0 logs at ``level``; other ranks only warnings and errors."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    """Rank 0 logs toollmm at ``level``; other ranks only warnings and errors. A process without logging
+    handlers (the command line) gets one; an embedding program's (or pytest's) handlers are kept."""
+    lvl = getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=lvl,
+            format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+    logging.getLogger("toollmm").setLevel(lvl)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def memory_mb() -> float:
+def memory_mb() -> tuple[float, float]:
+    """(current, peak) MiB: GPU memory allocated by torch, or this process's resident set on CPU."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
     import psutil
 
-    return psutil.Process().memory_info().rss / 2**20
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return psutil.Process().memory_info().rss / 2**20, peak_kb / 1024
+
+
+class MetricsWindow:
+    """Loss terms, token counts and compute time since the last metrics line."""
+
+    def __init__(self):
+        self.sums: dict = defaultdict(float)  # loss term -> running sum (a device tensor once added to)
+        self.n = self.real = self.total = self.samples = self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, out: dict, batch) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums[k] + v.detach().double()  # stays on the device: no sync per micro-batch
+        self.n += 1
+        self.real += batch.real_tokens
+        self.total += batch.input_ids.numel()
+        self.samples += sum(len(r) for r in batch.sample_ids)
+
+    def mean(self, key: str) -> float:
+        return float(self.sums[key]) / max(1, self.n)
+
+    def metrics(self, engine, stream=None) -> dict:
+        """The metrics line, summed over ranks (a collective: every rank calls it at the same step)."""
+        import torch
+
+        keys = sorted(self.sums)
+        counts = [self.n, self.real, self.total, self.samples]
+        # on the engine's device: NCCL reduces CUDA tensors only
+        t = torch.tensor(
+            [float(self.sums[k]) for k in keys] + counts, dtype=torch.float64, device=engine.device
+        )
+        mem = torch.tensor(memory_mb(), dtype=torch.float64, device=engine.device)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        n, real, total, samples = (float(x) for x in t[len(keys) :])
+        dt = max(1e-9, self.seconds)
+        gn = engine.get_global_grad_norm()
+        row = {k: float(t[i]) / max(1.0, n) for i, k in enumerate(keys)}
+        row.update(
+            lr=float(engine.get_lr()[0]),
+            grad_norm=float(gn) if gn is not None else None,
+            tok_s=real / dt,
+            samples_s=samples / dt,
+            real_token_fraction=real / max(1.0, total),
+            mem_mb=round(float(mem[0]), 1),
+            mem_peak_mb=round(float(mem[1]), 1),
+            step_s=dt / max(1, self.steps),
+        )
+        if stream is not None:
+            row["epoch"] = round(stream.epoch + stream.consumed / max(1, stream.steps_per_epoch), 4)
+        return row
 
 
 class Tracker:
@@ -60,6 +129,7 @@ class Tracker:
         if rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start_step)
         if wandb_mode != "disabled":
             try:
                 import wandb
@@ -70,6 +140,7 @@ class Tracker:
                     mode=wandb_mode,
                     dir=str(self.out_dir),
                     config=config or {},
+                    id=wandb_id(self.out_dir, run_name),
                     resume="allow",
                 )
             except Exception as e:  # a tracker must never kill a training run
@@ -89,7 +160,7 @@ class Tracker:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
-        shown = {k: v for k, v in row.items() if k in ("loss", "lm", "val_loss", "lr", "tok_s")}
+        shown = {k: v for k, v in row.items() if k in ("event", "loss", "lm", "val_loss", "lr", "tok_s")}
         log.info("step %d %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in shown.items() if k != "step"))
 
     def advance(self, n: int = 1, **postfix) -> None:
@@ -109,6 +180,28 @@ class Tracker:
             plot_losses(self.path, self.out_dir / "loss.png")
         except Exception as e:
             log.warning("could not draw the loss curve: %s", e)
+
+
+def wandb_id(out_dir: Path, run_name: str) -> str:
+    """Stable per stage folder, so a resumed run logs into the same wandb run."""
+    digest = hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in run_name)
+    return f"{safe}-{digest}"
+
+
+def truncate_metrics(path: Path, start_step: int) -> None:
+    """Fresh start: no old lines. Resume from ``start_step``: drop the lines logged after it (and an old
+    ``end`` event: the resumed run writes its own)."""
+    if not path.exists():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [json.dumps(r) for r in rows if r["step"] <= start_step and r.get("event") != "end"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _clean(v):

@@ -1,4 +1,4 @@
-"""Converters from every supported public format into unified records (see data/SOURCES.md).
+"""Converters from every supported public format into unified records (see data/README.md "Sources").
 
 ``REGISTRY`` maps a format name to its converter; :func:`convert_file` runs one over a file.
 """

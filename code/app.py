@@ -1,0 +1,150 @@
+"""The web demo: chat with a trained toollmm model, upload images / audio / video, see tool calls and media.
+
+    python code/app.py --checkpoint outputs/demo/stage_3                 # http://127.0.0.1:7860
+    python code/app.py --checkpoint outputs/demo/stage_3 --port 7861 inference.temperature=0.7
+
+The same runtime as ``code/inference.py`` (``toollmm.load``: config/inference.yaml on the checkpoint's
+config, then ``--config`` files and ``key=value`` overrides); one conversation per browser session. Binds
+127.0.0.1 unless ``--host`` says otherwise; gradio's analytics are off. API (``gradio_client``):
+``/chat`` takes ``{"text": ..., "files": [...]}`` and returns (cleared box, chat messages, the turn's
+``--json`` result); ``/clear`` starts a new conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from toollmm.config import ConfigError, add_config_args  # noqa: E402
+
+TITLE = "toollmm: chat, tools and any-to-any generation"
+
+
+@dataclass
+class AppState:
+    """One browser session: its conversation and what the chat window shows."""
+
+    session: object = None  # toollmm.infer.session.ChatSession, created on the first message
+    messages: list[dict] = field(default_factory=list)
+
+
+def chat_messages(text: str, files: list[str], out: dict) -> list[dict]:
+    """One turn as gradio chat messages: uploads, the user text, each tool call (a titled, collapsible
+    message), the answer, then the generated media."""
+    msgs = [{"role": "user", "content": {"path": f}} for f in files]
+    msgs += [{"role": "user", "content": text}] if text else []
+    for c in out["tool_calls"]:
+        body = f"arguments: {json.dumps(c['arguments'], ensure_ascii=False)}\n"
+        body += f"error: {c['error']}" if c["error"] else f"result: {c['result']}"
+        title = f"🛠️ {c['name']} ({c['duration_s']:.2f}s)"
+        msgs.append({"role": "assistant", "content": body, "metadata": {"title": title, "status": "done"}})
+    if out["text"].strip() or not out["media"]:
+        msgs.append({"role": "assistant", "content": out["text"].strip() or "(no answer)"})
+    msgs += [{"role": "assistant", "content": {"path": m["path"]}} for m in out["media"]]
+    if out["errors"]:
+        title = "⚠️ problems"
+        msgs.append({"role": "assistant", "content": "\n".join(out["errors"]), "metadata": {"title": title}})
+    return msgs
+
+
+def build_app(runtime):
+    """The gradio Blocks app around a loaded ``Runtime``."""
+    import gradio as gr
+
+    from toollmm.infer.media import INPUT_SUFFIXES, modality_of
+
+    def respond(message: dict | None, state: AppState | None):
+        state = state or AppState()
+        if state.session is None:
+            state.session = runtime.session()
+        message = message or {}
+        text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
+        if not text and not files:
+            return {"text": "", "files": []}, state.messages, None, state
+        try:
+            media = [(modality_of(f), f) for f in files]
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        out = state.session.send(text, media)
+        state.messages = [*state.messages, *chat_messages(text, files, out)]
+        return {"text": "", "files": []}, state.messages, out, state
+
+    def clear(state: AppState | None):
+        return [], None, AppState()
+
+    suffixes = [s for v in INPUT_SUFFIXES.values() for s in v]
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"## {TITLE}\nCheckpoint: `{runtime.stage.path}` · outputs: `{runtime.output_dir}`")
+        chatbot = gr.Chatbot(label="conversation", height=480)
+        box = gr.MultimodalTextbox(
+            file_count="multiple",
+            file_types=suffixes,
+            placeholder="Ask, request a tool or an image / video / sound; attach media with the clip",
+            show_label=False,
+        )
+        with gr.Accordion("last turn as JSON (code/inference.py --json)", open=False):
+            result = gr.JSON(label="result")
+        reset = gr.Button("new conversation")
+        state = gr.State(None)
+        box.submit(respond, [box, state], [box, chatbot, result, state], api_name="chat")
+        reset.click(clear, [state], [chatbot, result, state], api_name="clear")
+    return app
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    add_config_args(p)
+    return p.parse_args(argv)
+
+
+def launch(runtime, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve the app; ``block=False`` returns the running app (tests: ``app.close()`` stops it)."""
+    app = build_app(runtime)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(Path(runtime.output_dir).resolve())],
+        quiet=not block,
+        show_error=True,
+    )
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import toollmm
+    from toollmm.checkpoint import StageError
+    from toollmm.inference_api import INFERENCE_YAML
+
+    files = [INFERENCE_YAML, *args.config]
+    try:
+        if args.print_config:
+            from toollmm.checkpoint import stage_config
+            from toollmm.config import to_yaml
+            from toollmm.paths import resolve
+
+            print(to_yaml(stage_config(resolve(args.checkpoint), args.overrides, files)), end="")
+            return 0
+        runtime = toollmm.load(
+            args.checkpoint, overrides=args.overrides, config_files=files, output_dir=args.output_dir
+        )
+    except (ConfigError, StageError, ValueError, OSError) as e:
+        print(f"app.py: {e}", file=sys.stderr)
+        return 2
+    launch(runtime, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Chat with a trained toollmm model: text + image/audio/video in -> text, executed tools, generated media out.
+
+    python code/inference.py --checkpoint outputs/demo/stage_3 --prompt "What is 12 plus 30?"
+    python code/inference.py --checkpoint outputs/demo/stage_3 --image cat.png --prompt "Describe it." --json
+    python code/inference.py --checkpoint outputs/demo/stage_3 --chat            # multi-turn, see /help
+    python code/inference.py --checkpoint outputs/demo/stage_3 --batch in.jsonl --out out.jsonl
+    python code/inference.py --checkpoint outputs/demo/stage_3 --prompt "hi" inference.temperature=0.7
+
+Loads a stage folder, a released folder or a Hub id through ``toollmm.load`` (the one loader), with
+defaults from config/inference.yaml layered on the checkpoint's saved config, then ``--config`` files, then
+``key=value`` overrides. Media are written to --output-dir (default outputs/inference/<timestamp>/),
+which is also the tools' workspace. ``--json`` prints one object per turn:
+{"text", "tool_calls": [{"name", "arguments", "result", "error", "duration_s"}], "media": [{"modality",
+"path", "seed"}], "errors", "timings": {"load_s", "first_token_s", "total_s"}}; ``--batch`` writes one
+such object per input line, plus its ``id``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from toollmm.config import ConfigError, add_config_args
+
+MEDIA_FLAGS = ("image", "video", "audio")
+CHAT_HELP = (
+    "/image PATH, /video PATH, /audio PATH attach media to your next message; /reset clears the history; "
+    "/quit (or end of input) leaves"
+)
+
+
+class AddMedia(argparse.Action):
+    """``--image/--video/--audio P``: one ordered list of (modality, path) across the three flags."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.media = [*(namespace.media or []), (self.dest, value)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument("--prompt", default=None, help="the user message (media placeholders optional)")
+    for m in MEDIA_FLAGS:
+        p.add_argument(f"--{m}", action=AddMedia, metavar="P", help=f"{m} input (repeatable, in order)")
+    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object per turn")
+    p.add_argument("--chat", action="store_true", help="multi-turn chat on stdin")
+    p.add_argument("--tools", default=None, help="comma-separated tool names to enable (default: all)")
+    p.add_argument("--batch", default=None, metavar="IN.jsonl", help="one request per line")
+    p.add_argument("--out", default=None, metavar="OUT.jsonl", help="--batch results")
+    p.add_argument(
+        "--media-root", default=None, help="--batch: relative media paths start here (default: its folder)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="--batch: requests per generate call")
+    p.add_argument("--verbose", action="store_true", help="log the library's progress (INFO)")
+    add_config_args(p)
+    p.set_defaults(media=[])
+    args = p.parse_args(argv)
+    if args.batch and (args.prompt is not None or args.chat or args.media):
+        p.error("--batch takes its prompts and media from the file (no --prompt, --chat or media flags)")
+    if bool(args.batch) != bool(args.out):
+        p.error("--batch and --out go together")
+    if not (args.batch or args.chat or args.prompt is not None or args.media or args.print_config):
+        p.error("give --prompt (and/or media), --chat, or --batch IN --out OUT")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def tool_names(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in (args.tools or "").split(",") if t.strip()]
+
+
+def check_media(media: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Absolute paths of the media arguments (relative to the current folder, as users expect)."""
+    out = []
+    for modality, path in media:
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            raise FileNotFoundError(f"--{modality} {path}: file not found")
+        out.append((modality, str(p)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- printing
+def stream_to(out) -> Callable[[int, str], None]:
+    def on_text(row: int, delta: str) -> None:
+        out.write(delta)
+        out.flush()
+
+    return on_text
+
+
+def show(result: dict, as_json: bool, out=None) -> None:
+    """After a streamed turn: tool calls, media and errors; or the whole result as one JSON line."""
+    out = out or sys.stdout
+    if as_json:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        out.flush()
+        return
+    out.write("\n")
+    for c in result["tool_calls"]:
+        args = json.dumps(c["arguments"], ensure_ascii=False)
+        got = f"error: {c['error']}" if c["error"] else c["result"]
+        out.write(f"  [tool] {c['name']}({args}) -> {got} ({c['duration_s']:.2f}s)\n")
+    for m in result["media"]:
+        out.write(f"  [{m['modality']}] {m['path']} (seed {m['seed']})\n")
+    for e in result["errors"]:
+        out.write(f"  [error] {e}\n")
+    out.flush()
+
+
+# ----------------------------------------------------------------------------------------- modes
+def run_prompt(rt, args) -> int:
+    from toollmm.infer.requests import prompt_request
+
+    req = prompt_request(args.prompt or "", check_media(args.media), tools=offered_tools(rt, args))
+    [result], [row] = rt.run_rows([req], on_text=None if args.json else stream_to(sys.stdout))
+    show(result, args.json)
+    return 0 if row is not None else 1
+
+
+def run_chat(rt, args, stdin=None) -> int:
+    stdin = stdin or sys.stdin
+    pending = check_media(args.media)
+    rt.conversation.tools = offered_tools(rt, args)
+    interactive = stdin.isatty() and not args.json
+    if interactive:
+        print(f"toollmm chat ({rt.stage.path}); {CHAT_HELP}", file=sys.stderr)
+    first = args.prompt
+    while True:
+        if first is not None:
+            line, first = first, None
+        else:
+            if interactive:
+                print("\nyou> ", end="", file=sys.stderr, flush=True)
+            line = stdin.readline()
+            if not line:
+                return 0
+        line = line.strip()
+        cmd, _, rest = line.partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return 0
+        if cmd == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+        elif cmd == "/reset":
+            rt.new_chat()
+            pending = []
+        elif cmd.lstrip("/") in MEDIA_FLAGS and cmd.startswith("/"):
+            try:
+                pending += check_media([(cmd[1:], rest.strip())])
+            except FileNotFoundError as e:
+                print(f"error: {e}", file=sys.stderr)
+        elif line or pending:
+            on_text = None if args.json else stream_to(sys.stdout)
+            result = rt.conversation.send(line, pending, on_text=on_text)
+            pending = []
+            show(result, args.json)
+
+
+def run_batch(rt, args, requests) -> int:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    offered = offered_tools(rt, args)
+    failed = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for i in range(0, len(requests), args.batch_size):
+            part = requests[i : i + args.batch_size]
+            for r in part:
+                r.tools = r.tools if r.tools is not None else offered
+            outs, rows = rt.run_rows(part)
+            for r, res, row in zip(part, outs, rows):
+                failed += row is None
+                f.write(json.dumps({"id": r.id, **res}, ensure_ascii=False) + "\n")
+            f.flush()
+    print(f"inference.py: {len(requests)} results -> {out} ({failed} could not run)", file=sys.stderr)
+    return 0 if failed == 0 else 1
+
+
+def offered_tools(rt, args) -> list | None:
+    """The enabled tools as HF function specs (the prompt's ``tools``), when --tools names them."""
+    names = tool_names(args)
+    if not names:
+        return None
+    return [
+        {
+            "type": "function",
+            "function": {"name": s.name, "description": s.description, "parameters": s.parameters},
+        }
+        for s in (rt.registry.get(n) for n in names)
+    ]
+
+
+# ----------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin=None) -> int:
+    """``loader(checkpoint, **kwargs) -> Runtime`` replaces ``toollmm.load`` (tests)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    import toollmm
+    from toollmm.checkpoint import StageError
+    from toollmm.infer.requests import BatchError, read_batch
+    from toollmm.inference_api import INFERENCE_YAML
+
+    overrides = list(args.overrides)
+    if tool_names(args):
+        overrides.append(f"inference.tools={json.dumps(tool_names(args))}")
+    files = [INFERENCE_YAML, *args.config]
+    try:
+        if args.print_config:
+            from toollmm.checkpoint import stage_config
+            from toollmm.config import to_yaml
+            from toollmm.paths import resolve
+
+            print(to_yaml(stage_config(resolve(args.checkpoint), overrides, files)), end="")
+            return 0
+        requests = read_batch(args.batch, args.media_root) if args.batch else None
+        check_media(args.media)
+        rt = (loader or toollmm.load)(
+            args.checkpoint, overrides=overrides, config_files=files, output_dir=args.output_dir
+        )
+    except (ConfigError, StageError, BatchError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"inference.py: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"inference.py: outputs in {rt.output_dir}", file=sys.stderr)
+    if args.batch:
+        return run_batch(rt, args, requests)
+    if args.chat:
+        return run_chat(rt, args, stdin)
+    return run_prompt(rt, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Release a stage folder as a Hugging Face Hub folder, check it, upload it.
+
+A release folder IS a stage folder (``toollmm.load`` reads it like any other) plus what the Hub shows::
+
+    README.md           model card (Hub YAML metadata; see toollmm.hub_card)
+    config.json         toollmm's model config, base models (Hub id or name + URL, licence, sha256),
+                        new-token row ids, file sha256s
+    stage.json          the loader's manifest, re-written for the released files
+    config.yaml         the saved config with each base model by Hub id where it has one
+    tokenizer/          base tokenizer + toollmm's added tokens + chat template
+    delta.safetensors   input/output projections + new-token rows (never the base vocabulary)
+    adapter/            the LoRA adapter in peft's format (``PeftModel.from_pretrained(base, folder,
+                        subfolder="adapter")``); base_model_name_or_path = the LLM's Hub id
+    merged/             only with ``merge=True``: the whole LLM, LoRA and token rows merged in
+
+Base models: see :mod:`toollmm.hub_bases` (how the released config names them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .checkpoint import MANIFEST, _file_hashes, read_manifest
+from .hub_bases import ReleaseError, describe_bases, released_config
+from .paths import resolve
+
+log = logging.getLogger(__name__)
+
+FORMAT = "toollmm-release/1"
+DELTA_PREFIXES = ("token_rows.", "input_proj.", "output_proj.")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: file names that base models ship their weights under (never in a release outside merged/)
+BASE_WEIGHT_NAMES = ("model", "pytorch_model", "diffusion_pytorch_model", "imagebind")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+
+
+# ------------------------------------------------------------------------------------- the folder
+@dataclass
+class Release:
+    folder: Path
+    repo_id: str
+    files: list[tuple[str, int]] = field(default_factory=list)  # (relative path, bytes), all of them
+    bases: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def merged_files(self) -> list[tuple[str, int]]:
+        return [f for f in self.files if f[0].startswith("merged/")]
+
+
+def release_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    d = Path(folder)
+    return [(str(p.relative_to(d)), p.stat().st_size) for p in sorted(d.rglob("*")) if p.is_file()]
+
+
+def _copy_adapter(src: Path, dst: Path, base_ref: str) -> None:
+    dst.mkdir(parents=True)
+    missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+    if missing:
+        raise ReleaseError(f"{src}: the delta lists part 'lora' but {missing} is missing")
+    cfg = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_ref  # peft's own README.md stub is not copied
+    (dst / "adapter_config.json").write_text(
+        json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    shutil.copy2(src / "adapter_model.safetensors", dst / "adapter_model.safetensors")
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh temp folder next to ``out``; ``out`` itself may only be replaced if it is a release."""
+    if out.exists() and any(out.iterdir()):
+        cfg = out / "config.json"
+        fmt = json.loads(cfg.read_text(encoding="utf-8")).get("format") if cfg.is_file() else None
+        if fmt != FORMAT:
+            raise ReleaseError(
+                f"--out {out}: exists and is not a toollmm release folder; choose another path"
+            )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def build_release(
+    stage_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    base_ids: dict[str, str] | None = None,
+    license: str = "cc-by-nc-4.0",
+    datasets: list[str] = (),
+    merge: bool = False,
+    merge_dtype: str = "auto",
+) -> Release:
+    """Write the release folder of ``stage_dir`` into ``out_dir`` (replaced only once the new folder is
+    complete and checked; a failed build leaves ``out_dir`` as it was)."""
+    from .hub_card import write_card
+
+    src, out = Path(stage_dir), Path(out_dir)
+    manifest = read_manifest(src)  # every file checked against its sha256
+    if "llm" in manifest.get("parts", []):
+        raise ReleaseError(
+            f"{src}: this delta holds the whole LLM (part 'llm'), i.e. base weights; release a stage "
+            "trained on top of it instead (train.export_llm writes such an LLM as a base folder)"
+        )
+    tree = yaml.safe_load((src / "config.yaml").read_text(encoding="utf-8"))
+    bases = describe_bases(tree, manifest, base_ids)
+    tmp = _prepare_out(out)
+    try:
+        config = _write_loadable(src, tmp, manifest, tree, bases, repo_id)
+        if merge:
+            write_merged(src, tmp / "merged", merge_dtype)
+        write_card(tmp, src, config, license=license, datasets=list(datasets))
+        release = Release(tmp, repo_id, release_files(tmp), bases)
+        check_release(release)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    release.folder = out
+    log.info("release folder %s: %d files", out, len(release.files))
+    return release
+
+
+def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dict, repo_id: str) -> dict:
+    """The stage-folder part (tokenizer, delta, adapter, config.yaml, stage.json) and config.json."""
+    from .tokens import GROUPS, TokenIds
+
+    shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+    shutil.copy2(src / "delta.safetensors", tmp / "delta.safetensors")
+    if (src / "adapter").is_dir():
+        _copy_adapter(src / "adapter", tmp / "adapter", bases["llm"]["ref"] or bases["llm"]["name"])
+    released = released_config(tree, bases)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(released, sort_keys=False), encoding="utf-8")
+    public = {r: {k: v for k, v in b.items() if k != "trained_with"} for r, b in bases.items()}
+    new_manifest = {**manifest, "files": _file_hashes(tmp), "base_models": public}
+    new_manifest["release"] = {"repo_id": repo_id, "toollmm": __version__, "from": src.name}
+    (tmp / MANIFEST).write_text(json.dumps(new_manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    ids = TokenIds(**manifest["token_ids"])
+    config = {
+        "format": FORMAT,
+        "toollmm_version": __version__,
+        "repo_id": repo_id,
+        "stage": manifest.get("stage"),
+        "parts": manifest.get("parts"),
+        "base_models": public,
+        "token_ids": manifest["token_ids"],
+        "token_rows": {g: ids.group_ids(g) for g in GROUPS},  # row order of token_rows.*.<group>
+        "model": released["model"],
+        "files": new_manifest["files"],
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    return config
+
+
+def write_merged(stage_dir: Path, out: Path, dtype: str = "auto") -> Path:
+    """The LLM with LoRA merged and the new token rows written into its matrices (checkpoint.export_llm),
+    saved in ``dtype`` ('auto' = the base LLM's own dtype from its config.json, else float32)."""
+    import torch
+
+    from .checkpoint import export_llm, load_stage
+
+    stage = load_stage(stage_dir, overrides=["model.llm.dtype=float32"])
+    if dtype == "auto":
+        base = resolve(stage.config.model.llm.path)
+        cfg = json.loads((base / "config.json").read_text()) if (base / "config.json").is_file() else {}
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ReleaseError(f"--merge-dtype: {dtype!r} is not float32, bfloat16 or float16")
+    return export_llm(stage.model, out, dtype=getattr(torch, dtype), copy=False)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def tensor_report(path: str | os.PathLike) -> dict[str, dict]:
+    """``{key: {"shape", "numel", "all_zero"}}`` for every tensor of a safetensors file."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            out[k] = {"shape": list(t.shape), "numel": t.numel(), "all_zero": bool((t == 0).all())}
+    return out
+
+
+def check_release(release: Release) -> None:
+    """The rules every release obeys (raise :class:`ReleaseError` naming the file / key):
+    no base-model weight files outside merged/, no empty tensors, delta keys only from the delta's parts,
+    adapter keys LoRA only and not all-zero (an adapter saved empty, LLaVA #1734), no all-zero matrices."""
+    d = release.folder
+    problems = []
+    for rel, _size in release.files:
+        name = Path(rel).name
+        if rel.startswith("merged/"):
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) and rel not in (
+            "delta.safetensors",
+            "adapter/adapter_model.safetensors",
+        ):
+            problems.append(
+                f"{rel}: a weight file that is not part of a delta (base weights are never released)"
+            )
+        if name.startswith(BASE_WEIGHT_NAMES) and name.endswith(WEIGHT_SUFFIXES):
+            problems.append(f"{rel}: named like a base model's weights")
+    delta = tensor_report(d / "delta.safetensors")
+    problems += [
+        f"delta.safetensors: {k} is not a delta key" for k in delta if not k.startswith(DELTA_PREFIXES)
+    ]
+    adapter = d / "adapter" / "adapter_model.safetensors"
+    reports = {"delta.safetensors": delta}
+    if adapter.is_file():
+        reports["adapter/adapter_model.safetensors"] = rep = tensor_report(adapter)
+        problems += [f"adapter: {k} is not a LoRA weight" for k in rep if "lora_" not in k]
+        b = [v for k, v in rep.items() if "lora_B" in k]
+        if b and all(v["all_zero"] for v in b):
+            problems.append(
+                "adapter: every lora_B is all zero: the LoRA adapter is a no-op (never trained, or saved empty)"
+            )
+    for fname, rep in reports.items():
+        for k, v in rep.items():
+            if v["numel"] == 0:
+                problems.append(f"{fname}: {k} is empty (shape {v['shape']})")
+            elif v["all_zero"] and len(v["shape"]) >= 2 and "lora_B" not in k:
+                problems.append(f"{fname}: {k} {v['shape']} is all zero")
+    problems += _same_as_base_files(release)
+    if problems:
+        raise ReleaseError(f"{d}: " + "; ".join(problems[:10]))
+
+
+def _same_as_base_files(release: Release) -> list[str]:
+    """Release files byte-identical to a local base weight file (compared by size, then sha256)."""
+    from .model.files import sha256_file
+
+    sizes = {size: rel for rel, size in release.files if not rel.startswith("merged/")}
+    hits = []
+    for entry in release.bases.values():
+        base = resolve(entry.get("trained_with")) if entry.get("trained_with") else None
+        if base is None or not base.exists():
+            continue
+        files = [base] if base.is_file() else [p for p in base.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+        for f in files:
+            rel = sizes.get(f.stat().st_size)
+            if rel and sha256_file(f) == sha256_file(release.folder / rel):
+                hits.append(f"{rel}: identical to the base model file {f}")
+    return hits
+
+
+# ------------------------------------------------------------------------------------------ upload
+def upload(release_dir: str | os.PathLike, repo_id: str, *, private: bool = False, api=None) -> str:
+    """Create (or reuse) the Hub model repo and make its files exactly the release folder's
+    (``upload_folder`` with ``delete_patterns="*"``: stale files of an earlier release go; .gitattributes
+    stays). The token is huggingface_hub's own (``hf auth login`` or ``HF_TOKEN``); it is never read here."""
+    from huggingface_hub import HfApi, get_token
+
+    if api is None:
+        if get_token() is None:
+            raise ReleaseError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then retry")
+        api = HfApi()
+    folder = Path(release_dir)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        delete_patterns="*",
+        commit_message=f"toollmm {cfg['toollmm_version']} release (stage {cfg['stage']})",
+    )
+    return str(url)

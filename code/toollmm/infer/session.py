@@ -1,0 +1,104 @@
+"""Multi-turn chat: the history as unified-record messages, with media in any turn.
+
+Each turn appends the user message (media placeholders put in front when the text has none) and then the
+assistant's turn as the model actually produced it: every tool call that parsed, with its observation as a
+``tool`` message, then the answer text and a ``generate`` entry per signal span — so the next prompt is
+rendered by the training renderer from the same kind of record the model was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..agent.state import RowResult
+from ..data.react import parse_react
+from ..tokens import PLACEHOLDER, PLACEHOLDER_RE
+
+MEDIA_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
+
+
+def with_placeholders(text: str, media: Sequence[tuple[str, str]]) -> str:
+    """``text`` with one placeholder per medium put in front (in order) when it has none of its own."""
+    if not media or PLACEHOLDER_RE.search(text or ""):
+        return text or ""
+    head = "".join(PLACEHOLDER[m] for m, _ in media)
+    return f"{head}\n{text}" if text else head
+
+
+def split_media(media: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """``[(modality, path)]`` -> ``{"images": [...], "videos": [...], "audios": [...]}`` (order kept)."""
+    out: dict[str, list[str]] = {k: [] for k in MEDIA_KEYS.values()}
+    for modality, path in media:
+        if modality not in MEDIA_KEYS:
+            raise ValueError(f"unknown media modality {modality!r} (known: {sorted(MEDIA_KEYS)})")
+        out[MEDIA_KEYS[modality]].append(str(path))
+    return out
+
+
+def assistant_messages(row: RowResult, react: bool) -> list[dict]:
+    """The assistant turn of ``row`` as messages (calls + tool results, then the answer)."""
+    msgs: list[dict] = []
+    for r in row.tool_results:
+        args = r.arguments
+        if isinstance(args, str):  # a ReAct call keeps its raw Action Input
+            args = {"input": args}
+        if r.name == "?" or not isinstance(args, dict):
+            continue  # malformed: nothing the renderer could write back
+        call = {"type": "function", "function": {"name": r.name, "arguments": args}}
+        msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        msgs.append({"role": "tool", "name": r.name, "content": r.observation()})
+    text = row.text.strip()
+    if react:
+        final = parse_react(row.text).final
+        text = final.answer.strip() if final is not None else ("" if msgs else text)
+    answer: dict = {"role": "assistant", "content": text}
+    generated = [
+        {"modality": ev.modality, "caption": "", "media": Path(ev.result["path"]).name}
+        for ev in row.signals
+        if isinstance(ev.result, dict) and "path" in ev.result
+    ]
+    if generated:
+        answer["generate"] = generated
+    return [*msgs, answer]  # always closed by an answer message (possibly empty: just the turn end)
+
+
+class ChatSession:
+    """One conversation with a runtime (``Runtime.chat`` uses one; the app keeps one per browser)."""
+
+    def __init__(self, runtime, system: str | None = None):
+        self.runtime = runtime
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.media: dict[str, list[str]] = {k: [] for k in MEDIA_KEYS.values()}
+        self.tools: list | None = None  # tool specs offered in the prompt (HF function form), if any
+        self.turns: list[dict] = []  # every turn's output
+
+    def send(
+        self,
+        text: str = "",
+        media: Sequence[tuple[str, str]] = (),
+        *,
+        on_text: Callable[[int, str], None] | None = None,
+    ) -> dict:
+        """One user turn (text and ``[(modality, path)]``) -> the turn's output dict; history grows."""
+        from ..inference_api import Request
+
+        user = {"role": "user", "content": with_placeholders(text, media)}
+        new = split_media(media)
+        req = Request(
+            messages=[*self.messages, user],
+            tools=self.tools,
+            **{k: self.media[k] + new[k] for k in MEDIA_KEYS.values()},
+        )
+        [out], [row] = self.runtime.run_rows([req], on_text=on_text)
+        if row is not None:  # the turn ran: it joins the history
+            self.messages += [user, *assistant_messages(row, self.runtime.react)]
+            for k in MEDIA_KEYS.values():
+                self.media[k] += new[k]
+        self.turns.append(out)
+        return out
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.media = {k: [] for k in MEDIA_KEYS.values()}
+        self.turns = []

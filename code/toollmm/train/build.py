@@ -1,0 +1,110 @@
+"""Everything a stage needs before the engine: seeds, the feature pre-pass, the model (+ ``init_from``),
+the trainable set, caption targets and the data streams."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_into
+from ..paths import resolve
+from .targets import precompute_captions
+
+log = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_init_from(cfg, stage_dir) -> None:
+    """``train.init_from: previous`` -> this run's stage N-1 folder (written into the config, so the stage
+    folder records the real path); a missing folder is an error before anything expensive runs."""
+    if cfg.train.init_from != "previous":
+        return
+    if cfg.run.stage < 1:
+        raise ValueError("train.init_from=previous: stage 0 has no previous stage")
+    prev = stage_dir.parent / f"stage_{cfg.run.stage - 1}"
+    if not (prev / "stage.json").is_file():
+        raise ValueError(
+            f"train.init_from=previous: {prev} holds no finished stage {cfg.run.stage - 1} of run "
+            f"{cfg.run.name!r}; train that stage first, or set train.init_from=<stage folder>"
+        )
+    cfg.train.init_from = str(prev)
+
+
+def build_run(cfg, rank: int, world: int):
+    """(model, trainable counts, train stream, held-out stream or None). Media come from the feature
+    cache when it is enabled (the encoder is then dropped before the engine sees the model)."""
+    from ..data.pipeline import make_processor
+    from ..data.stream import TrainStream
+    from ..model.toollmm_model import build_model
+
+    encoder = cache = None
+    if has_media(cfg):
+        from ..model.encoder import build_encoder
+
+        encoder = build_encoder(cfg.model)
+        if cfg.model.feature_cache.enabled:
+            from .features import precompute_features
+
+            cache = precompute_features(cfg, encoder, rank, world)
+            encoder = None  # cached features only: no encoder weights in the engine or the workers
+        elif _zero3(cfg):
+            raise ValueError(
+                f"{cfg.train.deepspeed_config}: ZeRO-3 needs model.feature_cache.enabled=true (the encoder "
+                "runs per modality present, and ZeRO-3 ranks must make the same module calls)"
+            )
+    seed_all(cfg.run.seed)  # identical init on every rank
+    model = build_model(cfg.model, encoder=encoder, loss_weights=cfg.train.loss_weights)
+    if cfg.train.init_from:
+        report = load_into(model, resolve(cfg.train.init_from))
+        log.info("init_from %s: parts %s", cfg.train.init_from, report.parts)
+    counts = model.trainable_parameters(cfg.train.trainable)
+    decoder_ids = precompute_captions(cfg, model, rank)
+    tok = model.bundle.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    processor = make_processor(cfg, tok, feature_lookup=cache.lookup if cache else None)
+    kw = {"rank": rank, "world_size": world, "decoder_ids": decoder_ids}
+    stream = TrainStream.from_config(cfg, processor, pad, **kw)
+    heldout = (
+        TrainStream.from_config(cfg, processor, pad, split="heldout", **kw) if cfg.data.heldout else None
+    )
+    return model, counts, stream, heldout
+
+
+def _zero3(cfg) -> bool:
+    from .ds import load_ds_json
+
+    return int(load_ds_json(cfg.train.deepspeed_config).get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def has_media(cfg) -> bool:
+    """Cheap check: does any source record mention a medium? (the first lines of each JSONL)."""
+    for src in list(cfg.data.train) + list(cfg.data.heldout):
+        p = resolve(src.path)
+        if p.is_dir():
+            return True  # shards: assume media
+        with open(p, encoding="utf-8") as f:
+            for _, line in zip(range(200), f):
+                try:
+                    rec = json.loads(line) if line.strip() else {}
+                except ValueError:
+                    continue  # the stream reports malformed lines under data.on_error
+                if isinstance(rec, dict) and any(rec.get(k) for k in ("images", "videos", "audios")):
+                    return True
+    return False
+
+
+def total_steps(cfg, stream) -> int:
+    """Optimiser steps of the stage: ``train.max_steps``, else ``train.epochs`` over the stream."""
+    if cfg.train.max_steps:
+        return int(cfg.train.max_steps)
+    return max(1, math.ceil(stream.steps_per_epoch * cfg.train.epochs / cfg.train.grad_accum))

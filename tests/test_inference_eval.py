@@ -1,0 +1,85 @@
+"""``evaluate.py run`` through ``toollmm.load`` (its real ``load_generator``) on a tiny stage folder and a
+3-record VIoT test file: predictions written per record, metrics computed, the first tool call of each
+step reported without being run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import toollmm
+from inference_fixtures import call_text, steer
+from toollmm.paths import REPO_ROOT
+
+FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"
+
+
+def _entry():
+    spec = importlib.util.spec_from_file_location("evaluate_entry", REPO_ROOT / "code" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+evaluate = _entry()
+
+
+@pytest.fixture
+def three(tmp_path) -> Path:
+    recs = [
+        json.loads((FIX / f"test_{n}.json").read_text(encoding="utf-8"))[0]
+        for n in ("action", "anomaly", "crowd")
+    ]
+    p = tmp_path / "test_three.json"
+    p.write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    return p
+
+
+def test_run_loads_the_checkpoint_and_scores(tiny_stage_dir, three, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["run", "--benchmark", "viot", "--checkpoint", str(tiny_stage_dir), "--data", str(three),
+            "--output", str(out), "--json"]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    result = json.loads((out / "viot.json").read_text(encoding="utf-8"))
+    assert result["metrics"]["n"] == 3 and json.loads(capsys.readouterr().out)["metrics"] == result["metrics"]
+    preds = [json.loads(x) for x in (out / "viot.predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [p["id"] for p in preds] == ["test_three-0", "test_three-1", "test_three-2"]
+    assert (out / "media").is_dir()  # the runtime's output folder sits with the results, not in the repo
+
+
+def test_steered_model_calls_are_scored_not_run(tiny_stage_dir, three, tmp_path):
+    ran = []
+
+    def factory(checkpoint, benchmark):
+        rt = steer(
+            toollmm.load(
+                checkpoint, output_dir=tmp_path / "media", overrides=["inference.tool_sets=[viotgpt]"]
+            ),
+            [("action being carried", call_text("Detect the Human Pose", '{"input": "video/Weifang.mp4"}'))],
+        )
+        rt.registry.set_backend("Detect the Human Pose", lambda **kw: ran.append(kw) or "pose.pkl")
+        return rt.eval_generator(benchmark)
+
+    out = tmp_path / "eval"
+    argv = [
+        "run",
+        "--benchmark",
+        "viot",
+        "--checkpoint",
+        str(tiny_stage_dir),
+        "--data",
+        str(three),
+        "--output",
+        str(out),
+    ]
+    assert evaluate.main(argv, generator_factory=factory) == 0
+    preds = [json.loads(x) for x in (out / "viot.predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    # step 0 of the action record: the right tool and input (its reference observation is fed back)
+    assert preds[0]["tool_calls"][0]["name"] == "Detect the Human Pose"
+    assert preds[0]["tool_calls"][0]["arguments"] == {"input": "video/Weifang.mp4"}
+    assert ran == []  # teacher-forced: calls are read, never executed
+    metrics = json.loads((out / "viot.json").read_text(encoding="utf-8"))["metrics"]
+    assert metrics["step_action_acc"] > 0

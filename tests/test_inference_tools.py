@@ -1,0 +1,71 @@
+"""The demo tool set as a declared set with real backends (its results are byte for byte the corpus's tool
+messages), declaration order between same-named tools, and model-side binding that keeps a tool's own
+backend."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from toollmm.agent.builtin import bind_model_hooks
+from toollmm.agent.registry import Registry
+from toollmm.agent.toolsets import KNOWN_SETS, load_toolset
+from toollmm.config import InferenceConfig
+from toollmm.data.demo.tools import TOOL_NAMES, tool_conversation
+
+
+def registry(tmp_path, sets) -> Registry:
+    return Registry.from_config(InferenceConfig(tool_sets=list(sets)), tmp_path / "ws")
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_demo_tools_answer_exactly_what_the_corpus_shows(tmp_path, split):
+    reg = registry(tmp_path, ["demo", "builtin"])
+    for k, tool in enumerate(TOOL_NAMES):
+        for i in range(4):
+            msgs, _ = tool_conversation(tool, split, np.random.default_rng([k, i]))
+            call = msgs[1]["tool_calls"][0]["function"]
+            res = reg.call(call["name"], call["arguments"])
+            assert res.error is None and res.result == msgs[2]["content"], (tool, call)
+
+
+def test_demo_tool_errors_are_observations(tmp_path):
+    reg = registry(tmp_path, ["demo"])
+    assert (
+        reg.call("calculator", {"a": 1, "b": 0, "op": "divide"}).error
+        == "ValueError: calculator: division by zero"
+    )
+    assert reg.call("calculator", {"a": 1, "b": 2, "op": "pow"}).error.startswith("invalid arguments")
+    assert reg.call("weather", {"city": "Paris"}).error.startswith("invalid arguments")
+    assert "demo" in KNOWN_SETS and {s.source for s in load_toolset("demo")} == {"demo"}
+    with pytest.raises(ValueError, match="known: .*demo"):
+        load_toolset("nope")
+
+
+def test_first_declaration_wins_and_binding_keeps_own_backends(tmp_path):
+    demo_first = registry(tmp_path / "a", ["demo", "builtin"])
+    builtin_first = registry(tmp_path / "b", ["builtin", "demo"])
+    assert (
+        demo_first.get("generate_image").source == "demo"
+        and builtin_first.get("generate_image").source == "builtin"
+    )
+    made = []
+
+    def make(prompt: str) -> str:
+        made.append(prompt)
+        path = builtin_first.workspace.root / "out.png"
+        path.write_bytes(b"png")
+        return str(path)
+
+    bound = bind_model_hooks(demo_first, generate={"image": make}, caption=lambda p: f"caption of {p}")
+    assert "generate_image" not in bound and "caption" in bound  # the demo tool keeps its reference backend
+    assert json.loads(demo_first.call("generate_image", {"prompt": "a red circle"}).result)["image"].endswith(
+        ".png"
+    )
+    assert made == []
+    bound = bind_model_hooks(builtin_first, generate={"image": make})
+    assert "generate_image" in bound
+    res = builtin_first.call("generate_image", {"prompt": "a red circle"})
+    assert made == ["a red circle"] and res.error is None and res.result == "out.png"  # workspace-relative
