@@ -72,6 +72,14 @@ def _row(name: str, value, target, note: str = "") -> str:
     return f"| {name} | {_fmt(value)} | {tgt} | {met} | {note} |"
 
 
+def _llm_size(bench: dict) -> str:
+    """The benchmarked LLM's shape in a few words (the quick sizes are not the ~100M model)."""
+    llm = (bench.get("sizes") or {}).get("llm") or {}
+    if not llm:
+        return "~100M"
+    return f"hidden {llm.get('hidden')} x {llm.get('layers')} layers"
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
@@ -100,7 +108,7 @@ def markdown(bench: dict) -> str:
             f"MFU ({'CPU' if mk == 'mfu_cpu' else 'GPU'})",
             bench[mk],
             TARGETS["mfu"],
-            "stage-3 step, ~100M Llama; FLOPs: docs/benchmarks.md",
+            f"stage-3 step, {_llm_size(bench)} Llama; FLOPs: docs/benchmarks.md",
         ),
         _row("our trainer, real tokens/s", bench["train_real_tokens_per_s"], None, "run_stage, stage 3"),
         _row(

@@ -68,6 +68,11 @@ FULL = Sizes(
     demo_small=False,
     micro_batch=6,
     stage1_micro_batch=8,
+    # sized so the full run fits in ~15 minutes on the shared 2-core machine (it took ~20 with the defaults)
+    trainer_steps=8,
+    cache_steps=4,
+    loader_batches=10,
+    repeats=2,
 )
 QUICK = Sizes(
     "quick",
