@@ -6,3 +6,6 @@ PYTHON="$VENV/bin/python"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}"
 mkdir -p "$TORCH_EXTENSIONS_DIR"
 export PYTHONUNBUFFERED=1
+# OpenMP threads sleep instead of spinning at barriers: on a shared or oversubscribed CPU host, spinning
+# made element-wise ops ~20x slower (scripts/bench.sh measures this; docs/benchmarks.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

@@ -162,6 +162,17 @@ def load_imagebind_checkpoint(model: nn.Module, path: str | os.PathLike) -> None
     log.info("loaded ImageBind weights from %s (%d tensors)", path, len(state))
 
 
+def _scalars_to_buffers(model: nn.Module) -> None:
+    """0-dim parameters (the text tower's learnable logit scale) become buffers of the same name: the
+    state dict is unchanged, and a frozen encoder inside a DeepSpeed engine no longer breaks its start-up
+    broadcast (which views every parameter as bytes; a 0-dim tensor cannot be)."""
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                del mod._parameters[name]
+                mod.register_buffer(name, p.detach())
+
+
 # ---------------------------------------------------------------------------------------- encoder
 class ImageBindEncoder(nn.Module):
     """Frozen ImageBind: ``encode(modality, pixels) -> [N, outputs_per_input(modality), out_dim]``."""
@@ -173,6 +184,7 @@ class ImageBindEncoder(nn.Module):
         self.preprocess = preprocess
         self.identity = identity
         self.out_dim = int(model.modality_heads["vision"][-1].out_features)
+        _scalars_to_buffers(model)
         self.requires_grad_(False)
         self.eval()
 

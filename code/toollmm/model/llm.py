@@ -61,9 +61,12 @@ def load_causal_lm(llm_cfg: LLMConfig, device: torch.device | str | None = None)
     src = _model_source(llm_cfg.path, "model.llm.path")
     tok_src = _model_source(llm_cfg.tokenizer or llm_cfg.path, "model.llm.tokenizer")
     dtype = resolve_dtype(llm_cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=dtype, attn_implementation=llm_cfg.attn_implementation
-    )
+    impl = llm_cfg.attn_implementation
+    if impl == "sdpa":  # the same kernels, attending inside each packed sample only
+        from .packed_attention import register
+
+        impl = register()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=impl)
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
     log.info(
         "loaded %s (%s, %s attention) from %s", type(model).__name__, dtype, llm_cfg.attn_implementation, src

@@ -23,7 +23,8 @@ from .losses import (
     align_weight,
     check_loss_weights,
     l2_alignment,
-    lm_loss,
+    lm_loss_at,
+    next_token_targets,
     prepare_attention_mask,
 )
 from .projections import InputProjection, OutputProjection
@@ -159,26 +160,42 @@ class ToolLMM(nn.Module):
             embeds = embeds.masked_scatter(mask, tokens.to(embeds.dtype))
         return embeds
 
-    def run_llm(self, batch: Batch, embeds: torch.Tensor | None = None):
-        """The LLM's output (logits, hidden states of every layer) on the batch."""
+    def run_llm(
+        self,
+        batch: Batch,
+        embeds: torch.Tensor | None = None,
+        *,
+        logits_at: torch.Tensor | None = None,
+        hidden_states: bool = True,
+    ):
+        """The LLM's output on the batch: logits (``[B, T, V]``, or ``[N, V]`` at the True positions of
+        the bool ``logits_at [B, T]``) and, with ``hidden_states``, the hidden states of every layer (the
+        last one after the final norm)."""
         embeds = self.embed(batch) if embeds is None else embeds
         mask = prepare_attention_mask(batch.attention_mask, self.bundle.attn_implementation, embeds.dtype)
+        extra = {} if logits_at is None else {"logits_to_keep": logits_at}
         return self.llm(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=batch.position_ids,
-            output_hidden_states=True,
+            output_hidden_states=hidden_states,
             use_cache=False,
+            **extra,
         )
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         embeds = self.embed(batch)
-        out = self.run_llm(batch, embeds)
         packed = batch.attention_mask.dim() == 4 and batch.position_ids is not None
         starts = (batch.position_ids == 0) if packed else None
-        losses = {"lm": lm_loss(out.logits, batch.labels, starts)}
+        # Logits only where a supervised token is predicted. Hidden states only when the model has output
+        # projections: they then run on every micro-batch (idle ones on a zero span wired to the last
+        # hidden state, below), so this depends on the model, never on a rank's data.
+        keep, targets = next_token_targets(batch.labels, starts)
+        needs_hidden = bool(self.output_proj)
+        out = self.run_llm(batch, embeds, logits_at=keep, hidden_states=needs_hidden)
+        losses = {"lm": lm_loss_at(out.logits, targets)}
         total = self.loss_weights.get("lm", 1.0) * losses["lm"]
-        hidden = out.hidden_states[-1]
+        hidden = out.hidden_states[-1] if needs_hidden else None
         orphan = [
             m for m, t in batch.signal_targets.items() if m not in self.output_proj and len(t.positions)
         ]

@@ -86,9 +86,22 @@ def optimiser_step(engine, source, ga: int, dtype, window: MetricsWindow, seen: 
     window.steps += 1
 
 
-def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -> dict:
+def make_engine(cfg, model, steps: int, world: int):
+    """``(engine, compute dtype)``: the DeepSpeed engine over the model's optimiser groups, with the
+    stage's schedule over ``steps`` optimiser steps."""
     import deepspeed
 
+    ds = build_ds_config(cfg, world)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.param_groups(cfg.train.optim),
+        config=ds,
+        lr_scheduler=lambda opt: make_scheduler(opt, steps, cfg.train.optim),
+    )
+    return engine, compute_dtype(ds)
+
+
+def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -> dict:
     cfg = loaded.config
     stage_dir = stage_dir_of(cfg)
     resolve_init_from(cfg, stage_dir)
@@ -101,14 +114,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
     t_start = time.perf_counter()
     model, counts, stream, heldout = build_run(cfg, rank, world)
     steps = total_steps(cfg, stream)
-    ds = build_ds_config(cfg, world)
-    dtype = compute_dtype(ds)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=model.param_groups(cfg.train.optim),
-        config=ds,
-        lr_scheduler=lambda opt: make_scheduler(opt, steps, cfg.train.optim),
-    )
+    engine, dtype = make_engine(cfg, model, steps, world)
     step, seen = 0, SeenSamples()
     if resume:
         state = ckpts.load(engine)

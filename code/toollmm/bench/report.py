@@ -1,0 +1,163 @@
+"""bench.json -> the checks CI runs and the README table (bench.md)."""
+
+from __future__ import annotations
+
+import math
+
+#: figure -> (target, direction); "at least" unless stated
+TARGETS = {
+    "mfu": 0.75,
+    "vs_hf_trainer_tokens_per_s_ratio": 1.3,
+    "real_token_fraction": 0.95,
+    "feature_cache_efficiency": 0.9,
+    "loader_to_train_ratio": 2.0,
+    "inference_second_request_speedup": 5.0,
+}
+MODALITIES = ("image", "audio", "video")
+
+
+def mfu_key(bench: dict) -> str:
+    return "mfu_gpu" if bench.get("machine", {}).get("device", "cpu") != "cpu" else "mfu_cpu"
+
+
+def required(bench: dict) -> list[str]:
+    """Dotted names of every figure bench.json must hold."""
+    names = [
+        "gemm_gflops",
+        mfu_key(bench),
+        "train_real_tokens_per_s",
+        "hf_trainer_real_tokens_per_s",
+        "vs_hf_trainer_tokens_per_s_ratio",
+        "real_token_fraction",
+        "real_token_fraction_naive",
+        "loader_to_train_ratio",
+        "inference_second_request_speedup",
+    ]
+    for m in MODALITIES:
+        names += [f"feature_cache.{m}.{k}" for k in ("speedup", "ideal_speedup", "efficiency")]
+    return names
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def check(bench: dict) -> list[str]:
+    """Problems: a figure missing, not a number, not finite or not positive; a figure without peak RSS."""
+    problems = []
+    for name in required(bench):
+        v = _get(bench, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            problems.append(f"{name}: missing or not a number ({v!r})")
+        elif not math.isfinite(v) or v <= 0:
+            problems.append(f"{name}: {v} is not finite and positive")
+    for fig, mb in (bench.get("peak_rss_mb") or {}).items():
+        if not isinstance(mb, (int, float)) or mb <= 0:
+            problems.append(f"peak_rss_mb.{fig}: {mb!r}")
+    if not bench.get("peak_rss_mb"):
+        problems.append("peak_rss_mb: missing")
+    return problems
+
+
+def _row(name: str, value, target, note: str = "") -> str:
+    if target is None:
+        met = ""
+    else:
+        met = "yes" if value >= target else "**no**"
+    tgt = "" if target is None else f">= {target:g}"
+    return f"| {name} | {_fmt(value)} | {tgt} | {met} | {note} |"
+
+
+def _llm_size(bench: dict) -> str:
+    """The benchmarked LLM's shape in a few words (the quick sizes are not the ~100M model)."""
+    llm = (bench.get("sizes") or {}).get("llm") or {}
+    if not llm:
+        return "~100M"
+    return f"hidden {llm.get('hidden')} x {llm.get('layers')} layers"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(bench: dict) -> str:
+    """The README table: every figure, its target, whether it is met, and the machine it ran on."""
+    m = bench["machine"]
+    mk = mfu_key(bench)
+    load = ", ".join(f"{x:.2f}" for x in m.get("load_avg_before", []))
+    lines = [
+        f"Machine: {m.get('cpu', '?')}, {m.get('threads')} threads, {m.get('device', 'cpu')}; "
+        f"torch {m.get('torch', '?')}; load average before the run {load or '?'}; "
+        f"{'quick (shrunk models)' if bench.get('quick') else 'full size'}; {bench.get('date', '')}.",
+        "",
+        "| figure | value | target | met | notes |",
+        "|---|---|---|---|---|",
+        _row(
+            "GEMM fp32 GFLOP/s" if mk == "mfu_cpu" else "GEMM bf16 GFLOP/s",
+            bench["gemm_gflops"],
+            None,
+            "median of the bursts around the MFU steps",
+        ),
+        _row(
+            f"MFU ({'CPU' if mk == 'mfu_cpu' else 'GPU'})",
+            bench[mk],
+            TARGETS["mfu"],
+            f"stage-3 step, {_llm_size(bench)} Llama; FLOPs: docs/benchmarks.md",
+        ),
+        _row("our trainer, real tokens/s", bench["train_real_tokens_per_s"], None, "run_stage, stage 3"),
+        _row(
+            "HF Trainer + peft, real tokens/s",
+            bench["hf_trainer_real_tokens_per_s"],
+            None,
+            "pad to longest, random order",
+        ),
+        _row(
+            "ours / HF Trainer (tokens/s)",
+            bench["vs_hf_trainer_tokens_per_s_ratio"],
+            TARGETS["vs_hf_trainer_tokens_per_s_ratio"],
+            "median of alternating pairs "
+            + ", ".join(f"{r:.2f}" for r in bench.get("vs_hf_trainer_pair_ratios", [])),
+        ),
+        _row(
+            "real-token fraction, ours",
+            bench["real_token_fraction"],
+            TARGETS["real_token_fraction"],
+            "packing + length grouping",
+        ),
+        _row("real-token fraction, naive", bench["real_token_fraction_naive"], None, "pad to longest"),
+    ]
+    for mod in MODALITIES:
+        fc = bench["feature_cache"][mod]
+        lines.append(
+            _row(
+                f"feature cache {mod}: efficiency",
+                fc["efficiency"],
+                TARGETS["feature_cache_efficiency"],
+                f"speedup {fc['speedup']:.3g} of ideal {fc['ideal_speedup']:.3g}",
+            )
+        )
+    lines += [
+        _row(
+            "data pipeline / trainer (samples/s)",
+            bench["loader_to_train_ratio"],
+            TARGETS["loader_to_train_ratio"],
+            "stage 3, media from the feature cache",
+        ),
+        _row(
+            "inference: cold process / warm 2nd request",
+            bench["inference_second_request_speedup"],
+            TARGETS["inference_second_request_speedup"],
+            "toollmm.load + Runtime.generate",
+        ),
+        "",
+        "Peak RSS per figure (MB): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(bench.get("peak_rss_mb", {}).items())),
+        "",
+    ]
+    return "\n".join(lines)
