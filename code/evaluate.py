@@ -158,9 +158,7 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--checkpoint", required=True, help="a demo stage folder, e.g. outputs/demo/stage_1")
     p.add_argument("--data", default="data/demo", help="the demo corpus (python code/prepare_data.py demo)")
-    p.add_argument(
-        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}"
-    )
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out records per file")
     p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval/demo.json)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

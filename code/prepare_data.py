@@ -112,7 +112,9 @@ def _configure_demo_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-hidden", type=int, default=None, help="stand-in Llama width (default 128)")
     p.add_argument("--llm-layers", type=int, default=None, help="stand-in Llama layers (default 4)")
     p.add_argument("--llm-heads", type=int, default=None, help="stand-in Llama attention heads (default 4)")
-    p.add_argument("--llm-intermediate", type=int, default=None, help="stand-in Llama MLP width (default 344)")
+    p.add_argument(
+        "--llm-intermediate", type=int, default=None, help="stand-in Llama MLP width (default 344)"
+    )
 
 
 @subcommand("demo-base", _configure_demo_base)

@@ -26,7 +26,9 @@ TIME_LIMIT_S = 900  # the demo's aim is under 5 minutes on 2 idle cores; shared 
 def small_demo():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # the repo's .venv runs the demo; this checkout's code comes first when tests run from a worktree
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "code"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "code"), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     t0 = time.perf_counter()
     proc = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--small"],

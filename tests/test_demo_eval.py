@@ -77,9 +77,24 @@ def _fake_run(root, small=False):
             "x2t": {
                 m: {"exact": e, "chance": c, "per_attribute": pa, "n": 10, "examples": []}
                 for m, e, c, pa in [
-                    ("image", 0.5, 1 / 24, {"colour": {"acc": 0.9, "chance": 1 / 6}, "shape": {"acc": 0.5, "chance": 0.25}}),
-                    ("audio", 0.4, 1 / 9, {"pitch": {"acc": 0.9, "chance": 1 / 3}, "pulse": {"acc": 0.45, "chance": 1 / 3}}),
-                    ("video", 0.9, 1 / 24, {"colour": {"acc": 1.0, "chance": 1 / 6}, "direction": {"acc": 0.9, "chance": 0.25}}),
+                    (
+                        "image",
+                        0.5,
+                        1 / 24,
+                        {"colour": {"acc": 0.9, "chance": 1 / 6}, "shape": {"acc": 0.5, "chance": 0.25}},
+                    ),
+                    (
+                        "audio",
+                        0.4,
+                        1 / 9,
+                        {"pitch": {"acc": 0.9, "chance": 1 / 3}, "pulse": {"acc": 0.45, "chance": 1 / 3}},
+                    ),
+                    (
+                        "video",
+                        0.9,
+                        1 / 24,
+                        {"colour": {"acc": 1.0, "chance": 1 / 6}, "direction": {"acc": 0.9, "chance": 0.25}},
+                    ),
                 ]
             },  # fmt: skip
             "t2x": {"l2": 4.0, "mean_predictor": 1.0, "retrieval_top1": 0.05},
@@ -91,7 +106,11 @@ def _fake_run(root, small=False):
         d = root / f"stage_{n}"
         (d / "eval").mkdir(parents=True)
         (d / "stage.json").write_text(json.dumps({"wall_s": 10.0 * (n + 1), "steps": 5}))
-        rows = [{"step": 1, "lm": 2.0, "tok_s": 100.0}, {"step": 2, "lm": 1.0, "tok_s": 300.0}, {"event": "end"}]
+        rows = [
+            {"step": 1, "lm": 2.0, "tok_s": 100.0},
+            {"step": 2, "lm": 1.0, "tok_s": 300.0},
+            {"event": "end"},
+        ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if n in evals:
             (d / "eval" / "demo.json").write_text(json.dumps(evals[n]))
@@ -140,7 +159,9 @@ def test_evaluate_cli_demo_report(tmp_path, capsys):
     run = _fake_run(tmp_path / "demo")
     assert cli.main(["demo-report", "--run", str(run), "--small", "--total-wall-s", "9"]) == 0
     out = capsys.readouterr().out
-    assert "caption retrieval top-1" in out and json.loads((run / "metrics.json").read_text())["small"] is True
+    assert (
+        "caption retrieval top-1" in out and json.loads((run / "metrics.json").read_text())["small"] is True
+    )
 
 
 # ----------------------------------------------------------------------------- encoder calibration

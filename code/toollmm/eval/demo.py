@@ -192,7 +192,9 @@ def evaluate_t2x(stage, data_dir: Path, limit: int | None) -> dict:
         path = data_dir / "heldout" / f"t2x_{m}.jsonl"
         recs = read_jsonl(path, limit)
         caps = [_generate_captions(r)[0] for r in recs]
-        train_caps = [c for r in read_jsonl(data_dir / "train" / f"t2x_{m}.jsonl") for c in _generate_captions(r)]
+        train_caps = [
+            c for r in read_jsonl(data_dir / "train" / f"t2x_{m}.jsonl") for c in _generate_captions(r)
+        ]
         targets = pool.encode_captions(m, caps)
         mean_target = pool.encode_captions(m, train_caps).mean(0)
         pred = projected_signals(model, renderer, recs, str(path)).cpu()

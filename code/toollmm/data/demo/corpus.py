@@ -208,7 +208,11 @@ def build_tokenizer(files: dict, out_dir: Path, vocab_size: int) -> Path:
     texts += [json.dumps(t, sort_keys=True) for t in DEMO_TOOLS]
     # the chat templates' role strings occur once per turn in every rendered sample: weight them like that,
     # so they become single pieces (" USER:" was 5 tokens) and the tiny LM reads shorter sequences
-    roles = ["USER: ASSISTANT: SYSTEM: TOOL:", "### Human: ### Assistant:", "A chat with a helpful assistant."]
+    roles = [
+        "USER: ASSISTANT: SYSTEM: TOOL:",
+        "### Human: ### Assistant:",
+        "A chat with a helpful assistant.",
+    ]
     texts += roles * max(1, len(texts) // 20)
     return build_sentencepiece_tokenizer(texts, out_dir, vocab_size=vocab_size)
 

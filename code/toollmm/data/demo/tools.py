@@ -235,7 +235,19 @@ EXTRA_TRAIN_REQUESTS = {
 for _tool, _extra in EXTRA_TRAIN_REQUESTS.items():
     REQUESTS[_tool]["train"] = REQUESTS[_tool]["train"] + _extra
 #: said before / after a training request (never in held-out requests)
-OPENERS = ["", "", "", "Hi. ", "Hello! ", "Hey, ", "Question: ", "One thing: ", "OK, ", "Right, ", "Help me out. "]
+OPENERS = [
+    "",
+    "",
+    "",
+    "Hi. ",
+    "Hello! ",
+    "Hey, ",
+    "Question: ",
+    "One thing: ",
+    "OK, ",
+    "Right, ",
+    "Help me out. ",
+]
 CLOSERS = ["", "", "", " Thanks.", " Thank you.", " Cheers!", " Please be precise.", " Go ahead."]
 ANSWERS = {
     "calculator": ["{a} {w} {b} is {r}.", "The answer is {r}."],
