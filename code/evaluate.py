@@ -6,6 +6,8 @@
     python code/evaluate.py run --benchmark mllm-tool --checkpoint outputs/run/stage_3 \\
         --data combined_data.json [--limit N] [--mode teacher-forced|free]
     python code/evaluate.py benchmarks          # the benchmarks and their metrics
+    python code/evaluate.py demo --checkpoint outputs/demo/stage_1 [--tasks x2t,t2x,tools]   # demo held-out
+    python code/evaluate.py demo-report --run outputs/demo      # the demo's metrics.json + summary table
 
 References are the benchmarks' own files (read through ``toollmm.data.convert``) or our unified JSONL of
 them; predictions are the anchors' output files or the inference ``--batch`` JSONL. ``run`` writes
@@ -148,6 +150,57 @@ def run_run(args: argparse.Namespace) -> int:
         args.benchmark, args.data, generate, out, args.limit, args.mode, args.batch_size, opts
     )
     _print(result, args.json)
+    return 0
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    from toollmm.eval.demo import TASKS
+
+    p.add_argument("--checkpoint", required=True, help="a demo stage folder, e.g. outputs/demo/stage_1")
+    p.add_argument("--data", default="data/demo", help="the demo corpus (python code/prepare_data.py demo)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--limit", type=int, default=None, help="only the first N held-out records per file")
+    p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval/demo.json)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+@subcommand("demo", _configure_demo)
+def run_demo(args: argparse.Namespace) -> int:
+    """Held-out metrics of a demo stage folder (captions, signal alignment, tool calls)."""
+    from toollmm.eval.demo import evaluate_stage, headline
+    from toollmm.paths import resolve
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    result = evaluate_stage(args.checkpoint, args.data, tasks, limit=args.limit)
+    out = resolve(args.output) if args.output else resolve(args.checkpoint) / "eval" / "demo.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+    else:
+        for task in tasks:
+            print(f"[demo-eval] {task}: {json.dumps(headline(result[task]))}")
+        print(f"[demo-eval] results: {out}")
+    return 0
+
+
+def _configure_demo_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run", dest="run_dir", default="outputs/demo", help="the demo run folder (holds stage_0..stage_3)"
+    )
+    p.add_argument("--small", action="store_true", help="record that the corpus was --small")
+    p.add_argument("--total-wall-s", type=float, default=None, help="the whole demo's wall time")
+
+
+@subcommand("demo-report", _configure_demo_report)
+def run_demo_report(args: argparse.Namespace) -> int:
+    """Write <run>/metrics.json from the demo's stage folders and print the summary table."""
+    from toollmm.eval.demo_report import format_table, write_metrics
+    from toollmm.paths import resolve
+
+    path = write_metrics(resolve(args.run_dir), args.small, args.total_wall_s)
+    print(format_table(json.loads(path.read_text(encoding="utf-8"))))
+    print(f"metrics: {path}")
     return 0
 
 

@@ -4,6 +4,7 @@
         --output data/llava665k.jsonl --media-root /data/llava --on-error skip
     python code/prepare_data.py formats          # every format and its options
     python code/prepare_data.py demo --output data/demo [--small]
+    python code/prepare_data.py demo-base --config config/demo.yaml --output outputs/demo/base
 
 Each subcommand is a small function that parses its arguments and calls the library
 (``toollmm.data.convert``); add one with ``@subcommand``.
@@ -100,6 +101,34 @@ def run_demo(args: argparse.Namespace) -> int:
 
     summary = demo_corpus.run(args)
     print(f"demo corpus: {summary['records_total']} records -> {args.output}")
+    return 0
+
+
+def _configure_demo_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="config layer(s) giving the encoder dims (default: config/demo.yaml)")  # fmt: skip
+    p.add_argument("--corpus", default="data/demo", help="the demo corpus (its tokenizer and training media)")
+    p.add_argument("--output", default="outputs/demo/base", help="where the base models go")
+    p.add_argument("--llm-hidden", type=int, default=None, help="stand-in Llama width (default 128)")
+    p.add_argument("--llm-layers", type=int, default=None, help="stand-in Llama layers (default 4)")
+    p.add_argument("--llm-heads", type=int, default=None, help="stand-in Llama attention heads (default 4)")
+    p.add_argument(
+        "--llm-intermediate", type=int, default=None, help="stand-in Llama MLP width (default 344)"
+    )
+
+
+@subcommand("demo-base", _configure_demo_base)
+def run_demo_base(args: argparse.Namespace) -> int:
+    """Write the demo's base models (tiny ImageBind, random Llama, tiny decoders) to --output."""
+    from toollmm.demo_base import build_demo_base
+    from toollmm.tiny_world import TinyLlama
+
+    given = {"hidden_size": args.llm_hidden, "num_hidden_layers": args.llm_layers,
+             "num_attention_heads": args.llm_heads, "num_key_value_heads": args.llm_heads,
+             "intermediate_size": args.llm_intermediate}  # fmt: skip
+    shape = TinyLlama(**{k: v for k, v in given.items() if v is not None})
+    paths = build_demo_base(args.config or ["config/demo.yaml"], args.corpus, args.output, llm=shape)
+    print(f"demo base models -> {args.output}: {', '.join(sorted(paths))}")
     return 0
 
 

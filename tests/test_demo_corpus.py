@@ -227,7 +227,15 @@ def test_videos_move_their_colour_in_their_direction(corpus):
 def test_lm_text_copies_attributes_from_context(corpus):
     lm = _load(corpus, "train", "lm_pretrain")
     kinds = {r["meta"]["kind"] for r in lm}
-    assert kinds == {"copy", "instruct", "t2x", "tool"}
+    assert kinds == {"copy", "instruct", "t2x", "tool", "repeat"}
+    for r in (
+        r for r in lm if r["meta"]["kind"] == "repeat"
+    ):  # copy drills: the answer is the request's values
+        values = r["messages"][0]["content"].split(": ", 1)[-1].removeprefix("Put ").removesuffix(" in JSON.")
+        answer = r["messages"][-1]["content"]
+        assert answer == values or json.loads(answer)["items"] == [
+            int(v) if v.isdigit() else v for v in values.split()
+        ], r["id"]
     copies = [r for r in lm if r["meta"]["kind"] == "copy"]
     assert {r["meta"]["modality"] for r in copies} == set(MEDIA_KEY)
     for r in copies:

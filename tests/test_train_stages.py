@@ -121,8 +121,9 @@ def test_stage_folders_are_cumulative(chain, train_world):
         assert torch.equal(frozen_in[k], s1[k])  # nor does this stage 3
         assert not torch.equal(s3[k], s1[k])  # the default stage 3 trains it: its trained values
         assert torch.equal(s3[k], dict(chain[3]["model"].named_parameters())[k])
-    rows = "token_rows.head.signal"  # ... and the rows it trains are its own (lm_head rows always learn)
-    assert not torch.equal(frozen_in[rows], s2[rows]) and not torch.equal(frozen_in[rows], s3[rows])
+    rows = "token_rows.head.signal"  # ... and the rows it trains are its own (lm_head rows always learn;
+    # they may equal the chain's stage 3 when no batch of these steps holds a medium)
+    assert not torch.equal(frozen_in[rows], s2[rows])
     recorded = stage_config(train_world.stage_dir("chain", 3)).train.init_from  # `previous`, resolved
     assert recorded == str(train_world.stage_dir("chain", 2))
     parts = json.loads((train_world.stage_dir("frozen_in", 3) / "stage.json").read_text())["parts"]

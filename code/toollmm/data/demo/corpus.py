@@ -49,10 +49,11 @@ class DemoSizes:
     t2x: dict = field(default_factory=lambda: {"image": 240, "audio": 135, "video": 240})  # train records
     instruct: tuple = (300, 50)  # per modality (train, held-out)
     tools: tuple = (200, 50)  # per tool (train, held-out)
-    lm_copy: int = 500  # per modality
-    lm_instruct: int = 150  # per modality
-    lm_t2x: int = 100  # per modality
-    lm_tools: int = 600
+    lm_copy: int = 300  # per modality
+    lm_instruct: int = 100  # per modality
+    lm_t2x: int = 60  # per modality
+    lm_tools: int = 1500
+    lm_repeat: int = 1500  # copy drills (numbers, made-up names)
 
 
 FULL = DemoSizes()
@@ -64,7 +65,8 @@ SMALL = DemoSizes(
     lm_copy=40,
     lm_instruct=15,
     lm_t2x=10,
-    lm_tools=40,
+    lm_tools=80,
+    lm_repeat=80,
 )
 
 
@@ -147,6 +149,8 @@ def build_lm_text(seed: int, sizes: DemoSizes) -> list[dict]:
                 out.append(build(m, attrs, f"demo-train-lm-{kind}-{m}-{i:05d}", rng))
     for i in range(sizes.lm_tools):
         out.append(records.lm_tool(i, f"demo-train-lm-tool-{i:05d}", rng_for(seed, "lm/tool", i)))
+    for i in range(sizes.lm_repeat):
+        out.append(records.lm_repeat(f"demo-train-lm-repeat-{i:05d}", rng_for(seed, "lm/repeat", i)))
     order = rng_for(seed, "lm/order", 0).permutation(len(out))
     return [out[i] for i in order]
 
@@ -202,7 +206,14 @@ def build_tokenizer(files: dict, out_dir: Path, vocab_size: int) -> Path:
     """Train the demo LLM's tokenizer on the training split's text only (held-out words stay unseen)."""
     texts = [t for recs in files["train"].values() for t in corpus_text(recs)]
     texts += [json.dumps(t, sort_keys=True) for t in DEMO_TOOLS]
-    texts += ["USER: ASSISTANT: SYSTEM: TOOL:", "### Human: ### Assistant:"]
+    # the chat templates' role strings occur once per turn in every rendered sample: weight them like that,
+    # so they become single pieces (" USER:" was 5 tokens) and the tiny LM reads shorter sequences
+    roles = [
+        "USER: ASSISTANT: SYSTEM: TOOL:",
+        "### Human: ### Assistant:",
+        "A chat with a helpful assistant.",
+    ]
+    texts += roles * max(1, len(texts) // 20)
     return build_sentencepiece_tokenizer(texts, out_dir, vocab_size=vocab_size)
 
 

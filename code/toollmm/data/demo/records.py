@@ -10,7 +10,7 @@ import numpy as np
 from toollmm.tokens import PLACEHOLDER
 
 from . import text
-from .tools import DEMO_TOOLS, TOOL_NAMES, tool_conversation
+from .tools import DEMO_TOOLS, TOOL_NAMES, number_split, pseudo_name, tool_conversation
 
 SOURCE = "toollmm_demo"
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
@@ -120,3 +120,26 @@ def lm_tool(index: int, rid: str, rng: np.random.Generator) -> dict:
     msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < 0.5))
     meta = {"kind": "tool", "tool": tool, "template": info["template"]}
     return _record(rid, "instruct", msgs, "train", tools=DEMO_TOOLS, meta=meta)
+
+
+REPEAT_TEMPLATES = [("Repeat: {s}", "{s}"), ("Say exactly this: {s}", "{s}"), ("Copy: {s}", "{s}")]
+
+
+def _repeat_item(rng: np.random.Generator):
+    """A number (1-4 digits, never a held-out value) or a made-up name: nothing the LM can guess."""
+    if rng.random() < 0.5:
+        while True:
+            n = int(rng.integers(1, 10 ** int(rng.integers(1, 5))))
+            if number_split(n) == "train":
+                return n
+    return pseudo_name(rng, capital=bool(rng.random() < 0.5))
+
+
+def lm_repeat(rid: str, rng: np.random.Generator) -> dict:
+    """A copy drill: repeat one to four unseen numbers and names exactly. Tool calls need
+    this skill (copy the request's argument values into the call); the tool conversations alone teach it slowly."""
+    items = [_repeat_item(rng) for _ in range(int(rng.integers(1, 5)))]
+    text = " ".join(str(x) for x in items)
+    q, a = REPEAT_TEMPLATES[int(rng.integers(len(REPEAT_TEMPLATES)))]
+    msgs = [{"role": "user", "content": q.format(s=text)}, {"role": "assistant", "content": a.format(s=text)}]
+    return _record(rid, "instruct", msgs, "train", meta={"kind": "repeat"})

@@ -209,6 +209,46 @@ REQUESTS = {
                     "Get the tool to paint {p}."],
     },
 }  # fmt: skip
+# More training phrasings per tool (still disjoint from the held-out ones): with six fixed sentences a tiny
+# LM learns the sentences, not the request; with these and the openers/closers below it has to find the
+# tool in the content words and copy the values, which is what the unseen held-out phrasings test.
+EXTRA_TRAIN_REQUESTS = {
+    "calculator": ["Compute {a} {w} {b}.", "What do you get for {a} {s} {b}?", "Solve {a} {s} {b}.",
+                   "{a} {w} {b} is what?", "Find {a} {w} {b}.", "Evaluate {a} {s} {b}, please.",
+                   "What does {a} {w} {b} give?", "Work out {a} {s} {b}."],
+    "unit_convert": ["Change {v} {f} to {t}.", "Convert {v} {f} into {t}, please.", "{v} {f} in {t}?",
+                     "What does {v} {f} come to in {t}?", "How much is {v} {f} in {t}?",
+                     "Show {v} {f} as {t}.", "{v} {f} to {t}, please.", "Work out {v} {f} in {t}."],
+    "weather": ["Forecast for {c} {d}?", "What will the weather be like in {c} {d}?", "Is it sunny in {c} {d}?",
+                "Weather in {c} {d}?", "How is the weather going to be in {c} {d}?",
+                "Should I take an umbrella in {c} {d}?", "Any rain expected in {c} {d}?",
+                "Get me the forecast for {c} {d}."],
+    "count_letters": ["Count how many {l} are in {w}.", "How often is {l} in {w}?", "Number of {l} letters in {w}?",
+                      "In {w}, count the letter {l}.", "How many {l} does {w} contain?",
+                      "Letter count of {l} in {w}, please.", "Count {l} in the word {w}.",
+                      "How many letters {l} has {w}?"],
+    "generate_image": ["Draw {p} with the image tool.", "Make a picture of {p} using the tool.",
+                       "Use the generator to create {p}.", "Please generate {p} with the tool.",
+                       "Ask the image tool for {p}.", "Paint {p} with the image generator.",
+                       "Let the image tool draw {p}.", "Use the tool to make an image of {p}."],
+}  # fmt: skip
+for _tool, _extra in EXTRA_TRAIN_REQUESTS.items():
+    REQUESTS[_tool]["train"] = REQUESTS[_tool]["train"] + _extra
+#: said before / after a training request (never in held-out requests)
+OPENERS = [
+    "",
+    "",
+    "",
+    "Hi. ",
+    "Hello! ",
+    "Hey, ",
+    "Question: ",
+    "One thing: ",
+    "OK, ",
+    "Right, ",
+    "Help me out. ",
+]
+CLOSERS = ["", "", "", " Thanks.", " Thank you.", " Cheers!", " Please be precise.", " Go ahead."]
 ANSWERS = {
     "calculator": ["{a} {w} {b} is {r}.", "The answer is {r}."],
     "unit_convert": ["{v} {f} is {r} {t}.", "That is {r} {t}."],
@@ -248,6 +288,9 @@ def tool_conversation(
     t = int(rng.integers(len(REQUESTS[tool][split])))
     request = REQUESTS[tool][split][t].format(**_slots(tool, args))
     request = request[0].upper() + request[1:]
+    if split == "train":
+        opener, closer = OPENERS[rng.integers(len(OPENERS))], CLOSERS[rng.integers(len(CLOSERS))]
+        request = opener + (request[0].lower() + request[1:] if opener.endswith(", ") else request) + closer
     answer = ANSWERS[tool][rng.integers(len(ANSWERS[tool]))].format(**_slots(tool, args, result))
     call = {"type": "function", "function": canonical_call(tool, args)}
     messages = [
