@@ -85,12 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "run":
-        from toollmm.bench import harness
+        from toollmm.bench import harness, report
         from toollmm.bench.world import SIZES
 
         sizes = SIZES[args.sizes or ("quick" if args.quick else "full")]
         out = resolve(args.out)
-        return harness.run(out, sizes, resolve(args.work) if args.work else out / "work", args.threads)
+        bench, problems = harness.run(
+            out, sizes, resolve(args.work) if args.work else out / "work", args.threads
+        )
+        print((out / "bench.md").read_text())
+        if problems:
+            print("bench: figures failed the check:\n  " + "\n  ".join(problems), file=sys.stderr)
+            return 1
+        n = len(report.required(bench))
+        print(
+            f"bench: {n} figures present, finite and positive ({bench['wall_s']:.0f} s) -> {out / 'bench.json'}"
+        )
+        return 0
     if args.cmd == "figure":
         return _figure(args)
     if args.cmd == "infer-once":

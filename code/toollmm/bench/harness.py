@@ -118,7 +118,9 @@ def assemble(figs: dict[str, list[dict]], rss: dict[str, float], mach: dict, siz
     return bench
 
 
-def run(out_dir: Path, sizes, work: Path, threads: int) -> int:
+def run(out_dir: Path, sizes, work: Path, threads: int) -> tuple[dict, list[str]]:
+    """Every figure in its own process -> ``out_dir/bench.{json,md}``. Returns (bench, problems): the
+    figures that are missing, not finite or not positive (the caller reports them and fails)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     from ..paths import ensure_torch_extensions_dir
 
@@ -148,12 +150,4 @@ def run(out_dir: Path, sizes, work: Path, threads: int) -> int:
     (out_dir / "bench.json").write_text(json.dumps(bench, indent=1, default=str) + "\n")
     problems = report.check(bench)
     (out_dir / "bench.md").write_text(report.markdown(bench))
-    print((out_dir / "bench.md").read_text())
-    if problems:
-        print("bench: figures failed the check:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 1
-    print(
-        f"bench: {len(report.required(bench))} figures present, finite and positive "
-        f"({bench['wall_s']:.0f} s) -> {out_dir / 'bench.json'}"
-    )
-    return 0
+    return bench, problems
