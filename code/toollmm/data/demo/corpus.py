@@ -61,12 +61,12 @@ SMALL = DemoSizes(
     renders={"image": (3, 1), "audio": (6, 1), "video": (2, 1)},
     t2x={"image": 24, "audio": 18, "video": 24},
     instruct=(30, 10),
-    tools=(24, 8),
+    tools=(60, 8),
     lm_copy=40,
     lm_instruct=15,
     lm_t2x=10,
-    lm_tools=80,
-    lm_repeat=80,
+    lm_tools=240,
+    lm_repeat=240,
 )
 
 
