@@ -49,7 +49,6 @@ def _samples(cfg, tok, path) -> list[dict]:
 
 def hf_trainer_tokens(world: World) -> dict:
     """Median real tokens/s per step of ``Trainer.train()`` after the warm-up steps."""
-    from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -59,6 +58,7 @@ def hf_trainer_tokens(world: World) -> dict:
         TrainingArguments,
     )
 
+    from ..model.llm import apply_lora
     from ..tokens import TokenContract
     from .train_figs import stage3_tools
 
@@ -75,18 +75,7 @@ def hf_trainer_tokens(world: World) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         str(world.llm), dtype=dtype, attn_implementation=cfg.model.llm.attn_implementation
     )
-    lora = cfg.model.llm.lora
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = apply_lora(model, cfg.model.llm.lora)  # the same peft adapter config our trainer builds
     collator = _Counting(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
     starts: list[float] = []
     ends: list[float] = []
