@@ -13,6 +13,7 @@ config, then ``--config`` files and ``key=value`` overrides); one conversation p
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -103,8 +104,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port")
     p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
-    add_config_args(p)
+    add_config_args(p, example="inference.temperature=0.7")
     return p.parse_args(argv)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served (checked before the model loads), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"--host {host}: cannot resolve it ({e})"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+        try:
+            s.bind(addr)
+        except OSError as e:
+            why = "already in use (another app.py or program?)" if e.errno == errno.EADDRINUSE else e.strerror
+            return f"cannot serve on {host}:{port}: {why}; choose another port with --port N (e.g. --port {port + 1})"
+    return None
 
 
 def launch(runtime, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
@@ -123,6 +144,10 @@ def launch(runtime, host: str = "127.0.0.1", port: int = 7860, block: bool = Tru
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = None if args.print_config else port_problem(args.host, args.port)
+    if problem:
+        print(f"app.py: {problem}", file=sys.stderr)
+        return 2
     import toollmm
     from toollmm.checkpoint import StageError
     from toollmm.inference_api import INFERENCE_YAML
@@ -130,19 +155,28 @@ def main(argv: list[str] | None = None) -> int:
     files = [INFERENCE_YAML, *args.config]
     try:
         if args.print_config:
-            from toollmm.checkpoint import stage_config
-            from toollmm.config import to_yaml
-            from toollmm.paths import resolve
+            from toollmm.checkpoint import describe_stage_config
 
-            print(to_yaml(stage_config(resolve(args.checkpoint), args.overrides, files)), end="")
+            print(describe_stage_config(args.checkpoint, args.overrides, files))
             return 0
+        from toollmm.console import quiet_library_progress
+
+        quiet_library_progress()
+        print(f"app.py: loading {args.checkpoint}", file=sys.stderr, flush=True)
         runtime = toollmm.load(
             args.checkpoint, overrides=args.overrides, config_files=files, output_dir=args.output_dir
         )
     except (ConfigError, StageError, ValueError, OSError) as e:
         print(f"app.py: {e}", file=sys.stderr)
         return 2
-    launch(runtime, args.host, args.port)
+    try:
+        launch(runtime, args.host, args.port)
+    except OSError as e:  # the port was taken between the check and the launch
+        print(
+            f"app.py: cannot serve on {args.host}:{args.port}: {e}; choose another with --port N",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

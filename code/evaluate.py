@@ -11,7 +11,9 @@
 
 References are the benchmarks' own files (read through ``toollmm.data.convert``) or our unified JSONL of
 them; predictions are the anchors' output files or the inference ``--batch`` JSONL. ``run`` writes
-``<checkpoint>/eval/<benchmark>.json`` and ``<benchmark>.predictions.jsonl`` (``--output`` to change).
+``<checkpoint>/eval/<benchmark>.json`` and ``<benchmark>.predictions.jsonl``. ``--output DIR`` means the
+same in every subcommand: the folder the results go to (``score``: ``DIR/<benchmark>.json``; ``run``: the
+results, predictions and media; ``demo``: ``DIR/demo.json``).
 Each subcommand is a small function that parses its arguments and calls ``toollmm.eval``.
 """
 
@@ -94,7 +96,7 @@ def _configure_score(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--predictions", required=True, nargs="+", help="one predictions file, or one per references file"
     )
-    p.add_argument("--output", default=None, help="also write the results JSON to this file")
+    p.add_argument("--output", default=None, metavar="DIR", help="also write DIR/<benchmark>.json")
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -107,10 +109,9 @@ def run_score(args: argparse.Namespace) -> int:
     opts = ScoreOptions(compat=args.compat, strict=args.strict)
     result = score_files(args.benchmark, args.references, args.predictions, opts)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(
-            json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        out = Path(args.output) / f"{args.benchmark}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _print(result, args.json)
     return 0
 
@@ -127,7 +128,12 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
         help="feed back reference observations, or run free",
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--output", default=None, help="results folder (default: <checkpoint>/eval)")
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="results folder: DIR/<benchmark>.json, .predictions.jsonl, media/ (default: <checkpoint>/eval)",
+    )
 
 
 def results_dir(args: argparse.Namespace) -> Path:
@@ -160,7 +166,12 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/demo", help="the demo corpus (python code/prepare_data.py demo)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out records per file")
-    p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval/demo.json)")
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="results folder: DIR/demo.json (default: <checkpoint>/eval)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -172,7 +183,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     result = evaluate_stage(args.checkpoint, args.data, tasks, limit=args.limit)
-    out = resolve(args.output) if args.output else resolve(args.checkpoint) / "eval" / "demo.json"
+    out = (resolve(args.output) if args.output else resolve(args.checkpoint) / "eval") / "demo.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if args.json:

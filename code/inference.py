@@ -29,8 +29,9 @@ from toollmm.config import ConfigError, add_config_args
 MEDIA_FLAGS = ("image", "video", "audio")
 CHAT_HELP = (
     "/image PATH, /video PATH, /audio PATH attach media to your next message; /reset clears the history; "
-    "/quit (or end of input) leaves"
+    "/help shows this; /quit (or end of input) leaves; a message that starts with '/' is written '//...'"
 )
+CHAT_COMMANDS = ("/image", "/video", "/audio", "/reset", "/help", "/quit", "/exit")
 
 
 class AddMedia(argparse.Action):
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=8, help="--batch: requests per generate call")
     p.add_argument("--verbose", action="store_true", help="log the library's progress (INFO)")
-    add_config_args(p)
+    add_config_args(p, example="inference.temperature=0.7")
     p.set_defaults(media=[])
     args = p.parse_args(argv)
     if args.batch and (args.prompt is not None or args.chat or args.media):
@@ -75,13 +76,14 @@ def tool_names(args: argparse.Namespace) -> list[str]:
     return [t.strip() for t in (args.tools or "").split(",") if t.strip()]
 
 
-def check_media(media: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Absolute paths of the media arguments (relative to the current folder, as users expect)."""
+def check_media(media: list[tuple[str, str]], flag: str = "--") -> list[tuple[str, str]]:
+    """Absolute paths of the media arguments (relative to the current folder, as users expect); an error
+    names the argument as the user typed it (``--image P`` on the command line, ``/image P`` in a chat)."""
     out = []
     for modality, path in media:
         p = Path(path).expanduser().resolve()
         if not p.is_file():
-            raise FileNotFoundError(f"--{modality} {path}: file not found")
+            raise FileNotFoundError(f"{flag}{modality} {path}: file not found")
         out.append((modality, str(p)))
     return out
 
@@ -152,10 +154,13 @@ def run_chat(rt, args, stdin=None) -> int:
             pending = []
         elif cmd.lstrip("/") in MEDIA_FLAGS and cmd.startswith("/"):
             try:
-                pending += check_media([(cmd[1:], rest.strip())])
+                pending += check_media([(cmd[1:], rest.strip())], flag="/")
             except FileNotFoundError as e:
                 print(f"error: {e}", file=sys.stderr)
+        elif line.startswith("/") and not line.startswith("//"):
+            print(f"error: unknown command {cmd}; commands: {', '.join(CHAT_COMMANDS)}", file=sys.stderr)
         elif line or pending:
+            line = line[1:] if line.startswith("//") else line
             on_text = None if args.json else stream_to(sys.stdout)
             result = rt.conversation.send(line, pending, on_text=on_text)
             pending = []
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     import toollmm
     from toollmm.checkpoint import StageError
+    from toollmm.console import quiet_library_progress
     from toollmm.infer.requests import BatchError, read_batch
     from toollmm.inference_api import INFERENCE_YAML
 
@@ -211,14 +217,15 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     files = [INFERENCE_YAML, *args.config]
     try:
         if args.print_config:
-            from toollmm.checkpoint import stage_config
-            from toollmm.config import to_yaml
-            from toollmm.paths import resolve
+            from toollmm.checkpoint import describe_stage_config
 
-            print(to_yaml(stage_config(resolve(args.checkpoint), overrides, files)), end="")
+            print(describe_stage_config(args.checkpoint, overrides, files))
             return 0
         requests = read_batch(args.batch, args.media_root) if args.batch else None
         check_media(args.media)
+        quiet_library_progress()  # their bars would land on the streamed answer (a decoder loads mid-turn)
+        if not args.json:
+            print(f"inference.py: loading {args.checkpoint}", file=sys.stderr, flush=True)
         rt = (loader or toollmm.load)(
             args.checkpoint, overrides=overrides, config_files=files, output_dir=args.output_dir
         )
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
         print(f"inference.py: {e}", file=sys.stderr)
         return 2
     if not args.json:
-        print(f"inference.py: outputs in {rt.output_dir}", file=sys.stderr)
+        print(f"inference.py: loaded in {rt.load_s:.1f} s; outputs in {rt.output_dir}", file=sys.stderr)
     if args.batch:
         return run_batch(rt, args, requests)
     if args.chat:

@@ -16,6 +16,7 @@ run as a script, the process group is destroyed before the interpreter exits.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from toollmm.config import ConfigError, add_config_args, load_config
@@ -44,10 +45,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(loaded.describe())
         return 0
+    announce(loaded.config)
+    from toollmm.console import quiet_library_progress
     from toollmm.train.loop import run_stage
+
+    quiet_library_progress()  # our own bar and lines say what happens; theirs would break them up
 
     run_stage(loaded, resume=args.resume)
     return 0
+
+
+def announce(cfg) -> None:
+    """The first line, at once (before torch and DeepSpeed load, which takes a while): what runs, where."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from toollmm.paths import resolve
+
+    out = resolve(cfg.run.output_root) / cfg.run.name / f"stage_{cfg.run.stage}"
+    print(
+        f"train.py: stage {cfg.run.stage} of run {cfg.run.name!r} -> {out}; loading torch and DeepSpeed, "
+        "then the models, the data and the caches",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def cli() -> int:

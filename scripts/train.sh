@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     --hostfile) [ $# -ge 2 ] || die "--hostfile needs a file"; HOSTFILE="$2"; shift 2 ;;
     --num_gpus|--num-gpus) [ $# -ge 2 ] || die "--num_gpus needs a number"; NUM_GPUS="$2"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;   # the header comment
     *) PASS+=("$1"); shift ;;
   esac
 done

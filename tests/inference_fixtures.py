@@ -54,7 +54,7 @@ def tiny_overrides(base: Path) -> list[str]:
         "model.llm.lora.dropout=0.0",
         "model.feature_cache.enabled=false",
         "inference.tool_sets=[demo,builtin,gpt4tools]",
-        "inference.max_new_tokens=24",
+        "inference.max_new_tokens=200",  # a budget of its own (config/inference.yaml must not replace it)
         "run.stage=3",
     ]
     for m, folder in (("image", "tiny-sd"), ("video", "tiny-t2v"), ("audio", "tiny-audioldm")):

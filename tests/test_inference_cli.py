@@ -198,7 +198,7 @@ def test_config_layers(tiny_stage_dir, tmp_path, capsys):
     import yaml
 
     inf = yaml.safe_load(out)["inference"]
-    assert rc == 0 and inf["max_new_tokens"] == 256  # config/inference.yaml over the checkpoint's 24
+    assert rc == 0 and inf["max_new_tokens"] == 200  # the checkpoint's own (config/inference.yaml sets none)
     assert inf["tool_sets"] == [
         "demo",
         "builtin",

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import configlib
-from .config import Config, from_dict
+from .config import Config, Loaded, load_config
 from .paths import CACHE_DIR, resolve
 
 log = logging.getLogger(__name__)
@@ -185,14 +185,41 @@ def stage_config(
 ) -> Config:
     """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
     then dotted overrides (e.g. inference settings)."""
+    return load_stage_config(stage_dir, overrides, config_files, pinned=()).config
+
+
+def load_stage_config(
+    stage_dir: str | os.PathLike,
+    overrides: list[str] = (),
+    config_files: list[str | os.PathLike] = (),
+    pinned: list[tuple[str, str]] | None = None,
+) -> Loaded:
+    """The config :func:`load_stage` builds, with each value's source (``--print-config``): the same
+    layering as training (``toollmm.config.load_config``) over the folder's saved ``config.yaml`` instead
+    of config/model.yaml. ``pinned`` (default: what ``load_stage`` pins: the folder's tokenizer, local
+    copies of Hub bases) comes right after the saved config; files and overrides after that."""
     d = Path(stage_dir)
-    tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
-    sources: dict[str, str] = {}
-    for f in config_files:
-        configlib.merge_tree(tree, configlib.load_yaml(resolve(f)), sources, str(f))
-    for o in overrides:
-        configlib.merge_tree(tree, configlib.parse_override(o), sources, f"override {o.split('=', 1)[0]}")
-    return from_dict(tree)
+    if pinned is None:
+        from .hub_bases import local_base_overrides
+
+        pinned = [(f"model.llm.tokenizer={d / 'tokenizer'}", f"{d / 'tokenizer'}")]
+        pinned += [(o, "local copy of a Hub base") for o in local_base_overrides(d)]
+    if not (d / "config.yaml").is_file():
+        raise StageError(f"{d}: no config.yaml (not a stage or release folder)")
+    return load_config(
+        config_files=list(config_files),
+        overrides=list(overrides),
+        base=d / "config.yaml",
+        pinned=list(pinned),
+    )
+
+
+def describe_stage_config(
+    path_or_id: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
+) -> str:
+    """``--print-config`` of inference.py / app.py: what ``load_stage`` would build, each value with its
+    source and help (the same text as ``train.py --print-config``)."""
+    return load_stage_config(_local_folder(path_or_id), overrides, config_files).describe()
 
 
 def load_into(model, stage_dir: str | os.PathLike, verify: bool = True):
@@ -219,12 +246,8 @@ def load_stage(
 
     d = _local_folder(path_or_id)
     manifest = read_manifest(d, verify=verify)
-    from .hub_bases import local_base_overrides
-
-    local = local_base_overrides(d)  # Hub ids of known bases -> their pretrained_checkpoint/ copies
-    cfg = stage_config(
-        d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *local, *overrides], config_files=config_files
-    )
+    # the folder's tokenizer, Hub ids of known bases -> their pretrained_checkpoint/ copies, then the caller's
+    cfg = load_stage_config(d, overrides, config_files).config
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)

@@ -417,13 +417,17 @@ def load_config(
     config_files: list[str | Path] = (),
     overrides: list[str] = (),
     base: str | Path | None = None,
+    pinned: list[tuple[str, str]] = (),
 ) -> Loaded:
-    """Resolve the layered configuration (see module docstring)."""
+    """Resolve the layered configuration (see module docstring). ``base`` replaces config/model.yaml (a
+    checkpoint's saved config.yaml: inference, evaluation); ``pinned`` are ``(key=value, source)`` layers
+    applied right after it (what a loader sets, e.g. the checkpoint's own tokenizer folder)."""
     tree: dict = {}
     sources: dict[str, str] = {}
     layers: list[tuple[dict, str]] = []
     base_path = Path(resolve(base)) if base else CONFIG_DIR / "model.yaml"
     layers.append((configlib.load_yaml(base_path), _rel(base_path)))
+    layers += [(configlib.parse_override(o), source) for o, source in pinned]
     if stage is not None:
         p = CONFIG_DIR / f"stage_{stage}.yaml"
         layers.append((configlib.load_yaml(p), _rel(p)))
@@ -457,8 +461,8 @@ def load_config(
     return Loaded(cfg, sources)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every entry point shares."""
+def add_config_args(parser: argparse.ArgumentParser, example: str = "train.optim.lr=2e-4") -> None:
+    """The flags every entry point shares; ``example``: an override that makes sense for this entry point."""
     parser.add_argument(
         "--config",
         action="append",
@@ -471,9 +475,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config with each value's source and exit",
     )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.optim.lr=2e-4"
-    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
 
 
 def to_yaml(cfg: Config) -> str:

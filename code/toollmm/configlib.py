@@ -70,8 +70,8 @@ def merge_tree(base: dict, layer: dict, sources: dict[str, str], source: str, pr
             merge_tree(base[key], value, sources, source, dotted + ".")
         else:
             base[key] = _deepcopy(value)
-            for k in list(sources):
-                if k.startswith(dotted + "."):
+            for k in list(sources):  # what this layer replaces (the key itself, or its leaves) is its now
+                if k == dotted or k.startswith((dotted + ".", dotted + "[")):
                     del sources[k]
             _record(value, dotted, sources, source)
     return base

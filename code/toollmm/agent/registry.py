@@ -74,10 +74,24 @@ class Registry:
             reg.import_path(dotted)
         unknown = sorted(n for n in (reg.enabled or ()) if reg.get(n) is None)
         if unknown:
-            raise ValueError(f"inference.tools names unknown tools: {unknown}")
+            raise ValueError(reg.unknown_names_message(unknown, cfg.tool_sets))
         if reg.enabled is not None:  # aliases (e.g. VIoT-Tool test-file names) enable the real tool
             reg.enabled = {reg.get(n).name for n in reg.enabled}
         return reg
+
+    def unknown_names_message(self, unknown: list[str], tool_sets: list[str]) -> str:
+        """``inference.tools`` (``--tools``) named tools that are not registered: say which, the closest
+        registered names, and the valid ones."""
+        import difflib
+
+        known = sorted(self._tools)
+        close = sorted({m for n in unknown for m in difflib.get_close_matches(n, known, n=3, cutoff=0.6)})
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        listed = ", ".join(known)
+        return (
+            f"inference.tools (--tools) names unknown tools: {', '.join(map(repr, unknown))}{hint}; the "
+            f"{len(known)} tools of tool_sets {list(tool_sets)}: {truncate(listed, 2000)}"
+        )
 
     # ------------------------------------------------------------------ registration
     def add(self, obj: Callable | ToolSpec, *, replace: bool = False) -> ToolSpec:

@@ -260,7 +260,7 @@ class TrainStream:
             del it  # shuts the workers down when the consumer stops early
         if expect != self.steps_per_epoch:
             raise RuntimeError(f"epoch {epoch} ended after {expect} of {self.steps_per_epoch} batches")
-        log.info(
+        log.debug(  # every epoch: too often for the console; the totals are in the run's end event
             "data epoch %d done on rank %d: %d batches (%d padding so far), skipped so far: %s",
             epoch,
             s.rank,

@@ -57,6 +57,7 @@ def _flush(cache: FeatureCache, modality: str, items: list, on_error: str) -> in
 def precompute_features(cfg, encoder, rank: int = 0, world: int = 1) -> FeatureCache:
     """Fill the feature cache for ``cfg.data.train`` + ``cfg.data.heldout``; returns a lookup-only cache."""
     cache = FeatureCache.from_config(cfg.model.feature_cache, encoder)
+    log.info("feature cache %s: encoding the media not cached yet (once; later runs reuse them)", cache.root)
     t0 = time.perf_counter()
     bad = 0
     pending: dict[str, list] = {}

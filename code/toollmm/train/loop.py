@@ -112,8 +112,14 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
         (stage_dir / "config_resolved.txt").write_text(loaded.describe() + "\n", encoding="utf-8")
         log.info("stage %d -> %s (world %d)", cfg.run.stage, stage_dir, world)
     t_start = time.perf_counter()
+    log.info(
+        "building the model (LLM %s) and the data (%d training sources)",
+        cfg.model.llm.path,
+        len(cfg.data.train),
+    )
     model, counts, stream, heldout = build_run(cfg, rank, world)
     steps = total_steps(cfg, stream)
+    log.info("starting the DeepSpeed engine: %d optimiser steps, %d per epoch", steps, stream.steps_per_epoch)
     engine, dtype = make_engine(cfg, model, steps, world)
     step, seen = 0, SeenSamples()
     if resume:

@@ -56,6 +56,7 @@ def precompute_captions(cfg, model, rank: int = 0) -> dict[str, str] | None:
         raise ValueError(f"records ask to generate {missing} but model.decoders has no path for it")
     if rank == 0:
         t0 = time.perf_counter()
+        log.info("caption targets in %s: embedding the captions not stored yet (once)", cfg.data.captions)
         _, counts = embed_captions(records, encoders, ids, CaptionStore(resolve(cfg.data.captions)))
         log.info("caption targets in %s: %s in %.1f s", cfg.data.captions, counts, time.perf_counter() - t0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

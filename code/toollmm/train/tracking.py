@@ -10,7 +10,10 @@
 * a loss-curve PNG (``loss.png``) redrawn at the end,
 * wandb (offline by default, writing ``<stage folder>/wandb/offline-run-*``; ``disabled`` is a no-op;
   the run id is stable per run and stage, so a resumed run continues the same wandb run),
-* a tqdm bar with ETA on rank 0 only.
+* the console (rank 0 only): on a terminal, one tqdm bar with ETA and the log lines written above it
+  (``BarAwareHandler``); when stderr is not a terminal (a log file, CI), no bar and no carriage returns:
+  each metrics line says ``step N/TOTAL (P %, ETA)``, and a plain progress line comes at least every
+  ``PROGRESS_EVERY_S`` seconds between them.
 """
 
 from __future__ import annotations
@@ -20,10 +23,35 @@ import json
 import logging
 import math
 import os
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 60.0  # without a bar: a progress line at least this often
+
+
+def console_is_terminal() -> bool:
+    """stderr is a terminal (draw a bar) rather than a file or pipe (write plain lines)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class BarAwareHandler(logging.StreamHandler):
+    """A stderr handler that writes each record through ``tqdm.write``: the progress bar is cleared,
+    the line printed above it, then the bar redrawn, so a log line never lands on the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
 
 
 def setup_logging(rank: int, level: str = "INFO") -> None:
@@ -32,10 +60,12 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO) if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not root.handlers:
+        handler = BarAwareHandler(sys.stderr) if console_is_terminal() else logging.StreamHandler(sys.stderr)
         logging.basicConfig(
             level=lvl,
             format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
+            handlers=[handler],
         )
     logging.getLogger("toollmm").setLevel(lvl)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
@@ -122,6 +152,8 @@ class Tracker:
         start_step: int = 0,
     ):
         self.rank = rank
+        self.total, self.start_step, self.step = total_steps, start_step, start_step
+        self.t0 = self.last_line = time.perf_counter()
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self._wandb = None
@@ -145,7 +177,7 @@ class Tracker:
                 )
             except Exception as e:  # a tracker must never kill a training run
                 log.warning("wandb disabled: %s", e)
-        if os.environ.get("TOOLLMM_NO_TQDM") != "1":
+        if os.environ.get("TOOLLMM_NO_TQDM") != "1" and console_is_terminal():
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -161,13 +193,29 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         shown = {k: v for k, v in row.items() if k in ("event", "loss", "lm", "val_loss", "lr", "tok_s")}
-        log.info("step %d %s", step, " ".join(f"{k}={_fmt(v)}" for k, v in shown.items() if k != "step"))
+        log.info("%s %s", self.progress(step), " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+        self.last_line = time.perf_counter()
+
+    def progress(self, step: int) -> str:
+        """``step 20/88 (23 %, 0.31 s/step, ETA 0:00:21)``: where the run is, for a line of text."""
+        done = step - self.start_step
+        text = f"step {step}/{self.total} ({100 * step / max(1, self.total):.0f} %"
+        if done > 0:
+            per = (time.perf_counter() - self.t0) / done
+            eta = int(per * max(0, self.total - step))
+            text += f", {per:.2f} s/step, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        return text + ")"
 
     def advance(self, n: int = 1, **postfix) -> None:
+        self.step += n
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
                 self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+        elif self.rank == 0 and time.perf_counter() - self.last_line >= PROGRESS_EVERY_S:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in postfix.items())
+            log.info("%s %s", self.progress(self.step), shown)
+            self.last_line = time.perf_counter()
 
     def close(self) -> None:
         if self.rank != 0:

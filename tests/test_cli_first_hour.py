@@ -1,0 +1,183 @@
+"""A new user's first hour with the command lines (issue 21, items 8, 9 and 11): what inference.py, app.py,
+train.py, train.sh and evaluate.py print, and where a config error or a busy port is blamed. In-process
+``main(argv)`` on the tiny stage folder of tests/inference_fixtures.py, the real models and libraries."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import toollmm
+from test_evaluate_cli import Scripted, three  # noqa: F401  (``three`` is a fixture)
+from test_evaluate_cli import evaluate as evaluate_cli
+from test_inference_cli import Loader
+from test_inference_cli import cli as inference_cli
+from toollmm.checkpoint import stage_config
+from toollmm.config import ConfigError, load_config
+from toollmm.inference_api import INFERENCE_YAML
+from toollmm.paths import REPO_ROOT
+
+
+def _app():
+    spec = importlib.util.spec_from_file_location("app_entry_first_hour", REPO_ROOT / "code" / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+app_cli = _app()
+
+
+def _run(argv, capsys, **kwargs):
+    rc = inference_cli.main([str(a) for a in argv], **kwargs)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ------------------------------------------------------------------------------------------ item 8
+def test_library_progress_bars_stay_off_the_streamed_answer(tiny_stage_dir, tmp_path, capsys):
+    """The answer streams, then the image decoder loads lazily (mid-turn): no library bar, no carriage
+    return, in either stream; our own progress lines are on stderr, each on its own line."""
+    argv = ["--checkpoint", tiny_stage_dir, "--prompt", "please draw a red circle", "--output-dir", tmp_path]
+    rc, out, err = _run(argv, capsys, loader=Loader())
+    assert rc == 0 and (tmp_path / "image_0.png").is_file()  # the decoder really loaded and ran
+    assert "\r" not in out and "\r" not in err, err
+    assert "Loading weights" not in err and "Loading pipeline components" not in err
+    assert out.splitlines()[0].strip() == "Here it is." and "[image]" in out
+    assert err.splitlines()[0] == f"inference.py: loading {tiny_stage_dir}"
+    assert f"outputs in {tmp_path}" in err.splitlines()[1]
+
+
+# ------------------------------------------------------------------------------------------ item 9
+@pytest.mark.parametrize("entry", ["inference", "app"])
+def test_print_config_shows_each_values_source(entry, tiny_stage_dir, tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("inference:\n  top_p: 0.5\n", encoding="utf-8")
+    argv = ["--checkpoint", str(tiny_stage_dir), "--print-config", "--config", str(extra), "inference.seed=7"]
+    rc = (inference_cli if entry == "inference" else app_cli).main(argv)
+    out = capsys.readouterr().out
+    lines = {ln.strip().split(":")[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    saved = f"{tiny_stage_dir}/config.yaml"
+    assert rc == 0
+    assert lines["max_new_tokens"].endswith(f"# [{saved}] generation budget per turn")
+    assert f"# [{extra}]" in lines["top_p"] and "# [override inference.seed]" in lines["seed"]
+    assert f"# [{tiny_stage_dir}/tokenizer]" in lines["tokenizer"]  # what the loader pins, said as such
+    cfg = yaml.safe_load(out)  # still YAML: the sources are comments
+    assert cfg["inference"]["top_p"] == 0.5 and cfg["inference"]["seed"] == 7
+    assert cfg["model"]["llm"]["tokenizer"] == f"{tiny_stage_dir}/tokenizer"
+
+
+def test_the_checkpoints_max_new_tokens_stands_over_inference_yaml(tiny_stage_dir):
+    """config/demo.yaml sets inference.max_new_tokens 64 for its checkpoints; inference must use it."""
+    assert stage_config(tiny_stage_dir).inference.max_new_tokens == 200  # saved by the fixture
+    assert stage_config(tiny_stage_dir, config_files=[INFERENCE_YAML]).inference.max_new_tokens == 200
+    over = stage_config(tiny_stage_dir, ["inference.max_new_tokens=9"], [INFERENCE_YAML])
+    assert over.inference.max_new_tokens == 9
+    demo = load_config(stage=3, config_files=["config/demo.yaml"]).config
+    assert demo.inference.max_new_tokens == 64
+
+
+# ------------------------------------------------------------------------------------------ item 11
+def test_chat_unknown_command_is_not_sent_to_the_model(tiny_stage_dir, tmp_path, capsys):
+    loader = Loader()
+    stdin = io.StringIO("/foo bar\n//foo is a path\n")
+    argv = ["--checkpoint", tiny_stage_dir, "--chat", "--json", "--output-dir", tmp_path]
+    rc, out, err = _run(argv, capsys, loader=loader, stdin=stdin)
+    assert rc == 0 and "unknown command /foo" in err
+    assert all(c in err for c in ("/image", "/video", "/audio", "/reset", "/help", "/quit"))
+    assert len(out.splitlines()) == 1 and len(loader.seen) == 1  # only the '//' line reached the model
+    assert "/foo is a path" in loader.seen[0][0] and "//foo" not in loader.seen[0][0]
+
+
+def test_chat_missing_media_names_the_chat_command(tiny_stage_dir, tmp_path, capsys):
+    stdin = io.StringIO(f"/image {tmp_path / 'missing.png'}\n")
+    argv = ["--checkpoint", tiny_stage_dir, "--chat", "--json", "--output-dir", tmp_path]
+    rc, _, err = _run(argv, capsys, loader=Loader(), stdin=stdin)
+    assert rc == 0 and f"/image {tmp_path / 'missing.png'}: file not found" in err and "--image" not in err
+
+
+def test_unknown_tool_name_lists_the_valid_ones(tiny_stage_dir, tmp_path, capsys):
+    argv = [
+        "--checkpoint",
+        tiny_stage_dir,
+        "--prompt",
+        "hi",
+        "--tools",
+        "calculater",
+        "--output-dir",
+        tmp_path,
+    ]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 2 and "'calculater'" in err and "did you mean 'calculator'" in err
+    assert "unit_convert" in err or "weather" in err  # the valid names are listed
+
+
+@pytest.mark.parametrize("entry", ["inference", "app"])
+def test_override_example_in_help_is_an_inference_key(entry, capsys):
+    with pytest.raises(SystemExit):
+        (inference_cli if entry == "inference" else app_cli).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "e.g. inference.temperature=0.7" in text and "train." not in text
+
+
+def test_train_sh_help_is_its_header_only():
+    out = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "train.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert out.startswith("scripts/train.sh — run one training stage") and "DS_LAUNCHER_ARGS" in out
+    assert "set -euo" not in out and "source " not in out and "#" not in out.splitlines()[0]
+
+
+def test_app_on_a_busy_port_says_so_before_loading(tiny_stage_dir, capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr(toollmm, "load", lambda *a, **k: loads.append(a))  # must not be reached
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = app_cli.main(["--checkpoint", str(tiny_stage_dir), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and loads == []
+    assert f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err and "Traceback" not in err
+
+
+def test_config_error_blames_the_layer_that_set_the_value():
+    with pytest.raises(ConfigError) as e:
+        load_config(stage=3, config_files=["config/demo.yaml"], overrides=["data.train.path=x.jsonl"])
+    [problem] = e.value.problems
+    assert problem.startswith("data.train: expected a list") and "(from override data.train.path)" in problem
+    assert "demo.yaml" not in problem
+
+
+def test_output_means_a_folder_for_score_and_run(three, tmp_path, capsys):  # noqa: F811
+    ckpt = tmp_path / "stage_3"
+    ckpt.mkdir()
+    argv = ["run", "--benchmark", "viot", "--checkpoint", str(ckpt), "--data", str(three)]
+    assert (
+        evaluate_cli.main(
+            [*argv, "--output", str(tmp_path / "ran")], generator_factory=lambda c, b: Scripted()
+        )
+        == 0
+    )
+    ran = json.loads((tmp_path / "ran" / "viot.json").read_text(encoding="utf-8"))
+    preds = tmp_path / "ran" / "viot.predictions.jsonl"
+    argv = ["score", "--benchmark", "viot", "--references", str(three), "--predictions", str(preds)]
+    assert evaluate_cli.main([*argv, "--output", str(tmp_path / "scored")]) == 0
+    scored = json.loads((tmp_path / "scored" / "viot.json").read_text(encoding="utf-8"))
+    assert scored["metrics"] == ran["metrics"]
+    capsys.readouterr()
+    for sub in ("score", "run", "demo"):
+        with pytest.raises(SystemExit):
+            evaluate_cli.main([sub, "--help"])
+        assert "--output DIR" in capsys.readouterr().out
