@@ -15,7 +15,7 @@ TORCH_SET="cu130"
 REFREEZE=0
 
 die() { echo "setup.sh: error: $*" >&2; exit 1; }
-usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; }   # the header comment
 
 while [ $# -gt 0 ]; do
   case "$1" in

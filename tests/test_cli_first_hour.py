@@ -181,3 +181,106 @@ def test_output_means_a_folder_for_score_and_run(three, tmp_path, capsys):  # no
         with pytest.raises(SystemExit):
             evaluate_cli.main([sub, "--help"])
         assert "--output DIR" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ item 10
+def _train_entry():
+    spec = importlib.util.spec_from_file_location("train_entry_first_hour", REPO_ROOT / "code" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Terminal:
+    """A pseudo-terminal 120 columns wide: ``file`` writes to it, ``text()`` is what it received (with the
+    line discipline's CR LF turned back into LF)."""
+
+    def __init__(self):
+        import fcntl
+        import os
+        import pty
+        import struct
+        import termios
+        import threading
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        self.file = io.TextIOWrapper(
+            os.fdopen(slave, "wb", buffering=0), encoding="utf-8", write_through=True
+        )
+        self.chunks: list[bytes] = []
+
+        def read():
+            while True:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.chunks.append(data)
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    def text(self) -> str:
+        import os
+
+        self.file.close()
+        self.reader.join(timeout=10)
+        os.close(self.master)
+        return b"".join(self.chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def test_log_lines_go_above_the_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    import logging
+    import re
+
+    from toollmm.train.tracking import Tracker, setup_logging
+
+    term = Terminal()
+    root = logging.getLogger()
+    monkeypatch.setattr(sys, "stderr", term.file)
+    monkeypatch.setattr(root, "handlers", [])  # a command line: no handler yet
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.delenv("TOOLLMM_NO_TQDM", raising=False)
+    setup_logging(0, "INFO")
+    tracker = Tracker(tmp_path, 0, total_steps=6, run_name="tty-stage1")
+    for step in range(1, 7):
+        tracker.advance(1, loss=1.0 / step)
+        if step % 2 == 0:
+            tracker.log({"loss": 1.0 / step}, step)
+            logging.getLogger("toollmm.data.stream").info("a line from elsewhere at step %d", step)
+    tracker.close()
+    [handler] = root.handlers
+    out = term.text()
+    handler.close()
+    assert "tty-stage1:" in out and "%|" in out  # the bar was drawn
+    lines = [seg for seg in out.split("\n") if " INFO " in seg]
+    assert len(lines) == 6
+    for seg in lines:  # each log line starts a line of its own once the bar is cleared from it
+        shown = seg.rsplit("\r", 1)[-1]
+        assert re.match(r"\d\d:\d\d:\d\d \[rank0\] INFO ", shown), repr(seg)
+        assert "%|" not in shown
+    assert "step 4/6 (67 %" in out
+
+
+@pytest.mark.slow  # a whole (tiny) stage in-process: DeepSpeed start-up dominates
+def test_training_without_a_terminal_writes_plain_lines(train_world, capfd, caplog):
+    import logging
+
+    train = _train_entry()
+    caplog.set_level(logging.INFO)
+    args = train_world.args(1, "console", "train.max_steps=4", "train.log_every=2", "train.epochs=3")
+    assert train.main(args) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err and "Loading weights" not in err  # no bar of ours or the libraries' in a log file
+    assert err.startswith("train.py: stage 1 of run 'console' -> ")  # the first line, before the imports
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if m.startswith("data epoch")]  # not once per epoch
+    steps = [m for m in messages if m.startswith("step 2/4 (50 %") or m.startswith("step 4/4 (100 %")]
+    assert len(steps) >= 2 and "ETA" in steps[0]
+    first = [
+        i for i, m in enumerate(messages) if m.startswith(("building the model", "starting the DeepSpeed"))
+    ]
+    assert len(first) == 2 and first[0] < first[1]  # what it is doing, before each slow part
