@@ -5,6 +5,7 @@
     python code/prepare_data.py formats          # every format and its options
     python code/prepare_data.py demo --output data/demo [--small]
     python code/prepare_data.py demo-base --config config/demo.yaml --output outputs/demo/base
+    python code/prepare_data.py encode --config config/demo.yaml --stage 1   # fill the feature cache
 
 Each subcommand is a small function that parses its arguments and calls the library
 (``toollmm.data.convert``); add one with ``@subcommand``.
@@ -130,6 +131,82 @@ def run_demo_base(args: argparse.Namespace) -> int:
     paths = build_demo_base(args.config or ["config/demo.yaml"], args.corpus, args.output, llm=shape)
     print(f"demo base models -> {args.output}: {', '.join(sorted(paths))}")
     return 0
+
+
+def _configure_encode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="config layer(s), as for train.py (repeatable)")  # fmt: skip
+    p.add_argument("--stage", type=int, action="append", choices=[0, 1, 2, 3], default=None,
+                   help="stage whose data to encode (repeatable; default: 1, 2 and 3)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: this rank's GPU, else cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="encoder dtype; part of the cache key, so it must match the training run's "
+        "(auto: what training on this host uses: the DeepSpeed config's precision on a GPU, fp32 on CPU)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="media per forward (default: config's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+@subcommand("encode", _configure_encode)
+def run_encode(args: argparse.Namespace) -> int:
+    """Fill the feature cache with the encoder outputs of a stage's media (resumable; run under torchrun
+    for several GPUs); training then reads them and never loads the encoder."""
+    import json
+    import os
+
+    import torch
+
+    from toollmm.config import load_config
+    from toollmm.train.build import has_media
+    from toollmm.train.features import encoder_placement, precompute_features
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    summary = {}
+    try:
+        for stage in args.stage or [1, 2, 3]:
+            cfg = load_config(stage=stage, config_files=args.config, overrides=args.overrides).config
+            if not cfg.model.feature_cache.enabled:
+                print(
+                    f"stage {stage}: model.feature_cache.enabled is false; nothing to fill", file=sys.stderr
+                )
+                return 2
+            if not has_media(cfg):
+                if rank == 0:
+                    print(f"stage {stage}: no media in its data; nothing to encode")
+                continue
+            device, dtype = encoder_placement(cfg, world)
+            if args.device:
+                device = torch.device(args.device)
+                if device.type == "cpu" and args.dtype == "auto":
+                    dtype = torch.float32
+            if args.dtype != "auto":
+                dtype = getattr(torch, args.dtype)
+            cache, stats = precompute_features(cfg, rank, world, device=device, dtype=dtype,
+                                               batch_size=args.batch_size)  # fmt: skip
+            summary[f"stage_{stage}"] = {"cache": str(cache.root / cache.encoder.identity), **stats.as_dict()}
+            if rank == 0:
+                print(f"stage {stage}: {cache.root / cache.encoder.identity} ({dtype}, {device})")
+                for m, c in stats.as_dict()["media"].items():
+                    print(
+                        f"  {m:6s} encoded {c['encoded']:7d}  cached {c['cached']:7d}  failed {c['failed']:5d}"
+                    )
+                print(f"  {stats.encoder_forwards} encoder forwards in {stats.seconds:.1f} s; "
+                      f"{stats.duplicates} repeated media, {stats.bad_samples} bad records")  # fmt: skip
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(summary))
+    return 0  # failed media are counted above and left to the stream's data.on_error policy
 
 
 def build_parser() -> argparse.ArgumentParser:

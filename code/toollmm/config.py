@@ -104,6 +104,7 @@ class PreprocessConfig:
 class FeatureCacheConfig:
     enabled: bool = opt(True, "cache encoder outputs on disk; stages read them instead of re-encoding")
     dir: str = opt(".cache/features", "cache root (shared by ranks; atomic writes)")
+    batch_size: int = opt(16, "media per encoder forward when filling the cache")
 
 
 @dataclass

@@ -112,7 +112,8 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
         (stage_dir / "config_resolved.txt").write_text(loaded.describe() + "\n", encoding="utf-8")
         log.info("stage %d -> %s (world %d)", cfg.run.stage, stage_dir, world)
     t_start = time.perf_counter()
-    model, counts, stream, heldout = build_run(cfg, rank, world)
+    prepass: dict = {}
+    model, counts, stream, heldout = build_run(cfg, rank, world, prepass)
     steps = total_steps(cfg, stream)
     engine, dtype = make_engine(cfg, model, steps, world)
     step, seen = 0, SeenSamples()
@@ -131,7 +132,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
         step,
     )
     if step == 0:
-        start = {"trainable": counts, "steps": steps, "world": world, "dtype": str(dtype)}
+        start = {"trainable": counts, "steps": steps, "world": world, "dtype": str(dtype), **prepass}
         tracker.log({"event": "start", **start, "steps_per_epoch": stream.steps_per_epoch}, 0)
     source = batches(stream)
     window, last_val = MetricsWindow(), None
