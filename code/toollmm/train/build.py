@@ -41,11 +41,12 @@ def resolve_init_from(cfg, stage_dir) -> None:
     cfg.train.init_from = str(prev)
 
 
-def build_run(cfg, rank: int, world: int, report: dict | None = None):
+def build_run(cfg, rank: int, world: int, report: dict | None = None, llm=None):
     """(model, trainable counts, train stream, held-out stream or None). Media come from the feature
     cache when it is enabled: the pre-pass encodes what is missing on this rank's accelerator and frees
     the encoder before the engine sees the model; a stage whose data has no media never builds it.
-    ``report`` (a dict) receives the pre-pass statistics under ``"features"``."""
+    ``report`` (a dict) receives the pre-pass statistics under ``"features"``; ``llm``: an already
+    prepared ``LLMBundle`` instead of loading ``model.llm.path`` (the GPU check's random 7B model)."""
     from ..data.pipeline import make_processor
     from ..data.stream import TrainStream
     from ..model.toollmm_model import build_model
@@ -69,7 +70,7 @@ def build_run(cfg, rank: int, world: int, report: dict | None = None):
 
         encoder = build_encoder(cfg.model)  # runs inside the model; the engine places and casts it
     seed_all(cfg.run.seed)  # identical init on every rank
-    model = build_model(cfg.model, encoder=encoder, loss_weights=cfg.train.loss_weights)
+    model = build_model(cfg.model, llm=llm, encoder=encoder, loss_weights=cfg.train.loss_weights)
     if cfg.train.init_from:
         report = load_into(model, resolve(cfg.train.init_from))
         log.info("init_from %s: parts %s", cfg.train.init_from, report.parts)
