@@ -35,6 +35,21 @@ TIMEOUT = {  # seconds per section: GPU, CPU
 }
 
 
+CHILD: list = [None]  # the running section (its own process group), ended with the driver
+
+
+def _stop(signum, frame):
+    """SIGTERM / SIGINT: end the running section's whole process group, then exit (the JSON written so
+    far stays)."""
+    proc = CHILD[0]
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def run_one(name: str, work: Path, cpu: bool, timeout: float, log) -> dict:
     result = work / f"section_{name}.json"
     result.unlink(missing_ok=True)
@@ -47,6 +62,7 @@ def run_one(name: str, work: Path, cpu: bool, timeout: float, log) -> dict:
     log.write(f"\n===== {name} (timeout {timeout:.0f} s)\n")
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    CHILD[0] = proc
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -125,6 +141,8 @@ def main() -> int:
 
         run_section(args.section, Path(args.work), args.cpu, Path(args.result))
         return 0
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ("work_cpu" if args.cpu else "work")

@@ -13,18 +13,21 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # pinned packages the GPU image lacks or has at another version, and their missing dependencies
 # (checked against /work/.library/device/KINDS.md's list and each wheel's Requires-Dist)
+# Not carried: numpy (the image's 2.5 under its own compiled stack), huggingface_hub (its 1.33 satisfies
+# transformers, diffusers and peft; 2.x would add httpx2), av (36 MB; the check then leaves video files out
+# of stage 1 and encodes synthetic video), wandb (the check runs with wandb disabled).
 WHEELS=(
-  hjson pydantic pydantic_core annotated-types typing-inspection
-  transformers huggingface_hub tokenizers peft diffusers
-  imagebind-unofficial ftfy wcwidth iopath pytorchvideo
+  deepspeed hjson pydantic pydantic_core annotated-types typing-inspection
+  transformers tokenizers peft sentencepiece diffusers importlib_metadata
+  imagebind-unofficial ftfy wcwidth iopath pytorchvideo setuptools
   jsonschema jsonschema-specifications referencing rpds-py
-  soundfile cffi pycparser
+  soundfile cffi pycparser platformdirs sniffio
 )
 
-pin() {  # NAME -> NAME==VERSION from constraints.txt (case and -/_ insensitive)
+pin() {  # NAME -> NAME==VERSION from constraints.txt / requirements.txt (case and -/_ insensitive)
   local want
   want="$(echo "$1" | tr 'A-Z_' 'a-z-')"
-  grep -v '^#' "$REPO/constraints.txt" | while IFS='=' read -r name _ ver; do
+  cat "$REPO/constraints.txt" "$REPO/requirements.txt" | grep -v '^#' | while IFS='=' read -r name _ ver; do
     [ "$(echo "$name" | tr 'A-Z_' 'a-z-')" = "$want" ] && { echo "$name==$ver"; break; }
   done
 }
@@ -35,11 +38,13 @@ wheelhouse() {
   local py="$REPO/.venv/bin/python"
   [ -x "$py" ] || py=python3
   for name in "${WHEELS[@]}"; do
+    [ "$name" != deepspeed ] || continue
     spec="$(pin "$name")"
     [ -n "$spec" ] || { echo "no pin for $name in constraints.txt" >&2; exit 2; }
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$dir" "$spec"
+      -d "$dir" "$spec" 2>/dev/null ||
+      "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$spec"  # sdist only (pure Python)
   done
   if ! ls "$dir"/deepspeed-*.whl >/dev/null 2>&1; then  # PyPI has only an sdist: build it (pure Python)
     "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$(pin deepspeed)"
@@ -73,5 +78,5 @@ else  # a bare GPU host: its python3 + the carried wheels
   fi
   export PYTHONPATH="$REPO/code:/tmp/site"
 fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))}"
 exec "$PY" "$REPO/scripts/gpu_check.py" ${ARGS[@]+"${ARGS[@]}"}

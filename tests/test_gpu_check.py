@@ -6,6 +6,7 @@ every invariant held."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -18,7 +19,7 @@ SECTIONS = ("env", "gemm", "invariants", "stage_1", "stage_2", "stage_3", "encod
 @pytest.mark.slow
 def test_gpu_check_cpu_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check"
-    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path)}
+    env = {**os.environ, "OUT": str(tmp_path)}
     proc = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--cpu", "--out", str(out)],
         capture_output=True, text=True, timeout=900, env=env,

@@ -37,7 +37,7 @@ INVARIANT_SIZES = {
     "cpu": {"rows": [[7, 12], [5, 9, 3]], "prefix": 9, "appends": [1, 2, 7]},
     "gpu": {"rows": [[130, 300, 64], [257, 199], [31, 500]], "prefix": 211, "appends": [1, 2, 7]},
 }
-TOL = {"cpu": 1e-4, "gpu": 2e-2}  # max |diff| / max |reference|: fp32 exact-ish; bf16 rounding
+TOL = {"cpu": 1e-4, "gpu": 5e-2}  # max |diff| / max |reference|: fp32 exact-ish; bf16 rounding
 STAGE_SIZES = {
     "cpu": {"micro_batch": 2, "max_length": 160, "llm": TINY_LLM, "encoder": "tiny"},
     "gpu": {"micro_batch": 8, "max_length": 2048, "llm": VICUNA_7B, "encoder": "huge"},
@@ -172,6 +172,10 @@ def section_invariants(work: Path, cpu: bool) -> dict:
             del model
         except Exception as e:
             out[attn] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    out["torch_varlen"] = {
+        "skipped": "no transformers attn_implementation runs torch's varlen attention; covered when the "
+        "library's kernel function offers it"
+    }
     failed = [
         f"{a}.{case}"
         for a in KERNELS
@@ -229,6 +233,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def VIDEO_LEFT_OUT() -> tuple[str, ...]:  # noqa: N802 - reads like the constant it stands for
+    """Video files need PyAV; a host without it (the wheelhouse leaves its 36 MB out) skips them in
+    stage 1 (the encoder section still encodes video-shaped input)."""
+    import importlib.util
+
+    return () if importlib.util.find_spec("av") else ("x2t_video",)
+
+
 def stage_config(work: Path, stage: int, cpu: bool):
     """The stage's config over the demo corpus at the check's sizes (packed rows, LoRA, checkpointing)."""
     from ..config import load_config
@@ -241,7 +253,7 @@ def stage_config(work: Path, stage: int, cpu: bool):
         return {"path": str(demo / "train" / f"{name}.jsonl"), "media_root": str(demo)}
 
     data = {
-        1: [src(n) for n in ("x2t_image", "x2t_audio", "x2t_video")],
+        1: [src(n) for n in ("x2t_image", "x2t_audio", "x2t_video") if n not in VIDEO_LEFT_OUT()],
         2: [src(n) for n in ("t2x_image", "t2x_audio", "t2x_video")],
         3: [src(n) for n in ("tools", "instruct", "x2t_image", "t2x_image")],
     }[stage]
@@ -298,8 +310,7 @@ def section_stage(work: Path, cpu: bool, stage: int) -> dict:
     ensure_torch_extensions_dir()
     rank, _, world = init_distributed()
     out: dict = {"world": world, "backend": torch.distributed.get_backend(), "dtype": str(dtype)}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    out["left_out"] = list(VIDEO_LEFT_OUT()) if stage == 1 else []
     t0 = time.perf_counter()
     hf_shape = s["llm"]
     llm = _prepared_llm(cfg, work, hf_shape, device, dtype)
@@ -308,6 +319,8 @@ def section_stage(work: Path, cpu: bool, stage: int) -> dict:
     out["build_s"] = round(time.perf_counter() - t0, 2)
     out["features"] = report.get("features")
     out["trainable"] = counts
+    if device.type == "cuda":  # training's peak from here (the pre-pass encoder is freed by now)
+        torch.cuda.reset_peak_memory_stats()
     engine, dtype = make_engine(cfg, model, 3, world)
     src = batches(stream)
     shape = LlamaShape.of(type("C", (), hf_shape))
