@@ -137,7 +137,11 @@ def main() -> int:
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.section:
+        import logging
+
         from toollmm.bench.gpu_check import run_section
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
         run_section(args.section, Path(args.work), args.cpu, Path(args.result))
         return 0

@@ -7,6 +7,7 @@
 #
 # Writes outputs/gpu_check/gpu_check.json (+ gpu_check.log), copied to $OUT when that is set. Without .venv/
 # the script installs .wheelhouse/*.whl into /tmp/site (--no-index --no-deps) over the host's own python3.
+# The wheelhouse also holds the check's small demo corpus (demo/, rendered here: video needs PyAV).
 # Exit status 1 when a kernel invariant fails or a section fails (each is recorded in the JSON).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +49,9 @@ wheelhouse() {
   done
   if ! ls "$dir"/deepspeed-*.whl >/dev/null 2>&1; then  # PyPI has only an sdist: build it (pure Python)
     "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$(pin deepspeed)"
+  fi
+  if [ ! -f "$dir/demo/summary.json" ]; then  # the check's corpus (rendering video needs PyAV, left out above)
+    PYTHONPATH="$REPO/code" "$py" -c "import sys; from toollmm.data.demo_corpus import generate_demo_corpus as g; g(sys.argv[1], small=True)" "$dir/demo"
   fi
   echo "wheelhouse $dir: $(ls "$dir"/*.whl | wc -l) wheels, $(du -sh "$dir" | cut -f1)"
 }

@@ -19,7 +19,10 @@ SECTIONS = ("env", "gemm", "invariants", "stage_1", "stage_2", "stage_3", "encod
 @pytest.mark.slow
 def test_gpu_check_cpu_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check"
-    env = {**os.environ, "OUT": str(tmp_path)}
+    # DeepSpeed's CPU comm op is JIT-built once into a folder of this checkout's own (a lock left in a
+    # shared build folder by a killed build elsewhere would stall every stage until its timeout)
+    ext = REPO_ROOT / ".cache" / "torch_extensions_gpu_check"
+    env = {**os.environ, "OUT": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(ext)}
     proc = subprocess.run(
         ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--cpu", "--out", str(out)],
         capture_output=True, text=True, timeout=900, env=env,
