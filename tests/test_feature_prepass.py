@@ -101,3 +101,44 @@ def test_encode_counts_failed_media_under_skip(train_world, tmp_path, capsys, ba
     source = f"data.train=[{{path: {data}, media_root: {train_world.demo}}}]"
     out = _encode(train_world, tmp_path / "f", capsys, source, "data.heldout=[]", "data.on_error=skip")
     assert out["media"][bad] == {"encoded": 3, "cached": 0, "failed": 1}
+
+
+def test_two_ranks_encode_each_medium_once(train_world, tmp_path):
+    """``prepare_data.py encode`` under two gloo ranks (as torchrun starts it) over a source listed twice:
+    every distinct medium is encoded exactly once over both ranks, and the cache holds one file each."""
+    import os
+    import subprocess
+    import sys
+
+    from _train_world import child_env, free_port
+
+    path = train_world.demo / "train" / "x2t_image.jsonl"
+    import hashlib
+
+    images = [img for line in path.read_text().splitlines() for img in json.loads(line)["images"]]
+    distinct = {hashlib.sha256((train_world.demo / img).read_bytes()).hexdigest() for img in images}
+    src = f"{{path: {path}, media_root: {train_world.demo}}}"
+    cache = tmp_path / "features"
+    cmd = [sys.executable, str(REPO_ROOT / "code" / "prepare_data.py"), "encode", "--config", TINY_ENCODER,
+           "--config", str(train_world.config), "--stage", "1", f"data.train=[{src}, {src}]", "data.heldout=[]",
+           f"model.feature_cache.dir={cache}"]  # fmt: skip
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=180))
+        finally:
+            if p.poll() is None:
+                os.kill(p.pid, 9)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    summary = json.loads(outs[0][0].strip().splitlines()[-1])["stage_1"]
+    assert summary["media"]["image"] == {"encoded": len(distinct), "cached": 0, "failed": 0}
+    assert summary["duplicates"] == 2 * len(images) - len(distinct)  # met again: never re-encoded
+    assert len(list(cache.rglob("*.safetensors"))) == len(distinct)
