@@ -23,15 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "code"))
 
-ORDER = ("env", "gemm", "invariants", "stage_1", "stage_3", "stage_2", "encoder")
+ORDER = ("env", "gemm", "invariants", "stage_1", "stage_3", "encoder", "stage_2")
 TIMEOUT = {  # seconds per section: GPU, CPU
     "env": (60, 60),
     "gemm": (60, 30),
-    "invariants": (150, 60),
-    "stage_1": (150, 150),
+    "invariants": (120, 90),
+    "stage_1": (210, 150),
     "stage_3": (150, 150),
-    "stage_2": (150, 150),
     "encoder": (90, 90),
+    "stage_2": (150, 150),
 }
 
 
@@ -52,7 +52,9 @@ def _stop(signum, frame):
 
 def run_one(name: str, work: Path, cpu: bool, timeout: float, log) -> dict:
     result = work / f"section_{name}.json"
+    partial = result.with_name(result.name + ".partial")
     result.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--section", name, "--work", str(work), "--result", str(result)]
     cmd += ["--cpu"] if cpu else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOOLLMM_NO_TQDM": "1"}
@@ -72,11 +74,25 @@ def run_one(name: str, work: Path, cpu: bool, timeout: float, log) -> dict:
             "ok": False,
             "error": f"timed out after {timeout:.0f} s",
             "wall_s": round(time.perf_counter() - t0, 1),
+            **_partial(partial),
         }
     wall = round(time.perf_counter() - t0, 1)
     if rc != 0 or not result.is_file():
-        return {"ok": False, "error": f"exit status {rc} (see gpu_check.log)", "wall_s": wall}
+        return {
+            "ok": False,
+            "error": f"exit status {rc} (see gpu_check.log)",
+            "wall_s": wall,
+            **_partial(partial),
+        }
     return {"ok": True, "wall_s": wall, **json.loads(result.read_text())}
+
+
+def _partial(path: Path) -> dict:
+    """What a section that did not finish had recorded (e.g. the kernels checked before one hung)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def derived(report: dict) -> None:
@@ -130,7 +146,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (fp32, gloo)")
     ap.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"), help="where gpu_check.json goes")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all sections (GPU 420, CPU 600)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all sections (GPU 440, CPU 600)")
     ap.add_argument("--only", default=None, help="comma-separated sections to run (default: all)")
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -151,7 +167,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = out / ("work_cpu" if args.cpu else "work")
     work.mkdir(parents=True, exist_ok=True)
-    budget = args.budget or (600 if args.cpu else 420)
+    budget = args.budget or (600 if args.cpu else 440)
     report = {"mode": "cpu" if args.cpu else "gpu", "status": "running", "sections": {}, "wall_s": 0.0}
     path, log_path = out / "gpu_check.json", out / "gpu_check.log"
     t0 = time.perf_counter()

@@ -182,6 +182,7 @@ def section_invariants(work: Path, cpu: bool) -> dict:
             del model
         except Exception as e:
             out[attn] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        _emit_partial(out)  # a later kernel that hangs past the timeout leaves these results
     out["torch_varlen"] = {
         "skipped": "no transformers attn_implementation runs torch's varlen attention; covered when the "
         "library's kernel function offers it"
@@ -393,9 +394,19 @@ def imported_distributions() -> list[str]:
     return sorted({d for t in top for d in owners.get(t, [])})
 
 
+_PARTIAL: list = [None]
+
+
+def _emit_partial(result: dict) -> None:
+    """Write the section's results so far next to its result file (``<result>.partial``)."""
+    if _PARTIAL[0] is not None:
+        _PARTIAL[0].write_text(json.dumps(result, indent=1, default=str))
+
+
 def run_section(name: str, work: Path, cpu: bool, out: Path) -> None:
     """Run one section and write its JSON to ``out`` (the driver reads it back)."""
     os.chdir(REPO_ROOT)
+    _PARTIAL[0] = out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
     result = SECTIONS[name](work, cpu)
     result["section_s"] = round(time.perf_counter() - t0, 2)
