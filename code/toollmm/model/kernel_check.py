@@ -98,7 +98,7 @@ def _append_diffs(model, gen, pool, device, dtype, appends) -> dict[str, float]:
             s.id, torch.cat([s.input_ids, tail]), torch.cat([s.labels, tail * 0 - 100]), s.media, s.media_kind
         )
         out = model.run_llm(collate([whole], pad_id=0).to(device, dtype))
-        full.append((out.logits[0].float(), out.hidden_states[-1][0].float()))
+        full.append((out.logits[0].float().cpu(), out.hidden_states[-1][0].float().cpu()))
     media = [
         {m: MediaInputs(features=torch.stack(v).to(device, dtype)) for m, v in s.media.items()}
         for s in prefix
@@ -107,7 +107,7 @@ def _append_diffs(model, gen, pool, device, dtype, appends) -> dict[str, float]:
     diffs = {"prefill_logits": 0.0}
     for r, s in enumerate(prefix):
         diffs["prefill_logits"] = max(
-            diffs["prefill_logits"], (out.logits[r].float() - full[r][0][len(s) - 1].cpu()).abs().max().item()
+            diffs["prefill_logits"], (out.logits[r].float().cpu() - full[r][0][len(s) - 1]).abs().max().item()
         )
     done = [0, 0]
     for k in range(len(appends)):
@@ -119,8 +119,8 @@ def _append_diffs(model, gen, pool, device, dtype, appends) -> dict[str, float]:
         for r, s in enumerate(prefix):
             n = len(chunks[r])
             end = len(s) + done[r] + n
-            lg = (out.logits[r].float() - full[r][0][end - 1].cpu()).abs().max().item()
-            hs = (out.hidden[r].float() - full[r][1][end - n : end]).abs().max().item()
+            lg = (out.logits[r].float().cpu() - full[r][0][end - 1]).abs().max().item()
+            hs = (out.hidden[r].float().cpu() - full[r][1][end - n : end]).abs().max().item()
             for key, v in ((f"append_{n}_logits", lg), (f"append_{n}_hidden", hs)):
                 diffs[key] = max(diffs.get(key, 0.0), v)
             done[r] += n
