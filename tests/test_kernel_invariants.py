@@ -125,3 +125,12 @@ def test_packed_spans_are_found_once_per_batch(llm_dir, monkeypatch):
     out = model.run_llm(batch, hidden_states=False)
     out.logits.float().square().mean().backward()
     assert calls == [tuple(batch.position_ids.shape)]
+
+
+def test_max_abs_diff_never_reads_nan_as_agreement():
+    from toollmm.model.kernel_check import max_abs_diff
+
+    a = torch.tensor([1.0, 2.0])
+    assert max_abs_diff(a, a + 0.5) == 0.5
+    assert max_abs_diff(a, torch.tensor([1.0, float("nan")])) == float("inf")
+    assert max_abs_diff(a.bfloat16(), a) == 0.0

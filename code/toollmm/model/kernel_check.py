@@ -27,6 +27,13 @@ PACKED_CAPACITY = 20
 APPENDS = (1, 2, 7)
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max ``|a - b|`` on the host in float32; ``inf`` when either side is not finite (NaN must never
+    read as agreement: ``max(0.0, nan)`` is 0.0 in Python)."""
+    d = (a.detach().float().cpu() - b.detach().float().cpu()).abs()
+    return float("inf") if not bool(torch.isfinite(d).all()) else float(d.max())
+
+
 def ordinary_ids(model) -> torch.Tensor:
     vocab = model.llm.get_input_embeddings().num_embeddings
     special = set(model.bundle.token_ids.new_ids)
@@ -80,7 +87,7 @@ def _packed_diff(model, seed, device, dtype) -> float:
         for sid in ids:
             s = by_id[sid]
             ref = _alone(model, s, device, dtype)
-            worst = max(worst, (logits[r, off : off + len(s)] - ref).abs().max().item())
+            worst = max(worst, max_abs_diff(logits[r, off : off + len(s)], ref))
             off += len(s)
     return worst
 
@@ -107,7 +114,7 @@ def _append_diffs(model, gen, pool, device, dtype, appends) -> dict[str, float]:
     diffs = {"prefill_logits": 0.0}
     for r, s in enumerate(prefix):
         diffs["prefill_logits"] = max(
-            diffs["prefill_logits"], (out.logits[r].float().cpu() - full[r][0][len(s) - 1]).abs().max().item()
+            diffs["prefill_logits"], max_abs_diff(out.logits[r], full[r][0][len(s) - 1])
         )
     done = [0, 0]
     for k in range(len(appends)):
@@ -119,8 +126,8 @@ def _append_diffs(model, gen, pool, device, dtype, appends) -> dict[str, float]:
         for r, s in enumerate(prefix):
             n = len(chunks[r])
             end = len(s) + done[r] + n
-            lg = (out.logits[r].float().cpu() - full[r][0][end - 1]).abs().max().item()
-            hs = (out.hidden[r].float().cpu() - full[r][1][end - n : end]).abs().max().item()
+            lg = max_abs_diff(out.logits[r], full[r][0][end - 1])
+            hs = max_abs_diff(out.hidden[r], full[r][1][end - n : end])
             for key, v in ((f"append_{n}_logits", lg), (f"append_{n}_hidden", hs)):
                 diffs[key] = max(diffs.get(key, 0.0), v)
             done[r] += n
