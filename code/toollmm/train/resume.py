@@ -13,8 +13,9 @@ A save goes to ``step_X.partial/``; when every rank has written, rank 0 marks it
 (``complete.json``), moves an existing ``step_X/`` aside to ``step_X.old/``, renames the partial into
 place, replaces ``latest`` (os.replace) and only then deletes the old folder. A kill between any two of
 these leaves a complete checkpoint that :meth:`ResumeCheckpoints.latest` finds: ``latest`` when it names
-a complete folder, else (with a warning) the newest complete one -- never a wedge. Stale ``.partial``
-and ``.old`` folders are removed by the next save; the last ``keep_last`` are kept. Like DeepSpeed's own
+a complete folder, else (with a warning) the newest complete one -- never a wedge. The next save puts a
+complete leftover whose final folder is missing into place and removes the other ``.partial`` / ``.old``
+folders; the last ``keep_last`` checkpoints are kept. Like DeepSpeed's own
 checkpoints, this assumes every node sees the run folder (a shared filesystem).
 """
 
@@ -275,11 +276,16 @@ class ResumeCheckpoints:
         self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:
+        """Promote a complete ``.partial`` (else ``.old``) whose final folder is missing (an interrupted
+        save left it; a resume may have used it), delete the other leftovers, keep ``keep_last`` finals."""
+        leftovers = [(m, p) for p in self.dir.iterdir() if (m := _TAG.match(p.name)) and m.group(2)]
+        for m, p in sorted(leftovers, key=lambda mp: (mp[0].group(1), -_RANK[mp[0].group(2)])):
+            final = self.dir / f"step_{m.group(1)}"
+            if not final.exists() and self._complete(p.name):
+                os.replace(p, final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
         finals = sorted(n for n in os.listdir(self.dir) if (m := _TAG.match(n)) and not m.group(2))
         for name in finals[: -self.keep_last]:
             if name != keep:
                 shutil.rmtree(self.dir / name, ignore_errors=True)
-        for p in self.dir.iterdir():
-            m = _TAG.match(p.name)
-            if m and m.group(2):  # stale .partial / .old
-                shutil.rmtree(p, ignore_errors=True)
