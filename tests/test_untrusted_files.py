@@ -216,3 +216,21 @@ def test_payload_in_decoder_bin_is_refused_naming_it(tmp_path, marker):
     with pytest.raises(UnsafeFileError, match="text_encoder/pytorch_model.bin"):
         pool.pipeline("image")
     assert not marker.exists()
+
+
+def test_a_checkpoint_config_cannot_choose_tool_code(tmp_path, caplog):
+    """``inference.tool_imports`` imports modules: it comes from the user, never from a stage folder."""
+    import yaml
+
+    from toollmm import configlib
+    from toollmm.checkpoint import stage_config
+
+    tree = configlib.to_dict(load_config().config)
+    tree["inference"]["tool_imports"] = ["evil_module:tool"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with caplog.at_level(logging.WARNING):
+        cfg = stage_config(tmp_path, config_files=[])
+    assert cfg.inference.tool_imports == [] and "evil_module:tool" in caplog.text
+    assert stage_config(
+        tmp_path, overrides=["inference.tool_imports=[mine:tool]"]
+    ).inference.tool_imports == ["mine:tool"]
