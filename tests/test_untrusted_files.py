@@ -29,7 +29,7 @@ from toollmm.model.encoder import CheckpointError, build_encoder, load_imagebind
 from toollmm.model.feature_cache import FeatureCache
 from toollmm.model.llm import load_causal_lm
 from toollmm.safefiles import UnsafeFileError
-from toollmm.train.ds import build_ds_config, init_distributed
+from toollmm.train.ds import build_ds_config, compute_dtype, init_distributed
 from toollmm.train.resume import ResumeCheckpoints, ResumeError
 from toollmm.train.schedule import make_scheduler
 
@@ -65,24 +65,28 @@ def dist():
 
 
 def _engine(ds_json: str = "dsconfig/stage_1.json", seed: int = 0):
+    """A tiny engine; on a GPU host with the dsconfig's bf16 on (so the shards hold what a real run's do)."""
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
     cfg = load_config(
         stage=1, overrides=["train.micro_batch_size=4", f"train.deepspeed_config={ds_json}"]
     ).config
+    ds = build_ds_config(cfg, world_size=1)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=list(model.parameters()),
-        config=build_ds_config(cfg, world_size=1, on_gpu=False),
+        config=ds,
         lr_scheduler=lambda opt: make_scheduler(opt, 20, cfg.train.optim),
     )
+    engine.test_dtype = compute_dtype(ds)
     return engine
 
 
 def _train(engine, steps: int) -> None:
     for i in range(steps):
         g = torch.Generator().manual_seed(i)
-        loss = engine(torch.randn(4, 8, generator=g)).square().mean()
+        x = torch.randn(4, 8, generator=g).to(engine.device, engine.test_dtype)
+        loss = engine(x).float().square().mean()
         engine.backward(loss)
         engine.step()
 
