@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import LLMConfig, LoraSettings, TokenConfig
 from ..paths import resolve
+from ..safefiles import naming_refused_pickles
 from ..tokens import TokenContract, TokenIds
 from .token_rows import TokenRows, attach_token_rows
 
@@ -66,7 +67,10 @@ def load_causal_lm(llm_cfg: LLMConfig, device: torch.device | str | None = None)
         from .packed_attention import register
 
         impl = register()
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=impl)
+    with naming_refused_pickles("model.llm.path", src):  # a .bin is read weights_only; a refusal names it
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=dtype, attn_implementation=impl, weights_only=True
+        )
     tokenizer = AutoTokenizer.from_pretrained(tok_src)
     log.info(
         "loaded %s (%s, %s attention) from %s", type(model).__name__, dtype, llm_cfg.attn_implementation, src
