@@ -4,7 +4,7 @@
         --references gpt4tools_val_seen.json gpt4tools_test_unseen.json \\
         --predictions val_preds.json test_preds.json [--json] [--compat] [--strict]
     python code/evaluate.py run --benchmark mllm-tool --checkpoint outputs/run/stage_3 \\
-        --data combined_data.json [--limit N] [--mode teacher-forced|free]
+        --data combined_data.json --media-root /data/mllm-tool [--limit N] [--mode teacher-forced|free]
     python code/evaluate.py benchmarks          # the benchmarks and their metrics
     python code/evaluate.py demo --checkpoint outputs/demo/stage_1 [--tasks x2t,t2x,tools]   # demo held-out
     python code/evaluate.py demo-report --run outputs/demo      # the demo's metrics.json + summary table
@@ -12,6 +12,10 @@
 References are the benchmarks' own files (read through ``toollmm.data.convert``) or our unified JSONL of
 them; predictions are the anchors' output files or the inference ``--batch`` JSONL. ``run`` writes
 ``<checkpoint>/eval/<benchmark>.json`` and ``<benchmark>.predictions.jsonl`` (``--output`` to change).
+A reference that gets no prediction (``run``: its request could not run, e.g. media not found; ``score``:
+no prediction matches it) fails the command (exit 1, listing them) unless ``--allow-missing``: then it is
+excluded from every metric and reported with its reason. Paths typed here are taken from the current
+directory.
 Each subcommand is a small function that parses its arguments and calls ``toollmm.eval``.
 """
 
@@ -29,6 +33,7 @@ from toollmm.eval import (
     MODES,
     EvalError,
     Generator,
+    MissingError,
     ScoreOptions,
     format_results,
     run_benchmark,
@@ -86,6 +91,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strict", action="store_true", help="gpt4tools: image-path arguments must match exactly (the paper)"
     )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score the references that got a prediction and report the others (count, reasons), excluded"
+        " from every denominator; without it such references fail the command (exit 1)",
+    )
+
+
+def _opts(args: argparse.Namespace) -> ScoreOptions:
+    return ScoreOptions(compat=args.compat, strict=args.strict, allow_missing=args.allow_missing)
 
 
 def _configure_score(p: argparse.ArgumentParser) -> None:
@@ -104,8 +119,7 @@ def _print(result: dict, as_json: bool) -> None:
 @subcommand("score", _configure_score)
 def run_score(args: argparse.Namespace) -> int:
     """Score an existing predictions file against the benchmark's references."""
-    opts = ScoreOptions(compat=args.compat, strict=args.strict)
-    result = score_files(args.benchmark, args.references, args.predictions, opts)
+    result = score_files(args.benchmark, args.references, args.predictions, _opts(args))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(
@@ -127,6 +141,11 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
         help="feed back reference observations, or run free",
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument(
+        "--media-root",
+        default=None,
+        help="folder that relative media paths in --data are taken from (default: each --data file's folder)",
+    )
     p.add_argument("--output", default=None, help="results folder (default: <checkpoint>/eval)")
 
 
@@ -145,9 +164,16 @@ def run_run(args: argparse.Namespace) -> int:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
     out = results_dir(args)
     generate = args.generator_factory(args.checkpoint, args.benchmark)
-    opts = ScoreOptions(compat=args.compat, strict=args.strict)
     result = run_benchmark(
-        args.benchmark, args.data, generate, out, args.limit, args.mode, args.batch_size, opts
+        args.benchmark,
+        args.data,
+        generate,
+        out,
+        args.limit,
+        args.mode,
+        args.batch_size,
+        _opts(args),
+        media_root=args.media_root,
     )
     _print(result, args.json)
     return 0
@@ -233,6 +259,9 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     )
     try:
         return args.run(args)
+    except MissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from .batch import MediaInputs
 from .checkpoint import LoadedStage, load_stage
 from .infer.output import TextStream, error_output, output_dict, row_media
 from .infer.session import MEDIA_KEYS, ChatSession
-from .paths import CONFIG_DIR, OUTPUTS_DIR, REPO_ROOT, resolve
+from .paths import CONFIG_DIR, OUTPUTS_DIR, resolve
 from .tokens import MODALITIES
 
 log = logging.getLogger(__name__)
@@ -278,16 +278,22 @@ class Runtime:
     def eval_generator(self, benchmark: str, media_root: str | Path | None = None):
         """``generate(prompts) -> outputs`` for ``toollmm.eval.run`` (``evaluate.py run``): prompt records
         in, ``--batch`` outputs back, each row stopping at its first tool call (not run) when the prompt
-        sets ``stop_at_tool_call``. Relative media paths are taken from ``media_root`` (default: the repo
-        root)."""
-        root = Path(media_root) if media_root else REPO_ROOT
+        sets ``stop_at_tool_call``. Relative media paths are taken from ``media_root`` (default: the
+        current directory; ``evaluate.py run`` passes absolute paths). A request that cannot run at all
+        (media not found, unrenderable prompt) comes back with ``not_run``: the reason."""
+        root = Path(media_root) if media_root else Path.cwd()
         log.info(
             "%s: generating with %s (tool_format %s)", benchmark, self.stage.path, self.cfg.model.tool_format
         )
 
         def generate(prompts: list[dict]) -> list[dict]:
             reqs = [Request.from_record(p, root) for p in prompts]
-            return self.run(reqs, stop_at_tool_call=[bool(p.get("stop_at_tool_call")) for p in prompts])
+            stops = [bool(p.get("stop_at_tool_call")) for p in prompts]
+            outs, rows = self.run_rows(reqs, stop_at_tool_call=stops)
+            return [
+                {**o, "not_run": "; ".join(o["errors"]) or "not run"} if row is None else o
+                for o, row in zip(outs, rows)
+            ]
 
         return generate
 
