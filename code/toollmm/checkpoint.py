@@ -29,13 +29,22 @@ import yaml
 
 from . import configlib
 from .config import Config, from_dict
+from .model.files import respect_umask
 from .paths import CACHE_DIR, resolve
 
 log = logging.getLogger(__name__)
 
 FORMAT = "toollmm-stage/1"
 MANIFEST = "stage.json"
-LOADABLE = ("config.yaml", "tokenizer", "delta.safetensors", "adapter")
+#: a release holds the adapter's two files at its root instead of adapter/ (model.delta.adapter_dir)
+LOADABLE = (
+    "config.yaml",
+    "tokenizer",
+    "delta.safetensors",
+    "adapter",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
@@ -294,6 +303,7 @@ def export_llm(model, out_dir: str | os.PathLike, *, dtype=None, copy: bool = Tr
         llm.to(dtype)
     llm.save_pretrained(str(tmp))
     model.bundle.tokenizer.save_pretrained(str(tmp))
+    respect_umask(tmp)  # safetensors writes 0600
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported the LLM to %s", out)

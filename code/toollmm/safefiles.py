@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .model.files import respect_umask
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -132,6 +134,7 @@ def save_safetensors_file(
 
     path = Path(path)
     save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    respect_umask(path)  # safetensors creates 0600; teammates on a shared filesystem must read it
     with open(path, "r+b") as f:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.files import file_mode
 from ..paths import resolve
 from .records import BadSample, load_caption
 
@@ -67,6 +68,9 @@ class CaptionStore:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+        os.fchmod(
+            fd, file_mode()
+        )  # mkstemp creates 0600; readers on a shared filesystem need the umask's mode
         with os.fdopen(fd, "wb") as f:
             f.write(buf.getvalue())
         os.replace(tmp, p)

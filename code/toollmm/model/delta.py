@@ -5,6 +5,7 @@ Layout of a delta folder (format ``toollmm-delta/1``)::
     <dir>/delta.safetensors      token rows + projections; header metadata: format, parts, token_ids, tied
     <dir>/adapter/               peft's own ``save_pretrained`` output (adapter_config.json +
                                  adapter_model.safetensors, LoRA A/B only); present iff "lora" in parts
+                                 (a release keeps these two files at its root instead: ``adapter_dir``)
 
 Keys of ``delta.safetensors``::
 
@@ -40,6 +41,7 @@ import torch
 
 from ..config import MODALITIES
 from ..safefiles import naming_refused_pickles, save_safetensors_file
+from .files import respect_umask
 from .toollmm_model import ToolLMM
 
 log = logging.getLogger(__name__)
@@ -112,13 +114,14 @@ def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
         "tied": json.dumps(model.bundle.tied),
     }
     tmp = out / (DELTA_FILE + ".tmp")
-    save_safetensors_file(tensors, tmp, metadata=meta)  # canonical header: equal tensors, equal bytes
+    save_safetensors_file(tensors, tmp, metadata=meta)  # canonical header, the umask's file mode
     os.replace(tmp, out / DELTA_FILE)
     adapter = out / ADAPTER_DIR
     if "lora" in parts:
         tmp_dir = out / (ADAPTER_DIR + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
         model.llm.save_pretrained(str(tmp_dir), save_embedding_layers=False)
+        respect_umask(tmp_dir)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp_dir, adapter)
     elif adapter.exists():
@@ -136,9 +139,18 @@ def delta_size_bound(model: ToolLMM, parts) -> int:
     return n + HEADER_SLACK
 
 
+def adapter_dir(delta_dir: str | os.PathLike) -> Path:
+    """Where a delta's peft adapter lives: ``adapter/`` in a stage folder; the folder itself in a release
+    (peft's ``from_pretrained(folder)`` and the Hub's snippet read the adapter files at the root)."""
+    d = Path(delta_dir)
+    if not (d / ADAPTER_DIR).is_dir() and (d / "adapter_config.json").is_file():
+        return d
+    return d / ADAPTER_DIR
+
+
 def delta_weight_bytes(delta_dir: str | os.PathLike) -> int:
     d = Path(delta_dir)
-    files = [d / DELTA_FILE, d / ADAPTER_DIR / "adapter_model.safetensors"]
+    files = [d / DELTA_FILE, adapter_dir(d) / "adapter_model.safetensors"]
     return sum(f.stat().st_size for f in files if f.exists())
 
 
@@ -172,7 +184,7 @@ def load_delta(model: ToolLMM, delta_dir: str | os.PathLike) -> DeltaLoadReport:
         for k, t in loaded.items():
             want[k].copy_(t.to(device=want[k].device, dtype=want[k].dtype))
     if "lora" in parts:
-        _load_lora(model, d / ADAPTER_DIR)
+        _load_lora(model, adapter_dir(d))
     model.delta_parts |= set(parts)
     not_saved = [p for p in possible_parts(model) if p not in parts]
     expected_missing = sorted(delta_tensors(model, not_saved))
