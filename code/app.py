@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from toollmm.config import ConfigError, add_config_args  # noqa: E402
+from toollmm.paths import cli_checkpoint, cli_path  # noqa: E402
 
 TITLE = "toollmm: chat, tools and any-to-any generation"
 
@@ -99,10 +100,17 @@ def build_app(runtime):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port")
-    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        type=cli_path,
+        help="media folder (default outputs/inference/<timestamp>/)",
+    )
     add_config_args(p)
     return p.parse_args(argv)
 

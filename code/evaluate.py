@@ -39,6 +39,7 @@ from toollmm.eval import (
     run_benchmark,
     score_files,
 )
+from toollmm.paths import cli_checkpoint, cli_path, repo_default
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -105,11 +106,17 @@ def _opts(args: argparse.Namespace) -> ScoreOptions:
 
 def _configure_score(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--references", required=True, nargs="+", help="the benchmark's reference file(s)")
     p.add_argument(
-        "--predictions", required=True, nargs="+", help="one predictions file, or one per references file"
+        "--references", required=True, nargs="+", type=cli_path, help="the benchmark's reference file(s)"
     )
-    p.add_argument("--output", default=None, help="also write the results JSON to this file")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        nargs="+",
+        type=cli_path,
+        help="one predictions file, or one per references file",
+    )
+    p.add_argument("--output", default=None, type=cli_path, help="also write the results JSON to this file")
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -131,8 +138,12 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _configure_run(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
-    p.add_argument("--data", required=True, nargs="+", help="the benchmark's reference file(s)")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
+    p.add_argument(
+        "--data", required=True, nargs="+", type=cli_path, help="the benchmark's reference file(s)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument(
         "--mode",
@@ -144,9 +155,12 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--media-root",
         default=None,
+        type=cli_path,
         help="folder that relative media paths in --data are taken from (default: each --data file's folder)",
     )
-    p.add_argument("--output", default=None, help="results folder (default: <checkpoint>/eval)")
+    p.add_argument(
+        "--output", default=None, type=cli_path, help="results folder (default: <checkpoint>/eval)"
+    )
 
 
 def results_dir(args: argparse.Namespace) -> Path:
@@ -182,11 +196,20 @@ def run_run(args: argparse.Namespace) -> int:
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     from toollmm.eval.demo import TASKS
 
-    p.add_argument("--checkpoint", required=True, help="a demo stage folder, e.g. outputs/demo/stage_1")
-    p.add_argument("--data", default="data/demo", help="the demo corpus (python code/prepare_data.py demo)")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_path, help="a demo stage folder, e.g. outputs/demo/stage_1"
+    )
+    p.add_argument(
+        "--data",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="the demo corpus (python code/prepare_data.py demo; default: the repo's data/demo)",
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out records per file")
-    p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>/eval/demo.json)")
+    p.add_argument(
+        "--output", default=None, type=cli_path, help="results JSON (default: <checkpoint>/eval/demo.json)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -212,7 +235,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _configure_demo_report(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--run", dest="run_dir", default="outputs/demo", help="the demo run folder (holds stage_0..stage_3)"
+        "--run",
+        dest="run_dir",
+        default=repo_default("outputs/demo"),
+        type=cli_path,
+        help="the demo run folder (holds stage_0..stage_3; default: the repo's outputs/demo)",
     )
     p.add_argument("--small", action="store_true", help="record that the corpus was --small")
     p.add_argument("--total-wall-s", type=float, default=None, help="the whole demo's wall time")

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from toollmm.config import ConfigError, add_config_args
+from toollmm.paths import cli_checkpoint, cli_path
 
 MEDIA_FLAGS = ("image", "video", "audio")
 CHAT_HELP = (
@@ -42,18 +43,28 @@ class AddMedia(argparse.Action):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
     p.add_argument("--prompt", default=None, help="the user message (media placeholders optional)")
     for m in MEDIA_FLAGS:
         p.add_argument(f"--{m}", action=AddMedia, metavar="P", help=f"{m} input (repeatable, in order)")
-    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        type=cli_path,
+        help="media folder (default outputs/inference/<timestamp>/)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object per turn")
     p.add_argument("--chat", action="store_true", help="multi-turn chat on stdin")
     p.add_argument("--tools", default=None, help="comma-separated tool names to enable (default: all)")
-    p.add_argument("--batch", default=None, metavar="IN.jsonl", help="one request per line")
-    p.add_argument("--out", default=None, metavar="OUT.jsonl", help="--batch results")
+    p.add_argument("--batch", default=None, type=cli_path, metavar="IN.jsonl", help="one request per line")
+    p.add_argument("--out", default=None, type=cli_path, metavar="OUT.jsonl", help="--batch results")
     p.add_argument(
-        "--media-root", default=None, help="--batch: relative media paths start here (default: its folder)"
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="--batch: relative media paths start here (default: its folder)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="--batch: requests per generate call")
     p.add_argument("--verbose", action="store_true", help="log the library's progress (INFO)")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
+from toollmm.paths import cli_config_file, cli_path, repo_default
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -47,10 +48,13 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(REGISTRY), help="source format")
-    p.add_argument("--input", required=True, help="source file (JSON array or JSONL)")
-    p.add_argument("--output", required=True, help="unified JSONL to write")
+    p.add_argument("--input", required=True, type=cli_path, help="source file (JSON array or JSONL)")
+    p.add_argument("--output", required=True, type=cli_path, help="unified JSONL to write")
     p.add_argument(
-        "--media-root", default=None, help="check that every referenced media file exists under DIR"
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="check that every referenced media file exists under DIR",
     )
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
@@ -105,10 +109,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _configure_demo_base(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
+    p.add_argument("--config", action="append", default=[], metavar="FILE", type=cli_config_file,
                    help="config layer(s) giving the encoder dims (default: config/demo.yaml)")  # fmt: skip
-    p.add_argument("--corpus", default="data/demo", help="the demo corpus (its tokenizer and training media)")
-    p.add_argument("--output", default="outputs/demo/base", help="where the base models go")
+    p.add_argument(
+        "--corpus",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="the demo corpus (its tokenizer and training media)",
+    )
+    p.add_argument(
+        "--output", default=repo_default("outputs/demo/base"), type=cli_path, help="where the base models go"
+    )
     p.add_argument("--llm-hidden", type=int, default=None, help="stand-in Llama width (default 128)")
     p.add_argument("--llm-layers", type=int, default=None, help="stand-in Llama layers (default 4)")
     p.add_argument("--llm-heads", type=int, default=None, help="stand-in Llama attention heads (default 4)")

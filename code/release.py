@@ -20,7 +20,7 @@ from toollmm.checkpoint import StageError
 from toollmm.hub import ReleaseError, build_release, upload
 from toollmm.hub_bases import ROLES
 from toollmm.hub_card import human_size
-from toollmm.paths import resolve
+from toollmm.paths import cli_path, resolve
 
 
 def _base_id(text: str) -> tuple[str, str]:
@@ -34,13 +34,17 @@ def _base_id(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="release.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder (e.g. outputs/<run>/stage_3)")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_path, help="stage folder (e.g. outputs/<run>/stage_3)"
+    )
     p.add_argument("--repo-id", required=True, help="Hub model repo, OWNER/NAME")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument(
         "--dry-run", action="store_true", help="write and check the folder, list it, upload nothing"
     )
-    p.add_argument("--out", default=None, help="release folder (default: <checkpoint>/release)")
+    p.add_argument(
+        "--out", default=None, type=cli_path, help="release folder (default: <checkpoint>/release)"
+    )
     p.add_argument(
         "--merge",
         action="store_true",

@@ -95,15 +95,19 @@ class Runtime:
         self.tokenizer = stage.tokenizer
         self.load_s = load_s
         inf = self.cfg.inference
+        # created by the first file written into it (media, tool outputs): a text-only request leaves no
+        # empty outputs/inference/<time>/ behind
         self.output_dir = Path(resolve(output_dir)) if output_dir else default_output_dir()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.renderer = Renderer.from_config(self.cfg, self.tokenizer)
         self.sink = MediaSink(self.output_dir, inf.seed)
         self.decoders = DecoderPool(self.cfg.model.decoders)
         self.decoder = (
             SignalDecoder(self.model, self.decoders, self.sink) if self.decoders.enabled() else None
         )
+        from .agent.sandbox import Workspace
+
         ws = workspace if workspace is not None else (inf.workspace or self.output_dir)
+        ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)  # made when a tool runs
         self.registry = registry if registry is not None else Registry.from_config(inf, ws)
         self._signal_hook = signal_hook if signal_hook is not None else self.decoder
         self.set_step_model(step_model if step_model is not None else ToolLMMStepModel(self.model))

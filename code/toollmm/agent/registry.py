@@ -41,14 +41,16 @@ class Registry:
 
     def __init__(
         self,
-        workspace: str | Path | None = None,
+        workspace: str | Path | Workspace | None = None,
         *,
         timeout_s: float = 30.0,
         max_output_chars: int = 4000,
         max_arg_chars: int = 8192,
         enabled: list[str] | None = None,
     ):
-        self.workspace = Workspace(workspace) if workspace is not None else None
+        self.workspace = (
+            workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
+        )
         self.timeout_s = timeout_s
         self.max_output_chars = max_output_chars
         self.max_arg_chars = max_arg_chars
@@ -58,7 +60,7 @@ class Registry:
         self._validators: dict[str, Draft202012Validator] = {}
 
     @classmethod
-    def from_config(cls, cfg, workspace: str | Path | None = None) -> Registry:
+    def from_config(cls, cfg, workspace: str | Path | Workspace | None = None) -> Registry:
         """From an ``InferenceConfig``: limits, declared sets, user imports, enabled names."""
         from .toolsets import declare_sets
 
@@ -225,7 +227,7 @@ class Registry:
         return kwargs
 
     def _run(self, spec: ToolSpec, kwargs: dict) -> tuple[str | None, str | None]:
-        cwd = self.workspace.root if self.workspace else None
+        cwd = self.workspace.ensure() if self.workspace else None
         if spec.isolation == "subprocess":
             result, error = run_isolated(
                 spec.backend, kwargs, timeout_s=self.timeout_s, cwd=cwd, max_chars=self.max_output_chars

@@ -40,9 +40,17 @@ class PathRefused(ValueError):
 class Workspace:
     """A folder that every model-written file argument must stay inside."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(resolve(root)).resolve()  # relative roots are taken from the repo root, not the cwd
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        # relative roots (config values: inference.workspace) are taken from the repo root, not the cwd;
+        # ``create=False``: the folder is made when a tool first runs (``ensure``), so a text-only session
+        # leaves no empty folder behind
+        self.root = Path(resolve(root)).resolve()
+        if create:
+            self.ensure()
+
+    def ensure(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
 
     def resolve(self, arg: Any) -> Path:
         if not isinstance(arg, str):

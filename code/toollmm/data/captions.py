@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.files import file_mode
-from ..paths import resolve
+from ..paths import cli_path, repo_default, resolve
 from .records import BadSample, load_caption
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,15 @@ def add_embed_captions_args(subparsers, build_encoders=decoder_encoders) -> argp
         "embed-captions",
         help="compute decoder caption embeddings for text->X targets (cached, skipped when present)",
     )
-    p.add_argument("--input", required=True, help="unified-record JSONL")
-    p.add_argument("--output", required=True, help="JSONL written with generate[].embedding keys set")
+    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL")
     p.add_argument(
-        "--store", default=".cache/captions", help="caption-embedding store (default .cache/captions)"
+        "--output", required=True, type=cli_path, help="JSONL written with generate[].embedding keys set"
+    )
+    p.add_argument(
+        "--store",
+        default=repo_default(".cache/captions"),
+        type=cli_path,
+        help="caption-embedding store (default: the repo's .cache/captions)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call")
     add_config_args(p)

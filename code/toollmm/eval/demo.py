@@ -290,6 +290,7 @@ def evaluate_stage(
         str(ckpt),
         overrides=[f"inference.max_new_tokens={max_new_tokens}", "inference.temperature=0.0"],
         registry=demo_registry(),
+        output_dir=ckpt / "eval" / "media",  # decoded signal spans stay with the run (made only if any)
     )
     out: dict = {"checkpoint": str(checkpoint), "stage": manifest.get("stage")}
     for task in tasks:
