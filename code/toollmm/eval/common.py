@@ -52,8 +52,11 @@ def missing_summary(missing: list[tuple[str, str]], total: int) -> dict:
 
 
 def reason_kind(why: str) -> str:
+    """``"request X: /data/a.mp4: file not found"`` -> ``"file not found"`` (the part to count by)."""
     text = why.split(": ", 1)[1] if why.startswith("request ") and ": " in why else why
-    text = text.rsplit(": ", 1)[-1] if ": " in text else text  # "<path>: file not found" -> "file not found"
+    head, sep, rest = text.partition(": ")
+    if sep and any(c in head for c in "/\\") and rest:  # "<path>: reason"
+        text = rest
     return text.strip()[:120] or "unknown"
 
 
