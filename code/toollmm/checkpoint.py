@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from toollmm.errors import UserError
+
 from . import configlib
 from .config import Config, from_dict
 from .paths import CACHE_DIR, resolve
@@ -39,7 +41,7 @@ LOADABLE = ("config.yaml", "tokenizer", "delta.safetensors", "adapter")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-class StageError(ValueError):
+class StageError(UserError, ValueError):
     """A stage folder that cannot be loaded as it is."""
 
 

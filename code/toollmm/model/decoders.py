@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import DecoderConfig
 from ..paths import resolve
 from . import media_out
@@ -46,7 +48,7 @@ POOLED_TEXT_ENCODERS = {"ClapTextModelWithProjection"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DecoderError(ValueError):
+class DecoderError(UserError, ValueError):
     """A decoder folder, its configs or a generation request is unusable; the message names the file."""
 
 

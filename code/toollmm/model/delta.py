@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import MODALITIES
 from .toollmm_model import ToolLMM
 
@@ -50,7 +52,7 @@ DELTA_PARTS = ("input_proj", *(f"output_proj.{m}" for m in MODALITIES), "lora", 
 HEADER_SLACK = 64 * 1024
 
 
-class DeltaError(ValueError):
+class DeltaError(UserError, ValueError):
     """A delta that does not fit the model it is loaded into."""
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from toollmm.errors import NotUtf8, iter_text_lines, read_text
 
 from .base import REGISTRY, Context, ConversionError
 from .validation import validate
@@ -64,11 +67,12 @@ def _fail_reason(err: Exception, where: str) -> str:
 
 
 def iter_source(path: Path) -> Iterator[tuple[str, object]]:
-    """Yield ``(where, raw)`` for each record of a JSON array or JSONL file. A malformed JSONL line
-    yields ``(where, ConversionError)`` so the caller can skip it; a malformed JSON array raises."""
-    with open(path, encoding="utf-8") as f:
+    """Yield ``(where, raw)`` for each record of a JSON array or JSONL file. A malformed or non-UTF-8
+    JSONL line, or an array record holding bytes that are not UTF-8, yields ``(where, ConversionError)``
+    so the caller can raise or skip it; a malformed JSON array raises."""
+    with open(path, "rb") as f:
         head = f.readline()
-    first = head.strip()
+    first = head.decode("utf-8", errors="replace").strip()
     jsonl = path.suffix == ".jsonl"
     if not jsonl and first.startswith("{"):
         try:
@@ -76,30 +80,63 @@ def iter_source(path: Path) -> Iterator[tuple[str, object]]:
         except json.JSONDecodeError:
             jsonl = False
     if jsonl:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:line {n}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield (
-                        where,
-                        ConversionError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})"),
-                    )
+        for n, line in iter_text_lines(path):
+            where = f"{path}:line {n}"
+            if isinstance(line, NotUtf8):
+                where = f"{where} (byte offset {line.offset})"
+                yield where, ConversionError(f"{where}: not UTF-8 text")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield (
+                    where,
+                    ConversionError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})"),
+                )
         return
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="surrogateescape")  # bad bytes -> lone surrogates, found per record
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     if not isinstance(data, list):
+        if _SURROGATE.search(text):
+            read_text(path)  # raises NotUtf8 naming line and byte offset
         raise ConversionError(
             f"{path}: expected a JSON array of records or JSONL, got a JSON {type(data).__name__}"
         )
     for i, raw in enumerate(data):
-        yield f"{path}:record {i}", raw
+        where = f"{path}:record {i}"
+        bad = _undecoded(raw, "")
+        if bad is not None:
+            where = f"{where} ({bad or 'the record'})"
+            yield where, ConversionError(f"{where}: not UTF-8 text")
+            continue
+        yield where, raw
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _undecoded(value: object, at: str) -> str | None:
+    """Where in a parsed value a string holds undecodable bytes (as surrogate escapes), else None."""
+    stack = [(value, at)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return at
+        elif isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                if _SURROGATE.search(k):
+                    return at
+                stack.append((x, f"{at}.{k}" if at else k))
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{j}]") for j, x in reversed(list(enumerate(v))))
+    return None
 
 
 def convert_records(fmt: str, path: Path, ctx: Context, on_error: str, stats: ConvertStats) -> Iterator[dict]:
