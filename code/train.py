@@ -19,6 +19,7 @@ import argparse
 import sys
 
 from toollmm.config import ConfigError, add_config_args, load_config
+from toollmm.errors import cli_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,11 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue from the stage's newest resume checkpoint (none yet: start from step 0)",
     )
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_config_args(parser)
     return parser.parse_args(argv)
 
 
+@cli_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
