@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from toollmm.errors import cli_errors
 from toollmm.eval import (
     BENCHMARKS,
     MODES,
@@ -221,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
         configure(p)
         p.set_defaults(run=run)
+        p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("evaluate.py")
 def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory | None = None) -> int:
     """``generator_factory`` replaces :func:`load_generator` for ``run`` (a scripted model in tests)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -231,11 +234,7 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
     args.generator_factory = generator_factory or (
         lambda checkpoint, benchmark: load_generator(checkpoint, benchmark, results_dir(args) / "media")
     )
-    try:
-        return args.run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)  # user errors (EvalError ...): one line, exit 2 (cli_errors)
 
 
 if __name__ == "__main__":

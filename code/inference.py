@@ -25,8 +25,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from toollmm.config import ConfigError, add_config_args
-from toollmm.errors import UserError, cli_errors
+from toollmm.config import add_config_args
+from toollmm.errors import UserError, as_user_error, cli_errors
 
 MEDIA_FLAGS = ("image", "video", "audio")
 CHAT_HELP = (
@@ -257,8 +257,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     import toollmm
-    from toollmm.checkpoint import StageError
-    from toollmm.infer.requests import BatchError, read_batch
+    from toollmm.infer.requests import read_batch
     from toollmm.inference_api import INFERENCE_YAML
 
     overrides = list(args.overrides)
@@ -278,9 +277,10 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
         rt = (loader or toollmm.load)(
             args.checkpoint, overrides=overrides, config_files=files, output_dir=args.output_dir
         )
-    except (ConfigError, StageError, BatchError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"inference.py: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # the loaders' own errors are about what the user gave them
+        raise as_user_error(e) from e
     if not args.json:
         print(f"inference.py: outputs in {rt.output_dir}", file=sys.stderr)
     if args.batch:

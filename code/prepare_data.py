@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
+from toollmm.errors import cli_errors
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -144,17 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_shard_args(sub).set_defaults(run=lambda a: a.func(a))
     add_embed_captions_args(sub).set_defaults(run=lambda a: a.func(a))
+    for p in sub.choices.values():
+        if "--verbose" not in p._option_string_actions:
+            p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("prepare_data.py")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)  # user errors (ConversionError ...): one line, exit 2 (cli_errors)
 
 
 if __name__ == "__main__":

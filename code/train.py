@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from toollmm.config import ConfigError, add_config_args, load_config
+from toollmm.config import add_config_args, load_config
 from toollmm.errors import cli_errors
 
 
@@ -39,11 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
+    loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
     if args.print_config:
         print(loaded.describe())
         return 0

@@ -74,6 +74,12 @@ def user_message(err: BaseException) -> str | None:
     return None
 
 
+def as_user_error(err: Exception) -> UserError:
+    """``err`` itself when it is a user error, else a :class:`UserError` with its message (for an entry
+    point that knows every ``ValueError`` / ``OSError`` of a call is about what the user gave it)."""
+    return err if isinstance(err, UserError) else UserError(user_message(err) or str(err))
+
+
 def cli_errors(prog: str) -> Callable:
     """Decorator for ``main(argv=None, ...)``: user errors -> one line on stderr and exit code 2
     (``--verbose`` in argv adds the traceback); everything else propagates unchanged."""
