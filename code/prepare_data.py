@@ -56,6 +56,13 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
     )
+    p.add_argument(
+        "--check-media",
+        action="store_true",
+        help="decode every referenced medium (relative to --media-root, else the input's folder); bad "
+        "ones stop the conversion naming each file, or with --on-error skip drop their records",
+    )
+    p.add_argument("--workers", type=int, default=0, help="--check-media processes (0: one per CPU, <= 8)")
     p.add_argument("--source", default=None, help="record 'source' field (default: FORMAT/<input stem>)")
     p.add_argument(
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="format option (see 'formats')"
@@ -73,9 +80,16 @@ def run_convert(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         options=_parse_opts(args.opt),
         source=args.source,
+        check_media=args.check_media,
+        media_workers=args.workers,
+        progress=_media_progress if args.check_media else None,
     )
     print(stats.summary())
     return 0
+
+
+def _media_progress(checked: int, total: int, bad: int) -> None:
+    print(f"check-media: {checked}/{total} media decoded, {bad} bad", file=sys.stderr, flush=True)
 
 
 @subcommand("formats", lambda p: None)

@@ -54,7 +54,7 @@ def cli() -> int:
     ok = False
     try:
         code = main()
-        ok = True
+        ok = code == 0  # a user error on one rank (exit 2) must not wait for the others at a barrier
         return code
     finally:
         if "torch" in sys.modules:

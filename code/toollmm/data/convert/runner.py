@@ -15,6 +15,8 @@ from pathlib import Path
 from toollmm.errors import NotUtf8, iter_text_lines, read_text
 
 from .base import REGISTRY, Context, ConversionError
+from .media_check import MediaReport, Progress, bad_record_reason
+from .media_check import check_media as decode_media
 from .validation import validate
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class ConvertStats:
     renamed_ids: int = 0
     seconds: float = 0.0
     validate_seconds: float = 0.0
+    media: MediaReport | None = None  # --check-media
 
     @property
     def records_per_s(self) -> float:
@@ -50,6 +53,10 @@ class ConvertStats:
         ]
         for reason, n in self.skipped.most_common():
             lines.append(f"    {n} x {reason} (first: {self.examples[reason]})")
+        if self.media is not None:
+            m = self.media
+            lines.append(f"  media decoded {m.checked} ({len(m.bad)} bad) in {m.seconds:.1f} s")
+            lines += [f"    {line}" for line in m.lines()]
         if self.renamed_ids:
             lines.append(f"  {self.renamed_ids} duplicate id(s) renamed '<id>#<n>'")
         lines.append(
@@ -176,11 +183,17 @@ def convert_file(
     on_error: str = "raise",
     options: dict[str, str] | None = None,
     source: str | None = None,
+    check_media: bool = False,
+    media_workers: int = 0,
+    progress: Progress | None = None,
 ) -> ConvertStats:
     """Convert one source file into unified JSONL. Every written record passes the schema validator.
 
     ``on_error='raise'`` stops at the first bad record with an error naming file and record;
-    ``'skip'`` drops it and counts it per reason. Ids are made unique within the output."""
+    ``'skip'`` drops it and counts it per reason. Ids are made unique within the output.
+    ``check_media`` decodes every referenced medium (``media_workers`` processes; paths relative to
+    ``media_root``, else the input's folder): a bad one raises naming every bad file, or under ``'skip'``
+    drops the records that use it, counted per reason."""
     if fmt not in REGISTRY:
         raise ConversionError(f"unknown format {fmt!r}; known: {', '.join(sorted(REGISTRY))}")
     if on_error not in ("raise", "skip"):
@@ -228,6 +241,8 @@ def convert_file(
                     continue
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 stats.written += 1
+        if check_media:
+            _check_media(tmp, path, ctx.media_root or path.parent, on_error, stats, media_workers, progress)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
@@ -235,3 +250,27 @@ def convert_file(
     stats.seconds = time.perf_counter() - t0
     log.info("converted %s: %d read, %d written", path, stats.read, stats.written)
     return stats
+
+
+def _check_media(
+    tmp: Path, path: Path, root: Path, on_error: str, stats: ConvertStats, workers, progress
+) -> None:
+    """Decode the media of the records in ``tmp``; raise naming every bad file, or drop their records."""
+    records = [json.loads(line) for line in tmp.read_text(encoding="utf-8").splitlines()]
+    report = stats.media = decode_media(records, root, workers, progress)
+    if not report.bad:
+        return
+    if on_error == "raise":
+        raise ConversionError(
+            f"{path}: --check-media: {len(report.bad)} of {report.checked} media files under {root} cannot "
+            "be decoded (--on-error skip drops their records):\n" + "\n".join(report.lines())
+        )
+    keep = []
+    for rec in records:
+        reason = bad_record_reason(rec, root, report)
+        if reason is None:
+            keep.append(rec)
+            continue
+        stats.skip(f"media: {reason}", f"{path}:{rec.get('meta', {}).get('origin', '?')} (id={rec['id']})")
+        stats.written -= 1
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
