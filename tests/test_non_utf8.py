@@ -128,3 +128,17 @@ def test_batch_caption_and_config_files(tmp_path):
     yml.write_bytes(b"run:\n  name: " + BAD + b"\n")
     with pytest.raises(ConfigError, match=rf"{yml}:2: not UTF-8 text \(byte 0xff at byte offset 13\)"):
         load_yaml(yml)
+
+
+def test_stage_manifest_and_shard_index(tmp_path):
+    from toollmm.checkpoint import MANIFEST, StageError, read_manifest
+    from toollmm.data.shards import ShardSource
+
+    (tmp_path / MANIFEST).write_bytes(b'{"format": "' + BAD + b'"}')
+    with pytest.raises(StageError, match=rf"{MANIFEST}:1: not UTF-8 text \(byte 0xff at byte offset 12\)"):
+        read_manifest(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_bytes(b'{"shards": [\n"' + BAD + b'"]}')
+    with pytest.raises(BadSample, match=r"index\.json:2: not UTF-8 text \(byte 0xff at byte offset 14\)"):
+        ShardSource(shards)
