@@ -17,7 +17,6 @@ from toollmm.data.convert import ConversionError, convert_file
 from toollmm.data.records import BadSample
 from toollmm.data.schema import RecordError, load_jsonl
 from toollmm.data.sources import JsonlSource
-from toollmm.errors import NotUtf8, read_jsonl_objects
 from toollmm.infer.requests import BatchError, read_batch
 from toollmm.paths import REPO_ROOT
 
@@ -118,6 +117,8 @@ def test_prepare_data_convert_cli(tmp_path, capsys, mode):
 
 
 def test_batch_caption_and_config_files(tmp_path):
+    from toollmm.errors import NotUtf8, read_jsonl_objects
+
     batch = tmp_path / "in.jsonl"
     batch.write_bytes(b'{"prompt": "hi"}\n{"prompt": "' + BAD + b'"}\n')
     with pytest.raises(BatchError, match=rf"{batch}:2: not UTF-8 text \(byte 0xff at byte offset 29\)"):
