@@ -100,8 +100,9 @@ def test_malicious_llm_bin_is_refused_naming_it(tiny_stage_dir, tmp_path):
     torch.save({"x": Payload()}, fake / "pytorch_model.bin")
     Path("/tmp/toollmm_payload_ran").unlink(missing_ok=True)
     cfg.path, cfg.tokenizer = str(fake), None
-    with pytest.raises(UserError, match=f"model.llm.path {fake}: not loadable"):
+    with pytest.raises(UserError, match="model.llm.path") as err:
         load_causal_lm(cfg)
+    assert str(fake) in str(err.value)
     assert not Path("/tmp/toollmm_payload_ran").exists()
 
 

@@ -194,6 +194,13 @@ def stage_config(
     then dotted overrides (e.g. inference settings)."""
     d = Path(stage_dir)
     tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+    saved_imports = ((tree or {}).get("inference") or {}).pop("tool_imports", None)
+    if saved_imports:  # which code to import is the user's choice, never the checkpoint's
+        log.warning(
+            "%s: ignoring inference.tool_imports %s saved with the checkpoint; pass it again to use it",
+            d / "config.yaml",
+            saved_imports,
+        )
     sources: dict[str, str] = {}
     for f in config_files:
         configlib.merge_tree(tree, configlib.load_yaml(resolve(f)), sources, str(f))

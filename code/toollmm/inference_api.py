@@ -115,7 +115,12 @@ class Runtime:
         from .agent.engine import Engine
 
         self.step_model = step_model
-        self._engine_args = dict(tool_format=self.cfg.model.tool_format, contract=self.model.bundle.contract)
+        self._engine_args = dict(
+            tool_format=self.cfg.model.tool_format,
+            contract=self.model.bundle.contract,
+            # the template's turn-end text (vicuna_v0: "###"); ReAct's "Observation:" runs the action instead
+            stop_strings=self.renderer.fmt.template.stop_strings,
+        )
         self.engine = Engine(
             step_model,
             self.tokenizer,
@@ -202,7 +207,10 @@ class Runtime:
             stream = None
             if on_text is not None:
                 stream = TextStream(
-                    self.tokenizer, self.engine.visible_ids, lambda k, d: on_text(ready[k][0], d)
+                    self.tokenizer,
+                    self.engine.visible_ids,
+                    lambda k, d: on_text(ready[k][0], d),
+                    stop_strings=self.engine.stop_strings,
                 )
             results = self.engine.generate(
                 [p for _, p, _ in ready],

@@ -41,6 +41,7 @@ import torch
 from toollmm.errors import UserError
 
 from ..config import MODALITIES
+from ..safefiles import naming_refused_pickles, save_safetensors_file
 from .toollmm_model import ToolLMM
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ def _check_parts(model: ToolLMM, parts, where: str) -> list[str]:
 
 def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
     """Write the delta of ``model`` (default parts: ``model.delta_parts`` + token rows) to ``out_dir``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = _check_parts(model, set(model.delta_parts if parts is None else parts) | {"token_rows"}, str(out))
@@ -115,7 +114,7 @@ def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
         "tied": json.dumps(model.bundle.tied),
     }
     tmp = out / (DELTA_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors_file(tensors, tmp, metadata=meta)  # canonical header: equal tensors, equal bytes
     os.replace(tmp, out / DELTA_FILE)
     adapter = out / ADAPTER_DIR
     if "lora" in parts:
@@ -227,8 +226,11 @@ def _load_lora(model: ToolLMM, adapter: Path) -> None:
         if was != now:
             raise DeltaError(f"{cfg_file}: {key} = {was}, but model.llm.lora has {now}")
     try:
-        weights = load_peft_weights(str(adapter), device="cpu")
-    except Exception as e:  # pickle refusals, damaged safetensors / zip archives: no common type
+        with naming_refused_pickles("adapter", adapter):  # peft reads an adapter_model.bin weights_only
+            weights = load_peft_weights(str(adapter), device="cpu")
+    except UserError:
+        raise
+    except Exception as e:  # damaged safetensors / zip archives: no common type
         files = ", ".join(sorted(p.name for p in adapter.glob("adapter_model.*"))) or "no weights file"
         raise DeltaError(f"{adapter} ({files}): adapter weights not loadable: {type(e).__name__}: {e}") from e
     result = set_peft_model_state_dict(model.llm, weights)

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from ..config import LLMConfig, LoraSettings, TokenConfig
+from ..errors import UserError
 from ..paths import resolve
+from ..safefiles import naming_refused_pickles
 from ..tokens import TokenContract, TokenIds
 from .token_rows import TokenRows, attach_token_rows
 
@@ -72,10 +74,15 @@ def load_causal_lm(llm_cfg: LLMConfig, device: torch.device | str | None = None)
 
         impl = register()
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=impl)
+        with naming_refused_pickles("model.llm.path", src):  # a .bin is read weights_only; a refusal names it
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=dtype, attn_implementation=impl, weights_only=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    except UserError:
+        raise
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-        # a refused pickle, a damaged weights file or a folder that is no model: name the folder
+        # a damaged weights file or a folder that is no model: name the folder
         raise CheckpointError(f"model.llm.path {src}: not loadable: {type(e).__name__}: {e}") from e
     log.info(
         "loaded %s (%s, %s attention) from %s", type(model).__name__, dtype, llm_cfg.attn_implementation, src
