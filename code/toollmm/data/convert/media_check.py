@@ -97,6 +97,8 @@ def check_media(
     workers = workers or min(8, os.cpu_count() or 1)
     if not jobs:
         return report
+    from ...model import preprocess  # noqa: F401 - imported once here, inherited by forked workers
+
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker) as pool:
         for job, reason in zip(jobs, pool.map(check_one, jobs, chunksize=8)):
             report.checked += 1
