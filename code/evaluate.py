@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from toollmm.errors import cli_errors
 from toollmm.eval import (
     BENCHMARKS,
     MODES,
@@ -274,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
         configure(p)
         p.set_defaults(run=run)
+        p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("evaluate.py")
 def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory | None = None) -> int:
     """``generator_factory`` replaces :func:`load_generator` for ``run`` (a scripted model in tests)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -285,13 +288,10 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
         lambda checkpoint, benchmark: load_generator(checkpoint, benchmark, results_dir(args) / "media")
     )
     try:
-        return args.run(args)
-    except MissingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return args.run(args)  # other user errors (EvalError ...): one line, exit 2 (cli_errors)
+    except MissingError as e:  # references not run / not predicted: exit 1 with the list
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 1
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
+from toollmm.errors import cli_errors
 from toollmm.paths import cli_config_file, cli_path, repo_default
 
 SUBCOMMANDS: dict[
@@ -59,6 +60,13 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
     )
+    p.add_argument(
+        "--check-media",
+        action="store_true",
+        help="decode every referenced medium (relative to --media-root, else the input's folder); bad "
+        "ones stop the conversion naming each file, or with --on-error skip drop their records",
+    )
+    p.add_argument("--workers", type=int, default=0, help="--check-media processes (0: one per CPU, <= 8)")
     p.add_argument("--source", default=None, help="record 'source' field (default: FORMAT/<input stem>)")
     p.add_argument(
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="format option (see 'formats')"
@@ -76,9 +84,16 @@ def run_convert(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         options=_parse_opts(args.opt),
         source=args.source,
+        check_media=args.check_media,
+        media_workers=args.workers,
+        progress=_media_progress if args.check_media else None,
     )
     print(stats.summary())
     return 0
+
+
+def _media_progress(checked: int, total: int, bad: int) -> None:
+    print(f"check-media: {checked}/{total} media decoded, {bad} bad", file=sys.stderr, flush=True)
 
 
 @subcommand("formats", lambda p: None)
@@ -155,17 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_shard_args(sub).set_defaults(run=lambda a: a.func(a))
     add_embed_captions_args(sub).set_defaults(run=lambda a: a.func(a))
+    for p in sub.choices.values():
+        if "--verbose" not in p._option_string_actions:
+            p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("prepare_data.py")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)  # user errors (ConversionError ...): one line, exit 2 (cli_errors)
 
 
 if __name__ == "__main__":

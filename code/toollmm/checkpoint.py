@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from toollmm.errors import UserError, read_text
+
 from . import configlib
 from .config import Config, from_dict
 from .model.files import respect_umask
@@ -48,7 +50,7 @@ LOADABLE = (
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-class StageError(ValueError):
+class StageError(UserError, ValueError):
     """A stage folder that cannot be loaded as it is."""
 
 
@@ -174,7 +176,12 @@ def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
     if not f.is_file():
         hint = " (a save was interrupted, or this is not a stage folder)" if d.is_dir() else ""
         raise StageError(f"{d}: no {MANIFEST}{hint}")
-    manifest = json.loads(f.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(read_text(f))
+    except ValueError as e:  # not UTF-8 (names line and byte offset) or not JSON
+        raise StageError(f"{f}: not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise StageError(f"{f}: not a stage manifest (expected an object with 'format' and 'files')")
     if manifest.get("format") != FORMAT:
         raise StageError(f"{f}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if verify:

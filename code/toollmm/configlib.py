@@ -21,10 +21,12 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from toollmm.errors import NotUtf8, UserError, read_text
+
 MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Raised with every problem found, one per line."""
 
     def __init__(self, problems: list[str]):
@@ -53,8 +55,9 @@ def _deepcopy(x: Any) -> Any:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f)
+        tree = yaml.safe_load(read_text(path))
+    except NotUtf8 as e:
+        raise ConfigError([str(e)]) from None
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
     except yaml.YAMLError as e:

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from .model.files import respect_umask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserError, ValueError):
     """A file that could only be loaded by running code from it (or not at all); names the file."""
 
 

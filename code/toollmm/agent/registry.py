@@ -36,6 +36,23 @@ __all__ = ["Registry", "ToolResult", "ToolSpec", "schema_from_signature", "tool"
 log = logging.getLogger(__name__)
 
 
+#: deepest argument nesting a call may have (checked without recursion, before anything walks it)
+MAX_ARG_DEPTH = 32
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """Nesting depth of lists/dicts in ``value``, counted iteratively; stops just past ``limit``."""
+    best, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            best = max(best, d)
+            if best > limit:
+                return best
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return best
+
+
 class Registry:
     """Named tools plus the limits every call is checked against."""
 
@@ -175,6 +192,10 @@ class Registry:
         """Validate and run one call; never raises."""
         t0 = time.perf_counter()
         shown = arguments if _shown is None else _shown
+        if nesting_depth([name, arguments], MAX_ARG_DEPTH) > MAX_ARG_DEPTH:  # before anything walks them
+            error = f"arguments nested too deeply (more than {MAX_ARG_DEPTH} levels); nothing was run"
+            label = truncate(name, 200) if isinstance(name, str) else "(unnamed)"
+            return ToolResult(label, "(too deep to show)", None, error, round(time.perf_counter() - t0, 4))
         spec = self.get(name)
         label = spec.name if spec else truncate(to_text(name), 200)
         try:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from toollmm.errors import UserError
+
 from ..paths import resolve
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_PATH_CHARS = 1024
 
 
-class PathRefused(ValueError):
+class PathRefused(UserError, ValueError):
     """A model-written path that may not be used."""
 
 

@@ -171,12 +171,12 @@ def main_embed_captions(args: argparse.Namespace) -> int:
     import json
 
     from ..config import load_config
+    from ..errors import read_jsonl_objects
 
     cfg = load_config(config_files=args.config, overrides=args.overrides).config
     encoders, ids = args.build_encoders(cfg)
     src = resolve(args.input)
-    with open(src, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [rec for _, rec in read_jsonl_objects(src)]
     records, counts = embed_captions(
         records, encoders, ids, CaptionStore(resolve(args.store)), args.batch_size
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import read_text
 from ..paths import cli_path, resolve
 from .captions import CaptionStore
 from .records import BadSample, Sample, generate_targets
@@ -38,7 +39,12 @@ def _shard_files(path: Path | str) -> list[Path]:
     if p.is_file():
         return [p]
     if (p / INDEX).is_file():
-        return [p / s["file"] for s in json.loads((p / INDEX).read_text())["shards"]]
+        try:
+            return [p / s["file"] for s in json.loads(read_text(p / INDEX))["shards"]]
+        except (ValueError, KeyError, TypeError) as e:  # NotUtf8 is a ValueError and names itself
+            raise BadSample(
+                "malformed_json", str(p / INDEX), f"not a shard index ({type(e).__name__}: {e})"
+            ) from None
     files = sorted(p.glob("*.tar"))
     if not files:
         raise FileNotFoundError(f"no shards in {p} (expected {INDEX} or *.tar)")

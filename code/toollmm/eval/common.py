@@ -19,12 +19,13 @@ from pathlib import Path
 from toollmm.data.convert import REGISTRY, ConversionError, ConvertStats, iter_source
 from toollmm.data.convert.base import Context
 from toollmm.data.convert.runner import convert_records
+from toollmm.errors import UserError
 from toollmm.tokens import PLACEHOLDER_RE
 
 log = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input; the message names the file, record and key."""
 
 

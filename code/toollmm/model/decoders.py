@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import DecoderConfig
 from ..paths import resolve
 from ..safefiles import naming_refused_pickles
@@ -47,7 +49,7 @@ POOLED_TEXT_ENCODERS = {"ClapTextModelWithProjection"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DecoderError(ValueError):
+class DecoderError(UserError, ValueError):
     """A decoder folder, its configs or a generation request is unusable; the message names the file."""
 
 

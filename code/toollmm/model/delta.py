@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import MODALITIES
 from ..safefiles import naming_refused_pickles, save_safetensors_file
 from .files import respect_umask
@@ -53,7 +55,7 @@ DELTA_PARTS = ("input_proj", *(f"output_proj.{m}" for m in MODALITIES), "lora", 
 HEADER_SLACK = 64 * 1024
 
 
-class DeltaError(ValueError):
+class DeltaError(UserError, ValueError):
     """A delta that does not fit the model it is loaded into."""
 
 
@@ -156,27 +158,36 @@ def delta_weight_bytes(delta_dir: str | os.PathLike) -> int:
 
 def load_delta(model: ToolLMM, delta_dir: str | os.PathLike) -> DeltaLoadReport:
     """Load a delta strictly into ``model`` (see module doc); raises :class:`DeltaError` naming the problem."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     d = Path(delta_dir)
     f = d / DELTA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"no delta at {f}")
-    with safe_open(str(f), framework="pt") as h:
-        meta = h.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise DeltaError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        _check_token_ids(json.loads(meta["token_ids"]), model.bundle.token_ids.to_dict(), f)
-        parts = _check_parts(model, json.loads(meta["parts"]), str(f))
-        want = delta_tensors(model, parts)
-        keys = list(h.keys())
-        unexpected = sorted(set(keys) - set(want))
-        if unexpected:
-            raise DeltaError(f"{f}: unexpected key(s) {unexpected[:10]} (not in this model's parts {parts})")
-        missing = sorted(set(want) - set(keys))
-        if missing:
-            raise DeltaError(f"{f}: missing key(s) {missing[:10]} of part(s) {parts}")
-        loaded = {k: h.get_tensor(k) for k in keys}
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise DeltaError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            _check_token_ids(json.loads(meta["token_ids"]), model.bundle.token_ids.to_dict(), f)
+            parts = _check_parts(model, json.loads(meta["parts"]), str(f))
+            want = delta_tensors(model, parts)
+            keys = list(h.keys())
+            unexpected = sorted(set(keys) - set(want))
+            if unexpected:
+                raise DeltaError(
+                    f"{f}: unexpected key(s) {unexpected[:10]} (not in this model's parts {parts})"
+                )
+            missing = sorted(set(want) - set(keys))
+            if missing:
+                raise DeltaError(f"{f}: missing key(s) {missing[:10]} of part(s) {parts}")
+            loaded = {k: h.get_tensor(k) for k in keys}
+    except SafetensorError as e:  # truncated or damaged (even when the manifest was rewritten to match)
+        raise DeltaError(f"{f}: not a readable safetensors file ({e})") from None
+    except (KeyError, ValueError) as e:
+        if isinstance(e, DeltaError):
+            raise
+        raise DeltaError(f"{f}: damaged metadata ({type(e).__name__}: {e})") from None
     for k, t in loaded.items():
         if tuple(t.shape) != tuple(want[k].shape):
             raise DeltaError(f"{f}: {k} has shape {tuple(t.shape)}, the model expects {tuple(want[k].shape)}")
@@ -226,8 +237,14 @@ def _load_lora(model: ToolLMM, adapter: Path) -> None:
             was, now = sorted(was or []), sorted(now or [])
         if was != now:
             raise DeltaError(f"{cfg_file}: {key} = {was}, but model.llm.lora has {now}")
-    with naming_refused_pickles("adapter", adapter):  # peft reads an adapter_model.bin weights_only
-        weights = load_peft_weights(str(adapter), device="cpu")
+    try:
+        with naming_refused_pickles("adapter", adapter):  # peft reads an adapter_model.bin weights_only
+            weights = load_peft_weights(str(adapter), device="cpu")
+    except UserError:
+        raise
+    except Exception as e:  # damaged safetensors / zip archives: no common type
+        files = ", ".join(sorted(p.name for p in adapter.glob("adapter_model.*"))) or "no weights file"
+        raise DeltaError(f"{adapter} ({files}): adapter weights not loadable: {type(e).__name__}: {e}") from e
     result = set_peft_model_state_dict(model.llm, weights)
     if result.unexpected_keys:
         raise DeltaError(f"{adapter}: unexpected adapter key(s) {sorted(result.unexpected_keys)[:10]}")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_into
+from ..errors import NotUtf8, iter_text_lines
 from ..paths import resolve
 from .targets import precompute_captions
 
@@ -92,14 +93,15 @@ def has_media(cfg) -> bool:
         p = resolve(src.path)
         if p.is_dir():
             return True  # shards: assume media
-        with open(p, encoding="utf-8") as f:
-            for _, line in zip(range(200), f):
-                try:
-                    rec = json.loads(line) if line.strip() else {}
-                except ValueError:
-                    continue  # the stream reports malformed lines under data.on_error
-                if isinstance(rec, dict) and any(rec.get(k) for k in ("images", "videos", "audios")):
-                    return True
+        for _, (_, line) in zip(range(200), iter_text_lines(p)):
+            if isinstance(line, NotUtf8):
+                continue  # the stream names it (file, line, byte offset) under data.on_error
+            try:
+                rec = json.loads(line) if line.strip() else {}
+            except ValueError:
+                continue  # the stream reports malformed lines under data.on_error
+            if isinstance(rec, dict) and any(rec.get(k) for k in ("images", "videos", "audios")):
+                return True
     return False
 
 
