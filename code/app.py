@@ -21,7 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from toollmm.config import ConfigError, add_config_args  # noqa: E402
+from toollmm.config import add_config_args  # noqa: E402
+from toollmm.errors import UserError, as_user_error, cli_errors  # noqa: E402
+from toollmm.paths import cli_checkpoint, cli_path  # noqa: E402
 
 TITLE = "toollmm: chat, tools and any-to-any generation"
 
@@ -99,10 +101,18 @@ def build_app(runtime):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port")
-    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        type=cli_path,
+        help="media folder (default outputs/inference/<timestamp>/)",
+    )
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     add_config_args(p)
     return p.parse_args(argv)
 
@@ -121,10 +131,10 @@ def launch(runtime, host: str = "127.0.0.1", port: int = 7860, block: bool = Tru
     return app
 
 
+@cli_errors("app.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import toollmm
-    from toollmm.checkpoint import StageError
     from toollmm.inference_api import INFERENCE_YAML
 
     files = [INFERENCE_YAML, *args.config]
@@ -139,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         runtime = toollmm.load(
             args.checkpoint, overrides=args.overrides, config_files=files, output_dir=args.output_dir
         )
-    except (ConfigError, StageError, ValueError, OSError) as e:
-        print(f"app.py: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # the loaders' own errors are about what the user gave them
+        raise as_user_error(e) from e
     launch(runtime, args.host, args.port)
     return 0
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
+from toollmm.errors import cli_errors
+from toollmm.paths import cli_config_file, cli_path, repo_default
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -48,14 +50,24 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(REGISTRY), help="source format")
-    p.add_argument("--input", required=True, help="source file (JSON array or JSONL)")
-    p.add_argument("--output", required=True, help="unified JSONL to write")
+    p.add_argument("--input", required=True, type=cli_path, help="source file (JSON array or JSONL)")
+    p.add_argument("--output", required=True, type=cli_path, help="unified JSONL to write")
     p.add_argument(
-        "--media-root", default=None, help="check that every referenced media file exists under DIR"
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="check that every referenced media file exists under DIR",
     )
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
     )
+    p.add_argument(
+        "--check-media",
+        action="store_true",
+        help="decode every referenced medium (relative to --media-root, else the input's folder); bad "
+        "ones stop the conversion naming each file, or with --on-error skip drop their records",
+    )
+    p.add_argument("--workers", type=int, default=0, help="--check-media processes (0: one per CPU, <= 8)")
     p.add_argument("--source", default=None, help="record 'source' field (default: FORMAT/<input stem>)")
     p.add_argument(
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="format option (see 'formats')"
@@ -73,9 +85,16 @@ def run_convert(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         options=_parse_opts(args.opt),
         source=args.source,
+        check_media=args.check_media,
+        media_workers=args.workers,
+        progress=_media_progress if args.check_media else None,
     )
     print(stats.summary())
     return 0
+
+
+def _media_progress(checked: int, total: int, bad: int) -> None:
+    print(f"check-media: {checked}/{total} media decoded, {bad} bad", file=sys.stderr, flush=True)
 
 
 @subcommand("formats", lambda p: None)
@@ -106,10 +125,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _configure_demo_base(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
+    p.add_argument("--config", action="append", default=[], metavar="FILE", type=cli_config_file,
                    help="config layer(s) giving the encoder dims (default: config/demo.yaml)")  # fmt: skip
-    p.add_argument("--corpus", default="data/demo", help="the demo corpus (its tokenizer and training media)")
-    p.add_argument("--output", default="outputs/demo/base", help="where the base models go")
+    p.add_argument(
+        "--corpus",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="the demo corpus (its tokenizer and training media)",
+    )
+    p.add_argument(
+        "--output", default=repo_default("outputs/demo/base"), type=cli_path, help="where the base models go"
+    )
     p.add_argument("--llm-hidden", type=int, default=None, help="stand-in Llama width (default 128)")
     p.add_argument("--llm-layers", type=int, default=None, help="stand-in Llama layers (default 4)")
     p.add_argument("--llm-heads", type=int, default=None, help="stand-in Llama attention heads (default 4)")
@@ -134,8 +160,10 @@ def run_demo_base(args: argparse.Namespace) -> int:
 
 
 def _configure_encode(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="config layer(s), as for train.py (repeatable)")  # fmt: skip
+    from toollmm.paths import cli_config_file
+
+    p.add_argument("--config", action="append", default=[], metavar="FILE", type=cli_config_file,
+                   help="config layer(s), as for train.py (repeatable; taken from the current directory)")  # fmt: skip
     p.add_argument("--stage", type=int, action="append", choices=[0, 1, 2, 3], default=None,
                    help="stage whose data to encode (repeatable; default: 1, 2 and 3)")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: this rank's GPU, else cpu)")
@@ -221,17 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_shard_args(sub).set_defaults(run=lambda a: a.func(a))
     add_embed_captions_args(sub).set_defaults(run=lambda a: a.func(a))
+    for p in sub.choices.values():
+        if "--verbose" not in p._option_string_actions:
+            p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("prepare_data.py")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)  # user errors (ConversionError ...): one line, exit 2 (cli_errors)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from toollmm.config import ConfigError, add_config_args, load_config
+from toollmm.config import add_config_args, load_config
+from toollmm.errors import cli_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,18 +30,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue from the stage's newest resume checkpoint (none yet: start from step 0)",
     )
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_config_args(parser)
     return parser.parse_args(argv)
 
 
+@cli_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
+    loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
     if args.print_config:
         print(loaded.describe())
         return 0
@@ -55,7 +54,7 @@ def cli() -> int:
     ok = False
     try:
         code = main()
-        ok = True
+        ok = code == 0  # a user error on one rank (exit 2) must not wait for the others at a barrier
         return code
     finally:
         if "torch" in sys.modules:

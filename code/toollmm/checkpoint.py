@@ -27,19 +27,30 @@ from pathlib import Path
 
 import yaml
 
+from toollmm.errors import UserError, read_text
+
 from . import configlib
 from .config import Config, from_dict
+from .model.files import respect_umask
 from .paths import CACHE_DIR, resolve
 
 log = logging.getLogger(__name__)
 
 FORMAT = "toollmm-stage/1"
 MANIFEST = "stage.json"
-LOADABLE = ("config.yaml", "tokenizer", "delta.safetensors", "adapter")
+#: a release holds the adapter's two files at its root instead of adapter/ (model.delta.adapter_dir)
+LOADABLE = (
+    "config.yaml",
+    "tokenizer",
+    "delta.safetensors",
+    "adapter",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-class StageError(ValueError):
+class StageError(UserError, ValueError):
     """A stage folder that cannot be loaded as it is."""
 
 
@@ -165,7 +176,12 @@ def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
     if not f.is_file():
         hint = " (a save was interrupted, or this is not a stage folder)" if d.is_dir() else ""
         raise StageError(f"{d}: no {MANIFEST}{hint}")
-    manifest = json.loads(f.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(read_text(f))
+    except ValueError as e:  # not UTF-8 (names line and byte offset) or not JSON
+        raise StageError(f"{f}: not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise StageError(f"{f}: not a stage manifest (expected an object with 'format' and 'files')")
     if manifest.get("format") != FORMAT:
         raise StageError(f"{f}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if verify:
@@ -187,6 +203,13 @@ def stage_config(
     then dotted overrides (e.g. inference settings)."""
     d = Path(stage_dir)
     tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
+    saved_imports = ((tree or {}).get("inference") or {}).pop("tool_imports", None)
+    if saved_imports:  # which code to import is the user's choice, never the checkpoint's
+        log.warning(
+            "%s: ignoring inference.tool_imports %s saved with the checkpoint; pass it again to use it",
+            d / "config.yaml",
+            saved_imports,
+        )
     sources: dict[str, str] = {}
     for f in config_files:
         configlib.merge_tree(tree, configlib.load_yaml(resolve(f)), sources, str(f))
@@ -287,6 +310,7 @@ def export_llm(model, out_dir: str | os.PathLike, *, dtype=None, copy: bool = Tr
         llm.to(dtype)
     llm.save_pretrained(str(tmp))
     model.bundle.tokenizer.save_pretrained(str(tmp))
+    respect_umask(tmp)  # safetensors writes 0600
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported the LLM to %s", out)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from . import configlib
 from .configlib import ConfigError, opt
-from .paths import CONFIG_DIR, resolve
+from .paths import CONFIG_DIR, cli_config_file, resolve
 
 Modality = Literal["image", "video", "audio"]
 MODALITIES: tuple[str, ...] = ("image", "video", "audio")
@@ -394,6 +394,11 @@ class Config:
     train: TrainConfig = opt(factory=TrainConfig, help="what trains and how")
     logging: LoggingConfig = opt(factory=LoggingConfig, help="metrics and trackers")
     inference: InferenceConfig = opt(factory=InferenceConfig, help="generation and tools")
+    vars: dict[str, str] = opt(
+        factory=dict,
+        help="named values for `${vars.NAME}` references in other values (any value may be referred to as"
+        " `${dotted.key}`, e.g. `${run.output_root}/${run.name}/cache`)",
+    )
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -465,7 +470,9 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="extra YAML layer (repeatable, in order)",
+        type=cli_config_file,
+        help="extra YAML layer (repeatable, in order; the file is taken from the current directory, the"
+        " relative paths inside it from the repo root)",
     )
     parser.add_argument(
         "--print-config",

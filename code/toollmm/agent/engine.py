@@ -13,6 +13,10 @@ and ``<tool_result>`` / ``</tool_result>`` are banned from sampling). A row is i
   token, EOS, max tokens) is force-completed (``partial_signal: complete``) or reported and dropped
   (``report``) — NExT-GPT asserted here (#30, #66).
 
+``stop_strings`` (the chat template's, e.g. vicuna_v0's ``###``) end a row like EOS (finish reason
+``stop_string``) when the model's own text — never a forced tool result or signal span — comes to contain
+one; the answer ``text`` is cut before it (trailing whitespace dropped), ``raw_text`` keeps it.
+
 Nothing the model writes can crash the engine: every problem lands in the row's ``errors``. Limits:
 ``max_new_tokens`` sampled tokens, ``max_tool_steps`` call attempts, ``max_repeated_calls`` identical calls.
 
@@ -58,6 +62,7 @@ class Engine:
         tool_format: str = "tokens",
         contract: TokenContract | None = None,
         signal_hook: SignalHook | None = None,
+        stop_strings: Sequence[str] = (),
     ):
         if tool_format not in ("tokens", "react"):
             raise ValueError(f"tool_format must be 'tokens' or 'react', got {tool_format!r}")
@@ -73,6 +78,11 @@ class Engine:
         self.sampler = Sampler(self.cfg.temperature, self.cfg.top_p, self.cfg.seed, banned)
         self.text = ForcedText(tokenizer, self.ids)
         self.max_append = getattr(model, "max_append", None)
+        self.stop_strings = tuple(x for x in stop_strings if x)
+        if self.react and "Observation:" in self.stop_strings:
+            raise ValueError("stop_strings: 'Observation:' runs the ReAct action, it cannot also end the row")
+        # a stop string is at most this many tokens (every token decodes to at least one character)
+        self._stop_window = max((len(x) for x in self.stop_strings), default=0) + 2
 
     # ------------------------------------------------------------------------------ main loop
     def generate(
@@ -118,7 +128,9 @@ class Engine:
     def _advance(self, row: RowState, logits: torch.Tensor, t0: float) -> list[int]:
         if row.pending:
             n = len(row.pending) if not self.max_append else min(self.max_append, len(row.pending))
-            return [self._emit(row, *row.pending.popleft()) for _ in range(n)]
+            out = [self._emit(row, *row.pending.popleft()) for _ in range(n)]
+            row.free_start = len(row.gen)  # stop strings are looked for in the model's own text only
+            return out
         if row.stop_after_pending:
             self._finish(row, row.stop_after_pending, t0)
             return []
@@ -157,7 +169,16 @@ class Engine:
         out = [self._emit(row, t)]
         if self.react:
             self._react_check(row, t0)
+        if self.stop_strings and not row.pending:
+            self._stop_string_check(row, t0)
         return out
+
+    def _stop_string_check(self, row: RowState, t0: float) -> None:
+        tail = self.tok.decode(row.gen[max(row.free_start, len(row.gen) - self._stop_window) :])
+        hit = next((x for x in self.stop_strings if x in tail), None)
+        if hit is not None:
+            row.stop_string = hit
+            self._finish(row, "stop_string", t0)
 
     # ------------------------------------------------------------------------------ signal spans
     def _on_signal_token(self, row: RowState, t: int) -> int:
@@ -353,6 +374,10 @@ class Engine:
 
     def _result(self, row: RowState, model_s: float) -> RowResult:
         shown = self.visible_ids(row.gen)
+        text = self.tok.decode(shown, skip_special_tokens=True)
+        cut = text.rfind(row.stop_string) if row.stop_string is not None else -1
+        if cut >= 0:
+            text = text[:cut].rstrip()
         timings = {
             "first_token_s": row.first_token_s or 0.0,
             "total_s": row.total_s,
@@ -360,7 +385,7 @@ class Engine:
             "model_s": round(model_s, 4),
         }
         return RowResult(
-            text=self.tok.decode(shown, skip_special_tokens=True),
+            text=text,
             raw_text=self.tok.decode(row.gen),
             token_ids=list(row.gen),
             tool_results=row.tool_results,

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from toollmm.errors import UserError
+
 from .. import compat
 from ..config import ModelConfig, PreprocessConfig
 from ..configlib import ConfigError
@@ -38,7 +40,7 @@ TOWER = {"image": "vision", "video": "vision", "audio": "audio"}
 HASH_MEMO = CACHE_DIR / "checkpoint_sha256.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model; the message names the file and every bad key."""
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..config import FeatureCacheConfig
 from ..paths import resolve
+from ..safefiles import safetensors_bytes
 from .files import atomic_write_bytes, sha256_file
 from .preprocess import MediaError, VideoSource, load_media, settings, source_name
 
@@ -113,7 +113,7 @@ class FeatureCache:
 
     def _write(self, modality: str, key: str, feats: torch.Tensor, name: str) -> None:
         meta = {"modality": modality, "source": name, "encoder": self.encoder.identity, "key": key}
-        data = st_save({"features": feats.detach().to("cpu", torch.float32).contiguous()}, metadata=meta)
+        data = safetensors_bytes({"features": feats.detach().to("cpu", torch.float32).contiguous()}, meta)
         atomic_write_bytes(self.path(modality, key), data)
         self.writes += 1
 

@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import load_into
 from ..data.sources import is_shard_folder
+from ..errors import NotUtf8, iter_text_lines
 from ..paths import resolve
 from .targets import precompute_captions
 
@@ -102,14 +103,15 @@ def has_media(cfg, probe: int = 200) -> bool:
             if _shards_have_media(src, probe):
                 return True
             continue
-        with open(p, encoding="utf-8") as f:
-            for _, line in zip(range(probe), f):
-                try:
-                    rec = json.loads(line) if line.strip() else {}
-                except ValueError:
-                    continue  # the stream reports malformed lines under data.on_error
-                if _mentions_media(rec):
-                    return True
+        for _, (_, line) in zip(range(probe), iter_text_lines(p)):
+            if isinstance(line, NotUtf8):
+                continue  # the stream names it (file, line, byte offset) under data.on_error
+            try:
+                rec = json.loads(line) if line.strip() else {}
+            except ValueError:
+                continue  # the stream reports malformed lines under data.on_error
+            if _mentions_media(rec):
+                return True
     return False
 
 

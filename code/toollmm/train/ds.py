@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import Config
 from ..paths import resolve
 
@@ -55,7 +57,7 @@ _PRECISION_KEYS = {
 }
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     pass
 
 

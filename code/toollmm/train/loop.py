@@ -28,7 +28,7 @@ from .ds import build_ds_config, compute_dtype, init_distributed
 from .finish import SeenSamples, rank_report, save_loadable
 from .resume import ResumeCheckpoints
 from .schedule import make_scheduler
-from .tracking import MetricsWindow, Tracker, setup_logging
+from .tracking import MetricsWindow, Tracker, setup_logging, term_present
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,13 @@ def _resume_decision(ckpts: ResumeCheckpoints, resume: bool) -> bool:
 
 @torch.no_grad()
 def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
-    """Mean of every loss term over the held-out batches that hold real tokens (each rank its share,
+    """Mean of every loss term over the held-out batches that hold real tokens and really had that term
+    (``term_present``: no ``align_<m>`` zeros from batches without ``m`` targets; each rank its share,
     averaged over ranks). Padding batches run too (ZeRO-3 ranks must make the same module calls) but
     are not counted."""
     engine.eval()
     sums: dict[str, float] = defaultdict(float)
-    n = 0
+    counts: dict[str, int] = defaultdict(int)  # batches that really had the term (term_present)
     heldout.epoch, heldout.consumed = 0, 0  # the same held-out batches every time
     it = iter(heldout)
     for _ in range(len(heldout) if not max_batches else min(max_batches, len(heldout))):
@@ -198,8 +199,11 @@ def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
         if batch.real_tokens == 0:
             continue
         for k, v in out.items():
-            sums[k] += float(v)
-        n += 1
+            if term_present(k, batch):
+                sums[k] += float(v)
+                counts[k] += 1
+            else:
+                sums[k] += 0.0
     it.close()
     engine.train()
     keys = sorted(sums)
@@ -207,7 +211,11 @@ def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
         got = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(got, keys)
         keys = sorted({k for ks in got for k in ks})
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64, device=engine.device)
+    t = torch.tensor(
+        [sums.get(k, 0.0) for k in keys] + [float(counts.get(k, 0)) for k in keys],
+        dtype=torch.float64,
+        device=engine.device,
+    )
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-    return {k: float(t[i] / max(1.0, float(t[-1]))) for i, k in enumerate(keys)}
+    return {k: float(t[i] / t[len(keys) + i]) for i, k in enumerate(keys) if float(t[len(keys) + i]) > 0}
