@@ -37,7 +37,7 @@ INVARIANT_SIZES = {
     "cpu": {"rows": [[7, 12], [5, 9, 3]], "prefix": 9, "appends": [1, 2, 7]},
     "gpu": {"rows": [[130, 300, 64], [257, 199], [31, 500]], "prefix": 211, "appends": [1, 2, 7]},
 }
-TOL = {"cpu": 1e-4, "gpu": 5e-2}  # max |diff| / max |reference|: fp32 exact-ish; bf16 rounding
+TOL = {"cpu": 1e-4, "gpu": 1e-1}  # max |diff| of logits / hidden states: fp32 ~1e-6; bf16 ~1e-2
 STAGE_SIZES = {
     "cpu": {"micro_batch": 2, "max_length": 160, "llm": TINY_LLM, "encoder": "tiny"},
     "gpu": {"micro_batch": 8, "max_length": 2048, "llm": VICUNA_7B, "encoder": "huge"},
@@ -163,34 +163,38 @@ def _kernel_available(attn: str, cpu: bool) -> str | None:
 
 
 def section_invariants(work: Path, cpu: bool) -> dict:
+    """``toollmm.model.kernel_check.kernel_invariants`` (packed rows vs each sample alone; prefill + appends
+    of 1, 2 and 7 tokens through the step model's cache vs one full forward) on a ToolLMM per kernel; each
+    case's max abs difference against ``TOL``."""
     from ..config import load_config
-    from .kernel_check import check_kernel
+    from ..model.kernel_check import kernel_invariants
 
     m = mode(cpu)
     device, dtype = device_dtype(cpu)
     cfg = load_config(config_files=["config/presets/encoder_tiny.yaml"]).config
     shape = INVARIANT_LLM[m]
-    out: dict = {"dtype": str(dtype), "tol_rel": TOL[m]}
+    out: dict = {"dtype": str(dtype), "tol_abs": TOL[m]}
     for attn in KERNELS:
         why = _kernel_available(attn, cpu)
         if why:
             out[attn] = {"skipped": why}
             continue
         try:
-            model = _toollmm(cfg, work, shape, attn, device, dtype, False, SMALL_COND).to(device).eval()
-            out[attn] = check_kernel(model, shape["vocab_size"] - 64, TOL[m], INVARIANT_SIZES[m])
+            model = _toollmm(cfg, work, shape, attn, device, dtype, False, SMALL_COND).to(device)
+            diffs = kernel_invariants(model)
+            out[attn] = {k: {"max_abs": v, "pass": bool(v <= TOL[m])} for k, v in diffs.items()}
             del model
-        except Exception as e:
+        except Exception as e:  # a kernel that refuses a case is a result, not a crash
             out[attn] = {"error": f"{type(e).__name__}: {e}"[:500]}
         _emit_partial(out)  # a later kernel that hangs past the timeout leaves these results
     out["torch_varlen"] = {
-        "skipped": "no transformers attn_implementation runs torch's varlen attention; covered when the "
-        "library's kernel function offers it"
+        "skipped": "no transformers attn_implementation runs torch's varlen attention (packed sdpa and "
+        "flash_attention_2 take the varlen path through position_ids / cu_seq_lens)"
     }
     failed = [
         f"{a}.{case}"
         for a in KERNELS
-        for case, r in (out[a].items() if isinstance(out[a], dict) else ())
+        for case, r in out[a].items()
         if isinstance(r, dict) and r.get("pass") is False
     ]
     failed += [a for a in KERNELS if "error" in out[a]]
