@@ -83,4 +83,8 @@ else  # a bare GPU host: its python3 + the carried wheels
   export PYTHONPATH="$REPO/code:/tmp/site"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) > 1 ? $(nproc) / 2 : 1 ))}"
+case " ${ARGS[*]-} " in
+  *" --budget "* | *" --cpu "*) ;;
+  *) ARGS+=(--budget "$((465 - SECONDS))") ;;  # the GPU run, install included, ends within 8 minutes
+esac
 exec "$PY" "$REPO/scripts/gpu_check.py" ${ARGS[@]+"${ARGS[@]}"}
