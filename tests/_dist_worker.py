@@ -43,6 +43,7 @@ def main(out: str, go: str, hold: str | None) -> None:
     torch.distributed.all_reduce(t)
     report = {
         "rank": rank,
+        "pid": os.getpid(),
         "world": world,
         "sum": t.item(),
         "port": int(os.environ["MASTER_PORT"]),

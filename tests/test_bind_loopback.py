@@ -54,12 +54,12 @@ def env_for(**extra: str) -> dict:
 class Running:
     """Worker processes of one group; ``reports()`` waits for every rank's report while they run."""
 
-    def __init__(self, tmp: Path, cmd: list[str], ranks: int, env: dict):
+    def __init__(self, tmp: Path, cmd: list[str], ranks: int, env: dict, extra: list[str] = ()):
         self.tmp, self.ranks, self.go = tmp, ranks, tmp / "go"
         self.log = tmp / "log.txt"
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(
-                [*cmd, str(WORKER), str(tmp / "rRANK.json"), str(self.go)],
+                [*cmd, str(WORKER), str(tmp / "rRANK.json"), str(self.go), *extra],
                 env=env,
                 stdout=f,
                 stderr=subprocess.STDOUT,
@@ -116,6 +116,7 @@ def test_one_process_without_launcher_listens_on_loopback_only(tmp_path):
         run.finish()
 
 
+@pytest.mark.slow  # two ranks through the DeepSpeed launcher (~10-20 s on 2 cores)
 def test_two_ranks_through_the_deepspeed_launcher_listen_on_loopback_only(tmp_path):
     port = free_port()
     cmd = [str(DEEPSPEED), "--master_port", str(port), "--num_gpus", "2"]
