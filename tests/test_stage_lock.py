@@ -5,6 +5,7 @@ holds it once (rank 0), and a refusal reaches every rank; in-process runs releas
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _train_world import child_env, free_port, run_train
+from _train_world import TRAIN_PY, child_env, free_port, run_train
 from test_bind_loopback import DEEPSPEED, Running, env_for
 from toollmm.config import load_config
 from toollmm.train.lock import LOCK_FILE, StageLock, StageLockedError
@@ -38,7 +39,8 @@ def start_holder(stage_dir: Path) -> subprocess.Popen:
 
 
 def kill9(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
@@ -59,6 +61,37 @@ def test_second_process_refused_naming_holder_and_kill9_leaves_no_stale_lock(tmp
     with StageLock(stage) as lock:  # no stale lock after kill -9: the kernel dropped it with the process
         assert lock.held
     StageLock(stage).acquire().release()  # and released again
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from toollmm.train.lock import StageLock
+StageLock(sys.argv[1]).acquire()
+child = os.fork()
+if child == 0:  # like a DataLoader worker: inherits the open lock file, outlives a killed parent
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_lock_dies_with_its_holder_not_with_forked_children(tmp_path):
+    """A forked child (a DataLoader worker) must not keep a killed run's lock alive."""
+    stage = tmp_path / "stage_2"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", FORKING_HOLDER, str(stage)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(StageLockedError, match=f"pid {holder.pid}"):
+            StageLock(stage).acquire()
+        kill9(holder)
+        os.kill(child, 0)  # the child still runs...
+        StageLock(stage).acquire().release()  # ...and the lock is free
+    finally:
+        kill9(holder)
+        os.kill(child, signal.SIGKILL)
 
 
 def test_train_py_refuses_a_held_stage_folder_and_changes_nothing(tmp_path):
@@ -126,3 +159,33 @@ def test_in_process_run_releases_the_lock_when_it_fails(tmp_path):
             run_stage(loaded)
     finally:
         kill9(holder)
+
+
+@pytest.mark.slow  # two real training runs on the tiny world (~1-2 min on 2 cores)
+def test_two_real_runs_on_one_stage_folder(train_world, tmp_path):
+    """``code/train.py`` twice on one stage folder: the second is refused while the first trains (its
+    metrics untouched); after ``kill -9`` of the first, a new run goes ahead and finishes."""
+    args = train_world.args(1, "locked", "train.max_steps=100000", init_from=None)
+    stage = train_world.stage_dir("locked", 1)
+    with open(tmp_path / "first.log", "w") as f:
+        first = subprocess.Popen(
+            [sys.executable, str(TRAIN_PY), *args], stdout=f, stderr=subprocess.STDOUT, env=child_env()
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not any('"step"' in x for x in _lines(stage / "metrics.jsonl")):
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.2)
+        code = run_train(args, tmp_path / "second.log", 300)
+        text = (tmp_path / "second.log").read_text()
+        assert code == 2 and f"pid {first.pid}" in text, text[-3000:]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        kill9(first)
+    code = run_train([*args, "train.max_steps=2"], tmp_path / "third.log", 600)
+    assert code == 0, (tmp_path / "third.log").read_text()[-3000:]
+    assert (stage / "stage.json").is_file()
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
