@@ -45,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(loaded.describe())
         return 0
+    from toollmm.checkpoint import BaseMismatchError
     from toollmm.train.lock import StageLockedError
     from toollmm.train.loop import run_stage
 
     try:
         run_stage(loaded, resume=args.resume)
-    except StageLockedError as e:  # another run writes this stage folder: say who, change nothing
+    except (StageLockedError, BaseMismatchError) as e:  # folder held by another run / other bases
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import toollmm
+from _train_world import run_train
 from inference_fixtures import TINY_LLM, build_tiny_stage, tiny_overrides
 from toollmm.checkpoint import BaseMismatchError, _hash_tree, load_stage, read_manifest
 from toollmm.config import load_config
@@ -96,3 +97,11 @@ def test_training_init_from_a_stage_of_another_base_is_refused(world, tmp_path):
     with pytest.raises(BaseMismatchError, match=_hash_tree(world["llm_b"])):
         run_stage(loaded)
     assert sorted(p.name for p in (tmp_path / "r" / "stage_3").iterdir()) == ["train.lock"]
+    log = tmp_path / "train.log"  # the entry point: one line naming both hashes, exit 2
+    code = run_train(["--stage", "3", "--config", "config/presets/encoder_tiny.yaml", *over], log, 300)
+    text = log.read_text()
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    assert (
+        _hash_tree(world["llm_b"]) in text
+        and read_manifest(world["stage"])["base_models"]["llm"]["sha256"] in text
+    )
