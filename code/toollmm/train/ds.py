@@ -187,9 +187,8 @@ def init_distributed() -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         backend = "nccl" if on_gpu else "gloo"
         if world == 1 and (_OWN_PORT or "MASTER_PORT" not in os.environ):
-            os.environ["MASTER_PORT"] = (
-                "0"  # a free port, bound at once (a second run in one process: a new one)
-            )
+            # port 0: a free one, bound at once (a second run in one process gets a new one)
+            os.environ["MASTER_PORT"] = "0"
             _OWN_PORT = True
         elif "MASTER_PORT" not in os.environ:
             raise RuntimeError(
