@@ -223,6 +223,12 @@ class ModelConfig:
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "default system message (Vicuna's)",
     )
+    allow_base_mismatch: bool = opt(
+        False,
+        "load a stage (toollmm.load, train.init_from) on base models whose sha256 differs from the ones it was "
+        "trained on (recorded in its stage.json), with a warning instead of an error; the result is usually "
+        "garbage. Applies to this run or load only: never inherited from a saved stage folder",
+    )
 
     def check(self) -> list[str]:
         bad = [k for k in list(self.output_proj) + list(self.decoders) if k not in MODALITIES]
