@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class Batcher:
         self.wait_s = max(0.0, float(batch_wait_ms)) / 1000.0
         self.q: queue.Queue[Job | None] = queue.Queue()
         self.batch_sizes: list[int] = []  # every batch run (for tests and the bench)
+        self.finished: Counter[str] = Counter()  # rows per finish reason (``cancelled``: client went away)
         self.busy = False
         self._thread = threading.Thread(target=self._loop, name="toollmm-batcher", daemon=True)
         self._thread.start()
@@ -108,4 +110,5 @@ class Batcher:
                 j.on_event("error", f"{type(e).__name__}: {e}")
             return
         for j, row in zip(jobs, rows):
+            self.finished[row.finish_reason] += 1
             j.on_event("done", row)
