@@ -51,7 +51,7 @@ CALC = {
     },
 }
 RULES = [
-    ("plus", call_text("calculator", '{"a": 2, "b": 3, "op": "add"}') + " ignored"),
+    ("plus", call_text("calculator", '{"a": 2, "b": 3, "op": "add"}') + " The answer is 5."),
     ("</tool_result>", " The answer is 5."),
     ("draw", "Here it is. " + IMAGE_SPAN),
     ("count please", "one two three four five."),
@@ -497,3 +497,27 @@ def test_cli_binds_localhost_and_requires_its_key(tiny_stage_dir, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "/v1/chat/completions 200 prompt=" in out  # one log line per request
+
+
+def test_run_tools_executes_the_checkpoints_tool_server_side(served):
+    """``--run-tools``: the registry runs the call (sandboxed, as inference.py does) and the answer after
+    the tool result comes back; the calls are reported in the ``tool_results`` extension."""
+    from fastapi.testclient import TestClient
+
+    _, server, _, _ = served
+    runner = Server(server.rt, model_name=MODEL, run_tools=True, batch_wait_ms=0)
+    try:
+        with TestClient(build_app(runner)) as tc:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "What is 2 plus 3?"}],
+                "tools": [CALC],
+            }
+            r = tc.post("/v1/chat/completions", json=body).json()
+    finally:
+        runner.batcher.close()
+    msg = r["choices"][0]["message"]
+    assert r["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in msg
+    assert msg["content"].strip() == "The answer is 5."
+    [ran] = msg["tool_results"]
+    assert ran["name"] == "calculator" and ran["error"] is None and "5" in ran["result"]

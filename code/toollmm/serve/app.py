@@ -17,7 +17,6 @@ import base64
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -95,8 +94,6 @@ class Server:
         self.ctx = context_length(runtime.model)
         self.created = int(time.time())
         self.tool_start = runtime.tokenizer.convert_tokens_to_ids(TOOL_CALL_START)
-        self.requests = 0
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ request -> job
     def check_key(self, authorization: str | None) -> None:
@@ -110,10 +107,6 @@ class Server:
 
     def prepare(self, raw: bytes) -> tuple[ChatRequest, list[int], dict, RowOptions]:
         """Everything before the model (runs in a worker thread): parse, render, preprocess, budget."""
-        from ..inference_api import Request
-        from ..model.preprocess import load_media
-        from ..tokens import MODALITIES
-
         if len(raw) > self.max_request_bytes:
             raise ApiError(413, f"request body larger than {self.max_request_bytes} bytes", "body")
         try:
@@ -121,6 +114,16 @@ class Server:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise bad("body", f"not valid JSON ({e})") from None
         store = MediaStore(Path(self.rt.output_dir) / "uploads" / uuid.uuid4().hex[:12], self.media_root)
+        try:
+            return self._prepare(body, store)
+        finally:
+            store.cleanup()
+
+    def _prepare(self, body, store: MediaStore) -> tuple[ChatRequest, list[int], dict, RowOptions]:
+        from ..inference_api import Request
+        from ..model.preprocess import load_media
+        from ..tokens import MODALITIES
+
         req = parse_chat_request(body, store)
         if req.model != self.model_name:
             raise ApiError(

@@ -183,6 +183,12 @@ class MediaStore:
         self.media_root = media_root.resolve() if media_root else None
         self.n = 0
 
+    def cleanup(self) -> None:
+        """Remove the uploads (once the media are preprocessed, the files are no longer needed)."""
+        import shutil
+
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
+
     def _write(self, data: bytes, suffix: str) -> str:
         self.upload_dir.mkdir(parents=True, exist_ok=True)
         path = self.upload_dir / f"in_{self.n}{suffix}"
