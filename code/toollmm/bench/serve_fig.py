@@ -116,12 +116,17 @@ def serving(world: World) -> dict:
                         conc.append(dt)
 
         threads = [threading.Thread(target=client_loop, args=(p,)) for p in prompts]
+        with httpx.Client(timeout=60) as c:
+            h0 = c.get(base + "/health").json()
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         conc_wall = time.perf_counter() - t0
+        with httpx.Client(timeout=60) as c:
+            h1 = c.get(base + "/health").json()
+        mean_batch = (h1["rows"] - h0["rows"]) / max(1, h1["batches"] - h0["batches"])
     finally:
         proc.terminate()
         try:
@@ -142,6 +147,7 @@ def serving(world: World) -> dict:
         "error_samples": errors[:3],
         "requests": len(seq) + len(conc),
         "clients": CLIENTS,
+        "mean_batch_size": mean_batch,
         "max_new_tokens": new_tokens,
         "mean_completion_tokens": statistics.mean(tokens) if tokens else 0.0,
         "checkpoint": str(Path(stage)),

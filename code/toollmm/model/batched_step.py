@@ -1,9 +1,9 @@
 """A ``StepModel`` that decodes all rows of a batch in ONE forward per step (what the server uses).
 
 ``ToolLMMStepModel`` keeps one KV cache per row and runs one forward per active row per step: exact, but a
-batch of 8 costs 8 forwards. Here each row is prefilled on its own (its media written at its placeholders,
-exactly as ``ToolLMMStepModel.start`` does), then the rows' caches are laid side by side in one batched
-cache, each row in its own cache row, left-padded to the longest prompt. Every step appends, per row, the
+batch of 8 costs 8 forwards. Here each row is embedded on its own (its media written at its placeholders,
+exactly as ``ToolLMMStepModel.start`` does), the rows are left-padded to the longest prompt and prefilled in
+one forward into one batched cache, each row in its own cache rows. Every step appends, per row, the
 tokens the engine gives it (a sampled token, a forced chunk, or nothing) padded to the step's longest
 append; a 2-D attention mask marks every padding slot, old and new, so a row only ever attends to its own
 real tokens, and ``position_ids`` count each row's real tokens, so its rotary positions are those of the
@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..agent.protocol import StepOutput
-from .step import ToolLMMStepModel
+from ..batch import Batch
 
 
 @dataclass
@@ -32,10 +31,6 @@ class _Batch:
     lengths: list[int]  # real tokens per row (the next position id)
 
 
-def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 class BatchedStepModel:
     max_append = None  # any number of tokens per row per step
 
@@ -43,28 +38,40 @@ class BatchedStepModel:
         self.model = model.eval()
         self.llm = model.llm
         self.device = next(model.parameters()).device
-        self.single = ToolLMMStepModel(model)
 
     @torch.no_grad()
     def start(self, prompts: list[list[int]], media=None) -> tuple[_Batch, StepOutput]:
-        from transformers.cache_utils import DynamicCache
-
-        caches, out = self.single.start(prompts, media)  # per-row prefill: media at each row's placeholders
+        """Each row embedded on its own (its media written at its placeholders, as in training), the
+        embeddings left-padded into one batch and prefilled in one forward."""
+        media = media or [{} for _ in prompts]
+        if len(media) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but media for {len(media)} rows")
+        if any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        rows = []
+        for ids, row_media in zip(prompts, media):
+            t = torch.tensor([ids], dtype=torch.long, device=self.device)
+            batch = Batch(t, torch.full_like(t, -100), torch.ones_like(t), media=dict(row_media or {}))
+            rows.append(self.model.embed(batch.to(self.device))[0])
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        cache = DynamicCache()
-        per_row = [_layers(c) for c in caches]
-        for li in range(len(per_row[0])):
-            ks, vs = [], []
-            for row, n in zip(per_row, lengths):
-                k, v = row[li]
-                ks.append(F.pad(k, (0, 0, longest - n, 0)))
-                vs.append(F.pad(v, (0, 0, longest - n, 0)))
-            cache.update(torch.cat(ks), torch.cat(vs), li)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
-        for i, n in enumerate(lengths):
+        b, longest = len(prompts), max(lengths)
+        x = rows[0].new_zeros(b, longest, rows[0].shape[-1])
+        mask = torch.zeros(b, longest, dtype=torch.long, device=self.device)
+        pos = torch.zeros(b, longest, dtype=torch.long, device=self.device)
+        for i, (e, n) in enumerate(zip(rows, lengths)):
+            x[i, longest - n :] = e
             mask[i, longest - n :] = 1
-        return _Batch(cache, mask, lengths), out
+            pos[i, longest - n :] = torch.arange(n, device=self.device)
+        out = self.llm(
+            inputs_embeds=x,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        last = out.hidden_states[-1]
+        hidden = [last[i, longest - n :] for i, n in enumerate(lengths)]
+        return _Batch(out.past_key_values, mask, lengths), StepOutput(out.logits[:, -1].float(), hidden)
 
     @torch.no_grad()
     def step(self, state: _Batch, tokens: list[list[int]]) -> StepOutput:

@@ -296,6 +296,7 @@ def build_app(server: Server):
             "model": server.model_name,
             "waiting": b.q.qsize(),
             "batches": len(b.batch_sizes),
+            "rows": sum(b.batch_sizes),  # requests decoded so far (rows / batches = mean batch size)
         }
 
     @app.get("/v1/models")
@@ -336,7 +337,7 @@ def build_app(server: Server):
         def on_event(kind, payload):
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        job = Job(prompt, media, opts, server.run_tools, on_event)
+        job = Job(prompt, media, opts, server.run_tools, on_event, stream=req.stream)
         server.batcher.submit(job)
         created = int(time.time())
 

@@ -31,6 +31,7 @@ class Job:
     options: RowOptions
     run_tools: bool
     on_event: Any  # callable(kind, payload), called from the worker thread
+    stream: bool = False  # send "tokens" events (only streams need them)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -100,7 +101,7 @@ class Batcher:
             rows = engine.generate(
                 [j.prompt for j in jobs],
                 [j.media for j in jobs],
-                on_tokens=lambda r, ids: jobs[r].on_event("tokens", ids),
+                on_tokens=(lambda r, ids: jobs[r].on_event("tokens", ids) if jobs[r].stream else None),
                 stop_at_tool_call=[not j.run_tools for j in jobs],
                 options=[j.options for j in jobs],
             )
