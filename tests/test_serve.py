@@ -386,8 +386,14 @@ def test_same_greedy_request_alone_and_in_a_batch_of_eight(served):
     others = [
         f"other request {i} about {w}" for i, w in enumerate("cats dogs rain snow sun wind fog".split())
     ]
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(9) as pool:  # a long request keeps the worker busy while the 8 queue up
+        blocker = pool.submit(_chat, client, "a long blocker", max_tokens=400, temperature=0)
+        for _ in range(400):
+            if server.batcher.busy:
+                break
+            time.sleep(0.01)
         results = list(pool.map(lambda p: _chat(client, p, max_tokens=12, temperature=0), [a, *others]))
+        blocker.result()
     assert 8 in server.batcher.batch_sizes[n0:]
     assert results[0].choices[0].message.content == alone.choices[0].message.content
     assert results[0].usage == alone.usage
@@ -521,3 +527,21 @@ def test_run_tools_executes_the_checkpoints_tool_server_side(served):
     assert msg["content"].strip() == "The answer is 5."
     [ran] = msg["tool_results"]
     assert ran["name"] == "calculator" and ran["error"] is None and "5" in ran["result"]
+
+
+def test_a_lone_client_does_not_pay_the_batch_wait(served):
+    """``serve.batch_wait_ms`` is spent only when batch-mates are likely (several clients active)."""
+    from fastapi.testclient import TestClient
+
+    _, server, _, _ = served
+    slow = Server(server.rt, model_name=MODEL, batch_wait_ms=3000)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
+    try:
+        with TestClient(build_app(slow)) as tc:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                assert tc.post("/v1/chat/completions", json=body).status_code == 200
+                assert time.perf_counter() - t0 < 2.0
+    finally:
+        slow.batcher.close()
+    assert slow.batcher.batch_sizes == [1, 1]

@@ -389,7 +389,9 @@ class InferenceConfig:
 class ServeConfig:
     max_batch_size: int = opt(8, "code/serve.py: most requests decoded together in one generate call")
     batch_wait_ms: float = opt(
-        20.0, "code/serve.py: how long a request waits for batch-mates before its batch starts"
+        50.0,
+        "code/serve.py: the longest a request waits for batch-mates before its batch starts "
+        "(only while other clients are active; a lone client never waits)",
     )
     batched_decode: bool = opt(
         True,

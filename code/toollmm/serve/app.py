@@ -17,6 +17,7 @@ import base64
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -86,10 +87,13 @@ class Server:
         if batched and type(runtime.step_model) is ToolLMMStepModel:
             runtime.set_step_model(BatchedStepModel(runtime.model))
         self.max_request_bytes = int((max_request_mb or scfg.max_request_mb) * 2**20)
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
         self.batcher = Batcher(
             lambda: self.rt.engine,
             scfg.max_batch_size if max_batch_size is None else max_batch_size,
             scfg.batch_wait_ms if batch_wait_ms is None else batch_wait_ms,
+            arriving=lambda: self._arriving,
         )
         self.ctx = context_length(runtime.model)
         self.created = int(time.time())
@@ -104,6 +108,10 @@ class Server:
             raise ApiError(
                 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", None, "invalid_api_key"
             )
+
+    def arriving(self, delta: int) -> None:
+        with self._arriving_lock:
+            self._arriving += delta
 
     def prepare(self, raw: bytes) -> tuple[ChatRequest, list[int], dict, RowOptions]:
         """Everything before the model (runs in a worker thread): parse, render, preprocess, budget."""
@@ -325,12 +333,17 @@ def build_app(server: Server):
     async def chat(request: Request):
         t0 = time.perf_counter()
         path = "/v1/chat/completions"
+        server.arriving(1)  # tells the batcher a batch-mate is on its way
         try:
             server.check_key(request.headers.get("authorization"))
             raw = await request.body()
             req, prompt, media, opts = await run_in_threadpool(server.prepare, raw)
         except ApiError as e:
+            server.arriving(-1)
             return err(e, path, t0)
+        except BaseException:
+            server.arriving(-1)
+            raise
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -339,6 +352,7 @@ def build_app(server: Server):
 
         job = Job(prompt, media, opts, server.run_tools, on_event, stream=req.stream)
         server.batcher.submit(job)
+        server.arriving(-1)
         created = int(time.time())
 
         def done_line(status: int, row, stream: bool) -> None:

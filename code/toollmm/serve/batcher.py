@@ -2,7 +2,8 @@
 
 A request is a ``Job`` (its prompt ids, preprocessed media and ``RowOptions``: its own seed, sampling,
 budget, stop strings and tool choice). The worker takes the first waiting job, waits at most
-``batch_wait_ms`` for more (up to ``max_batch_size``) and decodes them together; with the batched step
+``batch_wait_ms`` for more (up to ``max_batch_size``; only when other clients are active, see
+``_collect``) and decodes them together; with the batched step
 model each row has its own KV-cache rows, so a row's tokens do not depend on its batch-mates. Streaming
 events (token ids as they are appended, then the result) go back to the job's asyncio loop. A job whose
 client went away is cancelled (``RowOptions.cancelled``): it is dropped before its batch starts, or its row
@@ -37,8 +38,9 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, engine_of, max_batch_size: int = 8, batch_wait_ms: float = 20.0):
-        """``engine_of()`` returns the engine to use (the runtime's, read at each batch)."""
+    def __init__(self, engine_of, max_batch_size: int = 8, batch_wait_ms: float = 50.0, arriving=None):
+        """``engine_of()`` returns the engine to use (the runtime's, read at each batch); ``arriving()``
+        how many requests are being prepared (not yet submitted)."""
         if max_batch_size < 1:
             raise ValueError(f"serve.max_batch_size must be >= 1, got {max_batch_size}")
         self.engine_of = engine_of
@@ -48,6 +50,8 @@ class Batcher:
         self.batch_sizes: list[int] = []  # every batch run (for tests and the bench)
         self.finished: Counter[str] = Counter()  # rows per finish reason (``cancelled``: client went away)
         self.busy = False
+        self.arriving = arriving or (lambda: 0)
+        self.last_size = 0
         self._thread = threading.Thread(target=self._loop, name="toollmm-batcher", daemon=True)
         self._thread.start()
 
@@ -59,6 +63,9 @@ class Batcher:
         self._thread.join(timeout=30)
 
     def _collect(self) -> list[Job] | None:
+        """The first waiting job plus whoever joins within ``batch_wait_ms``. The wait is only spent when
+        batch-mates are likely: the previous batch had several rows, or requests are being prepared
+        right now (``arriving``); a lone client (one request at a time) never waits."""
         first = self.q.get()
         if first is None:
             return None
@@ -66,14 +73,19 @@ class Batcher:
         deadline = time.perf_counter() + self.wait_s
         while len(batch) < self.max_batch_size:
             left = deadline - time.perf_counter()
+            if left <= 0 or not (self.last_size > 1 or self.arriving() > 0):
+                left = 0.0
             try:
-                job = self.q.get(timeout=left) if left > 0 else self.q.get_nowait()
+                job = self.q.get(timeout=min(left, 0.005)) if left > 0 else self.q.get_nowait()
             except queue.Empty:
+                if left > 0:
+                    continue
                 break
             if job is None:
                 self.q.put(None)
                 break
             batch.append(job)
+        self.last_size = len(batch)
         return batch
 
     def _loop(self) -> None:
