@@ -545,3 +545,17 @@ def test_a_lone_client_does_not_pay_the_batch_wait(served):
     finally:
         slow.batcher.close()
     assert slow.batcher.batch_sizes == [1, 1]
+
+
+def test_a_generated_image_echoed_back_stays_in_the_history(served):
+    """Clients append the assistant message as they got it (content parts with our data: URL): the next
+    turn renders that turn with its signal span, as the chat session records it."""
+    client, server, _, _ = served
+    first = [{"role": "user", "content": "Please draw a red circle."}]
+    r = client.chat.completions.create(model=MODEL, messages=first, max_tokens=12)
+    msgs = [*first, r.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "thanks"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    assert r2.choices[0].finish_reason in ("stop", "length")
+    _, prompt, _, _ = server.prepare(json.dumps({"model": MODEL, "messages": msgs}).encode())
+    span = server.rt.tokenizer.encode(IMAGE_SPAN, add_special_tokens=False)
+    assert any(prompt[i : i + len(span)] == span for i in range(len(prompt)))

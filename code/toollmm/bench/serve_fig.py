@@ -63,7 +63,7 @@ def serving(world: World) -> dict:
     else:
         stage = prepare(world)[0]
     new_tokens = world.sizes.new_tokens
-    rounds = 2 if world.sizes.name == "quick" else 4
+    rounds = 2 if world.sizes.name == "quick" else 6
     port = _free_port()
     out_dir = world.work / "serve_out"
     cmd = [sys.executable, str(REPO_ROOT / "code" / "serve.py"), "--checkpoint", str(stage)]

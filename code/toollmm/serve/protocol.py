@@ -5,7 +5,9 @@ returns in the API's error shape; nothing here trusts the client. Messages becom
 (the training renderer's input): user content parts become text with ``<image>`` / ``<video>`` / ``<audio>``
 placeholders (put in front of the text, in part order, as training and ``inference.py`` lay them out,
 unless the text writes its own placeholders), ``tool_calls`` arguments (a JSON string in the API) become
-objects, a ``tool`` message takes the name of the call it answers (``tool_call_id``). Media arrive as
+objects, a ``tool`` message takes the name of the call it answers (``tool_call_id``), and media this server
+returned in an assistant turn (echoed back by the client) become that turn's ``generate`` entries, so the
+history holds the signal spans the model wrote, as ``ChatSession`` keeps them. Media arrive as
 ``data:`` URLs / base64 (decoded into the request's upload folder) or as file paths under the media root;
 nothing is fetched from the network. Each medium is preprocessed here, so one that does not decode is a
 400 naming its part before anything reaches the model.
@@ -323,8 +325,23 @@ def parse_messages(raw: Any, store: MediaStore) -> tuple[list[dict], dict[str, l
                 media_by_key[modality + "s"].append(path)
                 parts_info.append((modality, path, pw))
         elif role == "assistant":
-            text = _text_of(m.get("content"), f"{where}.content", allow_media=False, store=None, media=[])
+            content = m.get("content")
+            generated = []  # media this server returned in that turn: its signal span is in the history
+            if isinstance(content, list):
+                keep = []
+                for part in content:
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind in ("image_url", "video_url"):
+                        generated.append({"modality": MEDIA_PARTS[kind], "caption": ""})
+                    else:
+                        keep.append(part)
+                content = keep
+            if isinstance(m.get("audio"), dict):
+                generated.append({"modality": "audio", "caption": ""})
+            text = _text_of(content, f"{where}.content", allow_media=False, store=None, media=[])
             msg: dict = {"role": "assistant", "content": text}
+            if generated:
+                msg["generate"] = generated
             if m.get("tool_calls"):
                 msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls", call_names)
             msgs.append(msg)
