@@ -62,8 +62,8 @@ def serving(world: World) -> dict:
         stage = demo
     else:
         stage = prepare(world)[0]
-    new_tokens = world.sizes.new_tokens
-    rounds = 2 if world.sizes.name == "quick" else 6
+    new_tokens = max(16, world.sizes.new_tokens)
+    rounds = 4 if world.sizes.name == "quick" else 6
     port = _free_port()
     out_dir = world.work / "serve_out"
     cmd = [sys.executable, str(REPO_ROOT / "code" / "serve.py"), "--checkpoint", str(stage)]
