@@ -77,6 +77,8 @@ class PartlySteered:
         return out
 
     def start(self, prompts, media=None):
+        if any("explode" in self.tok.decode(p) for p in prompts):
+            raise RuntimeError("this prompt breaks the model")  # a failure inside a shared generate call
         self.media_seen.extend(media or [])
         state, out = self.inner.start(prompts, media)
         scripts = [self.steer.script(p) for p in prompts]
@@ -559,3 +561,30 @@ def test_a_generated_image_echoed_back_stays_in_the_history(served):
     _, prompt, _, _ = server.prepare(json.dumps({"model": MODEL, "messages": msgs}).encode())
     span = server.rt.tokenizer.encode(IMAGE_SPAN, add_special_tokens=False)
     assert any(prompt[i : i + len(span)] == span for i in range(len(prompt)))
+
+
+def test_a_request_that_breaks_generation_fails_alone(served):
+    """A generate call that raises fails only the request that causes it: its batch-mates are rerun and
+    answered, it gets a 500 in the API's error shape, and the server keeps serving."""
+    client, server, _, _ = served
+    n0 = len(server.batcher.batch_sizes)
+    with ThreadPoolExecutor(5) as pool:
+        blocker = pool.submit(_chat, client, "another long blocker", max_tokens=300, temperature=0)
+        for _ in range(400):
+            if server.batcher.busy:
+                break
+            time.sleep(0.01)
+        futs = [
+            pool.submit(_chat, client, t, max_tokens=4) for t in ("fine one", "please explode", "fine two")
+        ]
+        outcomes = []
+        for f in futs:
+            try:
+                outcomes.append(f.result().choices[0].finish_reason)
+            except openai.InternalServerError as e:
+                outcomes.append(e.body)
+        blocker.result()
+    assert 3 in server.batcher.batch_sizes[n0:]
+    assert outcomes[0] in ("stop", "length") and outcomes[2] in ("stop", "length")
+    assert outcomes[1]["type"] == "server_error" and "breaks the model" in outcomes[1]["message"]
+    assert _chat(client, "after the failure", max_tokens=2).choices[0].finish_reason in ("stop", "length")

@@ -33,6 +33,7 @@ class Job:
     run_tools: bool
     on_event: Any  # callable(kind, payload), called from the worker thread
     stream: bool = False  # send "tokens" events (only streams need them)
+    emitted: bool = False  # a token was appended (a streamed job cannot be rerun once it has shown text)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -108,19 +109,28 @@ class Batcher:
         self.batch_sizes.append(len(jobs))
         for j in jobs:
             j.options.cancelled = j.cancelled.is_set
+
+        def on_tokens(r: int, ids: list[int]) -> None:
+            jobs[r].emitted = True
+            if jobs[r].stream:
+                jobs[r].on_event("tokens", ids)
+
         try:
             engine = self.engine_of()
             rows = engine.generate(
                 [j.prompt for j in jobs],
                 [j.media for j in jobs],
-                on_tokens=(lambda r, ids: jobs[r].on_event("tokens", ids) if jobs[r].stream else None),
+                on_tokens=on_tokens,
                 stop_at_tool_call=[not j.run_tools for j in jobs],
                 options=[j.options for j in jobs],
             )
         except Exception as e:  # a failed batch fails its requests, never the server
             log.exception("generate failed for a batch of %d", len(jobs))
             for j in jobs:
-                j.on_event("error", f"{type(e).__name__}: {e}")
+                if len(jobs) > 1 and not (j.stream and j.emitted):
+                    self._run([j])  # alone: only the request that breaks generation fails
+                else:
+                    j.on_event("error", f"{type(e).__name__}: {e}")
             return
         for j, row in zip(jobs, rows):
             self.finished[row.finish_reason] += 1
