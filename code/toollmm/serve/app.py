@@ -34,7 +34,7 @@ log = logging.getLogger("toollmm.serve")
 
 FINISH = {
     "eos": "stop",
-    "stop": "stop",
+    "stop_string": "stop",
     "max_new_tokens": "length",
     "tool_call": "tool_calls",
     "tool_limit": "stop",
@@ -199,11 +199,15 @@ class Server:
         return req, prompt, media, opts
 
     # ------------------------------------------------------------------------------ results
+    def stops(self, req: ChatRequest) -> list[str]:
+        return [*self.rt.engine.stop_strings, *req.stop]
+
     def visible_text(self, ids: list[int]) -> str:
         return self.rt.tokenizer.decode(self.rt.engine.visible_ids(ids), skip_special_tokens=True)
 
     def message(self, req: ChatRequest, row) -> tuple[dict, str]:
-        text = cut_at_stop(row.text, req.stop)
+        # the visible text up to the first stop string (the template's or the request's), kept as written
+        text = cut_at_stop(self.visible_text(row.token_ids), self.stops(req))
         msg: dict[str, Any] = {"role": "assistant", "content": text}
         finish = FINISH.get(row.finish_reason, "stop")
         calls = []
@@ -411,7 +415,8 @@ def build_app(server: Server):
                 c["usage"] = usage
             return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
 
-        hold = max((len(s) for s in req.stop), default=1) - 1
+        stops = server.stops(req)
+        hold = max((len(s) for s in stops), default=1) - 1
 
         async def sse():
             ids: list[int] = []
@@ -426,7 +431,7 @@ def build_app(server: Server):
                         text = server.visible_text(ids)
                         if text.endswith("\ufffd"):
                             continue
-                        cut = cut_at_stop(text, req.stop)
+                        cut = cut_at_stop(text, stops)
                         safe = cut if cut != text or not hold else text[: max(0, len(text) - hold)]
                         if safe.startswith(sent) and len(safe) > len(sent):
                             yield chunk({"content": safe[len(sent) :]})
@@ -441,7 +446,11 @@ def build_app(server: Server):
                     row = payload
                     msg, finish = server.message(req, row)
                     content = msg.get("content")
-                    final = content if isinstance(content, str) else cut_at_stop(row.text, req.stop)
+                    final = (
+                        content
+                        if isinstance(content, str)
+                        else cut_at_stop(server.visible_text(row.token_ids), stops)
+                    )
                     if final and final.startswith(sent) and len(final) > len(sent):
                         yield chunk({"content": final[len(sent) :]})
                     for k, call in enumerate(msg.get("tool_calls") or []):
