@@ -19,12 +19,16 @@ import os
 import sys
 from pathlib import Path
 
-from toollmm.config import ConfigError, add_config_args
+from toollmm.config import add_config_args
+from toollmm.errors import UserError, as_user_error, cli_errors
+from toollmm.paths import cli_checkpoint, cli_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -35,15 +39,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: from --checkpoint)"
     )
-    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
     p.add_argument(
-        "--media-root", default=None, help="folder that file paths in media parts must stay inside"
+        "--output-dir",
+        default=None,
+        type=cli_path,
+        help="media folder (default outputs/inference/<timestamp>/)",
+    )
+    p.add_argument(
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="folder that file paths in media parts must stay inside",
     )
     p.add_argument(
         "--run-tools",
         action="store_true",
         help="run the checkpoint's own tools server-side (sandboxed registry) instead of returning tool_calls",
     )
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     add_config_args(p)
     return p.parse_args(argv)
 
@@ -56,11 +69,11 @@ def model_name(checkpoint: str) -> str:
     return "/".join(p.resolve().parts[-2:])
 
 
+@cli_errors("serve.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import toollmm
-    from toollmm.checkpoint import StageError
     from toollmm.inference_api import INFERENCE_YAML
     from toollmm.serve.app import Server, serve
 
@@ -73,25 +86,22 @@ def main(argv: list[str] | None = None) -> int:
 
             print(to_yaml(stage_config(resolve(args.checkpoint), args.overrides, files)), end="")
             return 0
+        if args.media_root is not None and not Path(args.media_root).is_dir():
+            raise UserError(f"--media-root {args.media_root}: not a folder")
         runtime = toollmm.load(
-            args.checkpoint,
-            overrides=args.overrides,
-            config_files=files,
-            output_dir=Path(args.output_dir).resolve() if args.output_dir else None,
+            args.checkpoint, overrides=args.overrides, config_files=files, output_dir=args.output_dir
         )
-        media_root = Path(args.media_root).resolve() if args.media_root else None
-        if media_root is not None and not media_root.is_dir():
-            raise ValueError(f"--media-root {args.media_root}: not a folder")
         server = Server(
             runtime,
             model_name=args.model_name or model_name(args.checkpoint),
             api_key=args.api_key,
-            media_root=media_root,
+            media_root=args.media_root,
             run_tools=args.run_tools,
         )
-    except (ConfigError, StageError, ValueError, OSError) as e:
-        print(f"serve.py: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # the loaders' own errors are about what the user gave them
+        raise as_user_error(e) from e
     print(
         f"serve.py: {server.model_name} on http://{args.host}:{args.port}/v1 "
         f"(batch <= {server.batcher.max_batch_size}, media -> {runtime.output_dir})",
