@@ -392,6 +392,25 @@ class InferenceConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_batch_size: int = opt(8, "code/serve.py: most requests decoded together in one generate call")
+    batch_wait_ms: float = opt(
+        50.0,
+        "code/serve.py: the longest a request waits for batch-mates before its batch starts "
+        "(only while other clients are active; a lone client never waits)",
+    )
+    batched_decode: bool = opt(
+        True,
+        "decode a batch's rows in one forward per step (each row its own KV-cache row); "
+        "false = one forward per row",
+    )
+    media_root: str | None = opt(
+        None, "folder that file paths in image_url / video_url parts must stay inside (none: data: URLs only)"
+    )
+    max_request_mb: float = opt(64.0, "a request body larger than this is refused (413)")
+
+
+@dataclass
 class Config:
     run: RunConfig = opt(factory=RunConfig, help="run identity")
     model: ModelConfig = opt(factory=ModelConfig, help="architecture and checkpoint paths")
@@ -399,6 +418,7 @@ class Config:
     train: TrainConfig = opt(factory=TrainConfig, help="what trains and how")
     logging: LoggingConfig = opt(factory=LoggingConfig, help="metrics and trackers")
     inference: InferenceConfig = opt(factory=InferenceConfig, help="generation and tools")
+    serve: ServeConfig = opt(factory=ServeConfig, help="the OpenAI-compatible server (code/serve.py)")
     vars: dict[str, str] = opt(
         factory=dict,
         help="named values for `${vars.NAME}` references in other values (any value may be referred to as"
