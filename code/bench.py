@@ -40,7 +40,7 @@ def _figure(args) -> int:
 
 
 def _run_named(name: str, world, out_dir: Path) -> dict:
-    from toollmm.bench import cache_fig, hf_baseline, infer_fig, train_figs
+    from toollmm.bench import cache_fig, hf_baseline, infer_fig, serve_fig, train_figs
 
     if name == "mfu":
         return train_figs.mfu(world, profile_to=out_dir / "profile_mfu.txt" if world.sizes.profile else None)
@@ -54,6 +54,8 @@ def _run_named(name: str, world, out_dir: Path) -> dict:
         return train_figs.loader_vs_trainer(world)
     if name == "inference":
         return infer_fig.inference(world)
+    if name == "serve":
+        return serve_fig.serving(world)
     if name.startswith("cache_"):
         return cache_fig.feature_cache(world, name.removeprefix("cache_"))
     raise SystemExit(f"bench.py figure: unknown figure {name!r}")

@@ -8,7 +8,8 @@
 Writes outputs/<run.name>/stage_N/ (loadable, cumulative over stages; metrics.jsonl, loss.png, ranks.json)
 and stage_N/ckpt/ (resume state). ``--resume`` without a checkpoint yet starts the stage from step 0 (so a
 restarted job can always pass it); without ``--resume`` an existing checkpoint is replaced (a warning says
-so). Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
+so). A second run on a stage folder that a run is writing is refused at once (exit 2, naming the
+holder). Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
 ``main(argv)`` runs in-process (tests, notebooks: the process group is kept for the next stage);
 run as a script, the process group is destroyed before the interpreter exits.
 """
@@ -43,9 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(loaded.describe())
         return 0
+    from toollmm.checkpoint import BaseMismatchError
+    from toollmm.train.lock import StageLockedError
     from toollmm.train.loop import run_stage
 
-    run_stage(loaded, resume=args.resume)
+    try:
+        run_stage(loaded, resume=args.resume)
+    except (StageLockedError, BaseMismatchError) as e:  # folder held by another run / other bases
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

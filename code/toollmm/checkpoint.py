@@ -54,6 +54,10 @@ class StageError(UserError, ValueError):
     """A stage folder that cannot be loaded as it is."""
 
 
+class BaseMismatchError(StageError):
+    """The base models a stage would be loaded on are not the ones it was trained on."""
+
+
 # ---------------------------------------------------------------------------------- base identity
 def _hash_tree(path: Path) -> str:
     """sha256 over a file, or over a folder's weight files (each memoised by size and mtime)."""
@@ -89,6 +93,53 @@ def base_models(cfg: Config) -> dict:
         out["encoder"] = {"random_init": {"preset": m.encoder.preset, "seed": m.encoder.seed}}
     out["decoders"] = {k: base_identity(d.path) for k, d in m.decoders.items() if d.path}
     return out
+
+
+def _recorded_bases(manifest: dict, model_cfg) -> list[tuple[str, dict | None, str | None]]:
+    """(config key, identity recorded at training, path the config points at now) per base model."""
+    rec = manifest.get("base_models") or {}
+    out = [
+        ("model.llm.path", rec.get("llm"), model_cfg.llm.path),
+        ("model.encoder.checkpoint", rec.get("encoder"), model_cfg.encoder.checkpoint),
+    ]
+    for m, ident in sorted((rec.get("decoders") or {}).items()):
+        dec = model_cfg.decoders.get(m)
+        out.append((f"model.decoders.{m}.path", ident, dec.path if dec is not None else None))
+    return out
+
+
+def check_bases(manifest: dict, model_cfg, stage_dir: str | os.PathLike) -> list[str]:
+    """Refuse to load a stage on base models other than the ones it was trained on: the sha256 recorded
+    in its manifest must match the base each ``model.*`` path points at now (hashes memoised by path,
+    size and mtime, so a 13 GB base is read once). A delta on another LLM loads "fine" and writes garbage.
+    With ``model.allow_base_mismatch=true`` a mismatch is a warning. Bases given as Hub ids (nothing local
+    to hash) and bases recorded without a hash are not checked. Returns the mismatches found."""
+    problems = []
+    for key, ident, current in _recorded_bases(manifest, model_cfg):
+        want = (ident or {}).get("sha256")
+        if not want or not current:
+            continue
+        p = resolve(current)
+        if not p.exists():
+            log.debug("%s=%s: not a local path, base hash not checked", key, current)
+            continue
+        got = _hash_tree(p)
+        if got != want:
+            problems.append(
+                f"{key}={current} has sha256 {got}, but the stage was trained on sha256 {want} "
+                f"({ident.get('path') or ident.get('hub_id')})"
+            )
+    if problems:
+        msg = f"{stage_dir}: base model(s) differ from the ones this stage was trained on: " + "; ".join(
+            problems
+        )
+        if not model_cfg.allow_base_mismatch:
+            raise BaseMismatchError(
+                f"{msg}. A delta on other base weights gives garbage: point the path(s) at the bases it was "
+                "trained on, or pass model.allow_base_mismatch=true to load it anyway"
+            )
+        log.warning("%s (loading anyway: model.allow_base_mismatch=true)", msg)
+    return problems
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -200,7 +251,8 @@ def stage_config(
     stage_dir: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
 ) -> Config:
     """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
-    then dotted overrides (e.g. inference settings)."""
+    then dotted overrides (e.g. inference settings). ``model.allow_base_mismatch`` is never taken from
+    the saved config: only a layer given here allows a base mismatch."""
     d = Path(stage_dir)
     tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
     saved_imports = ((tree or {}).get("inference") or {}).pop("tool_imports", None)
@@ -210,6 +262,7 @@ def stage_config(
             d / "config.yaml",
             saved_imports,
         )
+    ((tree or {}).get("model") or {}).pop("allow_base_mismatch", None)  # a permission for one load only
     sources: dict[str, str] = {}
     for f in config_files:
         configlib.merge_tree(tree, configlib.load_yaml(resolve(f)), sources, str(f))
@@ -237,7 +290,8 @@ def load_stage(
 ) -> LoadedStage:
     """THE loader: a stage or release folder (or a Hub id of a release) -> ready model. ``config_files``
     and ``overrides`` are layered on the saved config (inference and decoder settings; a changed
-    architecture fails the strict delta load)."""
+    architecture fails the strict delta load). Base models other than the ones the stage was trained on
+    are refused (:func:`check_bases`) unless ``model.allow_base_mismatch=true``."""
     from .model.toollmm_model import build_model
 
     d = _local_folder(path_or_id)
@@ -248,6 +302,7 @@ def load_stage(
     cfg = stage_config(
         d, overrides=[f"model.llm.tokenizer={d / 'tokenizer'}", *local, *overrides], config_files=config_files
     )
+    check_bases(manifest, cfg.model, d)
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)

@@ -224,6 +224,12 @@ class ModelConfig:
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "default system message (Vicuna's)",
     )
+    allow_base_mismatch: bool = opt(
+        False,
+        "load a stage (toollmm.load, train.init_from) on base models whose sha256 differs from the ones it was "
+        "trained on (recorded in its stage.json), with a warning instead of an error; the result is usually "
+        "garbage. Applies to this run or load only: never inherited from a saved stage folder",
+    )
 
     def check(self) -> list[str]:
         bad = [k for k in list(self.output_proj) + list(self.decoders) if k not in MODALITIES]
@@ -387,6 +393,25 @@ class InferenceConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_batch_size: int = opt(8, "code/serve.py: most requests decoded together in one generate call")
+    batch_wait_ms: float = opt(
+        50.0,
+        "code/serve.py: the longest a request waits for batch-mates before its batch starts "
+        "(only while other clients are active; a lone client never waits)",
+    )
+    batched_decode: bool = opt(
+        True,
+        "decode a batch's rows in one forward per step (each row its own KV-cache row); "
+        "false = one forward per row",
+    )
+    media_root: str | None = opt(
+        None, "folder that file paths in image_url / video_url parts must stay inside (none: data: URLs only)"
+    )
+    max_request_mb: float = opt(64.0, "a request body larger than this is refused (413)")
+
+
+@dataclass
 class Config:
     run: RunConfig = opt(factory=RunConfig, help="run identity")
     model: ModelConfig = opt(factory=ModelConfig, help="architecture and checkpoint paths")
@@ -394,6 +419,7 @@ class Config:
     train: TrainConfig = opt(factory=TrainConfig, help="what trains and how")
     logging: LoggingConfig = opt(factory=LoggingConfig, help="metrics and trackers")
     inference: InferenceConfig = opt(factory=InferenceConfig, help="generation and tools")
+    serve: ServeConfig = opt(factory=ServeConfig, help="the OpenAI-compatible server (code/serve.py)")
     vars: dict[str, str] = opt(
         factory=dict,
         help="named values for `${vars.NAME}` references in other values (any value may be referred to as"

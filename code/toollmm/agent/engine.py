@@ -23,7 +23,11 @@ Nothing the model writes can crash the engine: every problem lands in the row's 
 Per call, ``generate`` also takes ``on_tokens(row, ids)`` (every token a row appends, sampled or forced: the
 streaming hook), a ``signal_hook`` for this call only, and ``stop_at_tool_call`` (per row): the row ends
 right after its first tool call, which is parsed and reported (``result`` None) but NOT run — the
-benchmarks' teacher-forced protocol.
+benchmarks' teacher-forced protocol. ``options`` (per row, ``RowOptions``) give a row its own sampling
+(temperature, top-p and a seed of its own, so its tokens do not depend on the other rows), token budget,
+extra banned ids, a prefix it must start with (e.g. ``<tool_call>``), stop strings of its own (added to the
+template's; finish ``stop_string``) and a
+``cancelled()`` probe (finish ``cancelled``: a client that went away frees its row).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,9 +52,24 @@ from .sampling import Sampler
 from .sandbox import truncate
 from .state import RowResult, RowState, SignalEvent, Span
 
-__all__ = ["Engine", "RowResult", "SignalEvent"]
+__all__ = ["Engine", "RowOptions", "RowResult", "SignalEvent"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RowOptions:
+    """Per-row settings of one ``generate`` call (None = the engine's ``InferenceConfig`` value)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None  # the row's own sampling generator
+    max_new_tokens: int | None = None
+    banned: Sequence[int] = ()  # ids this row may never sample (e.g. ``<tool_call>`` for tool_choice none)
+    prefix: Sequence[int] = ()  # ids the row starts with, taken as if sampled (e.g. a forced tool call)
+    stop: Sequence[str] = ()  # visible text that ends the row (finish_reason ``stop``)
+    cancelled: Callable[[], bool] | None = None  # probed every step; True ends the row (``cancelled``)
+    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -81,8 +102,6 @@ class Engine:
         self.stop_strings = tuple(x for x in stop_strings if x)
         if self.react and "Observation:" in self.stop_strings:
             raise ValueError("stop_strings: 'Observation:' runs the ReAct action, it cannot also end the row")
-        # a stop string is at most this many tokens (every token decodes to at least one character)
-        self._stop_window = max((len(x) for x in self.stop_strings), default=0) + 2
 
     # ------------------------------------------------------------------------------ main loop
     def generate(
@@ -93,6 +112,7 @@ class Engine:
         on_tokens: Callable[[int, list[int]], None] | None = None,
         signal_hook: SignalHook | None = None,
         stop_at_tool_call: bool | Sequence[bool] = False,
+        options: Sequence[RowOptions | None] | None = None,
     ) -> list[RowResult]:
         t0 = time.perf_counter()
         stops = (
@@ -100,7 +120,12 @@ class Engine:
         )
         if len(stops) != len(prompts):
             raise ValueError(f"stop_at_tool_call: {len(stops)} flags for {len(prompts)} prompts")
+        opts = list(options) if options is not None else [None] * len(prompts)
+        if len(opts) != len(prompts):
+            raise ValueError(f"options: {len(opts)} entries for {len(prompts)} prompts")
         rows = [RowState(i, len(p), stop_at_call=bool(s)) for i, (p, s) in enumerate(zip(prompts, stops))]
+        for r, o in zip(rows, opts):
+            self._apply_options(r, o)
         hook = signal_hook if signal_hook is not None else self.signal_hook
         state, out = self.model.start([list(p) for p in prompts], media)
         model_s = time.perf_counter() - t0
@@ -108,6 +133,8 @@ class Engine:
             starts = [len(r.gen) for r in rows]
             appends = []
             for r in rows:
+                if not r.finish_reason and r.cancelled is not None and r.cancelled():
+                    self._finish(r, "cancelled", t0)
                 toks = [] if r.finish_reason else self._advance(r, out.logits[r.index], t0)
                 if not toks and not r.finish_reason:  # defensive: a row must progress or finish
                     self._finish(r, "error", t0, "internal: the row made no progress")
@@ -125,6 +152,24 @@ class Engine:
                         on_tokens(r.index, list(toks))
         return [self._result(r, model_s) for r in rows]
 
+    def _apply_options(self, row: RowState, o: RowOptions | None) -> None:
+        row.max_new_tokens = self.cfg.max_new_tokens
+        row.stop = self.stop_strings
+        if o is None:
+            return
+        if o.max_new_tokens is not None:
+            row.max_new_tokens = int(o.max_new_tokens)
+        if any(x is not None for x in (o.temperature, o.top_p, o.seed)) or o.banned:
+            row.sampler = Sampler(
+                self.cfg.temperature if o.temperature is None else o.temperature,
+                self.cfg.top_p if o.top_p is None else o.top_p,
+                self.cfg.seed if o.seed is None else o.seed,
+                [*self.sampler.banned.tolist(), *o.banned],
+            )
+        row.prefix = deque(int(t) for t in o.prefix)
+        row.stop = self.stop_strings + tuple(s for s in o.stop if s and s not in self.stop_strings)
+        row.cancelled = o.cancelled
+
     def _advance(self, row: RowState, logits: torch.Tensor, t0: float) -> list[int]:
         if row.pending:
             n = len(row.pending) if not self.max_append else min(self.max_append, len(row.pending))
@@ -134,9 +179,11 @@ class Engine:
         if row.stop_after_pending:
             self._finish(row, row.stop_after_pending, t0)
             return []
-        if row.sampled >= self.cfg.max_new_tokens:
+        if row.prefix:  # a required start: taken as if the model had sampled it
+            return self._on_token(row, row.prefix.popleft(), t0)
+        if row.sampled >= row.max_new_tokens:
             return self._out_of_budget(row, t0)
-        tok = self.sampler(logits)
+        tok = (row.sampler or self.sampler)(logits)
         row.sampled += 1
         if row.first_token_s is None:
             row.first_token_s = round(time.perf_counter() - t0, 4)
@@ -169,13 +216,14 @@ class Engine:
         out = [self._emit(row, t)]
         if self.react:
             self._react_check(row, t0)
-        if self.stop_strings and not row.pending:
+        if row.stop and not row.pending:
             self._stop_string_check(row, t0)
         return out
 
     def _stop_string_check(self, row: RowState, t0: float) -> None:
-        tail = self.tok.decode(row.gen[max(row.free_start, len(row.gen) - self._stop_window) :])
-        hit = next((x for x in self.stop_strings if x in tail), None)
+        window = max(len(x) for x in row.stop) + 2  # a stop string is at most this many tokens
+        tail = self.tok.decode(row.gen[max(row.free_start, len(row.gen) - window) :])
+        hit = next((x for x in row.stop if x in tail), None)
         if hit is not None:
             row.stop_string = hit
             self._finish(row, "stop_string", t0)
@@ -334,7 +382,7 @@ class Engine:
         return tid
 
     def _out_of_budget(self, row: RowState, t0: float) -> list[int]:
-        row.errors.append(f"max_new_tokens ({self.cfg.max_new_tokens}) reached before the answer ended")
+        row.errors.append(f"max_new_tokens ({row.max_new_tokens}) reached before the answer ended")
         if row.mode == "call":
             row.errors.append("unterminated tool call at max_new_tokens (not run)")
         if row.mode == "signal" and self._interrupt(row, "max_new_tokens", stop_reason="max_new_tokens"):

@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from ..checkpoint import load_into
+from ..checkpoint import check_bases, load_into, read_manifest
 from ..data.sources import is_shard_folder
 from ..errors import NotUtf8, iter_text_lines
 from ..paths import resolve
@@ -40,6 +40,28 @@ def resolve_init_from(cfg, stage_dir) -> None:
             f"{cfg.run.name!r}; train that stage first, or set train.init_from=<stage folder>"
         )
     cfg.train.init_from = str(prev)
+
+
+def check_init_from_bases(cfg, rank: int) -> None:
+    """``train.init_from`` must have been trained on the base models this run uses
+    (:func:`toollmm.checkpoint.check_bases`; ``model.allow_base_mismatch=true`` warns instead). Checked
+    before anything expensive runs, by rank 0 alone (hashes memoised); every rank hears the verdict, so
+    a refusal stops them all rather than leaving some waiting in a collective."""
+    if not cfg.train.init_from:
+        return
+    error = None
+    if rank == 0:
+        try:
+            d = resolve(cfg.train.init_from)
+            check_bases(read_manifest(d, verify=False), cfg.model, d)
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
+            error = e
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
 
 
 def build_run(cfg, rank: int, world: int, report: dict | None = None, llm=None):
@@ -73,8 +95,8 @@ def build_run(cfg, rank: int, world: int, report: dict | None = None, llm=None):
     seed_all(cfg.run.seed)  # identical init on every rank
     model = build_model(cfg.model, llm=llm, encoder=encoder, loss_weights=cfg.train.loss_weights)
     if cfg.train.init_from:
-        report = load_into(model, resolve(cfg.train.init_from))
-        log.info("init_from %s: parts %s", cfg.train.init_from, report.parts)
+        loaded = load_into(model, resolve(cfg.train.init_from))
+        log.info("init_from %s: parts %s", cfg.train.init_from, loaded.parts)
     counts = model.trainable_parameters(cfg.train.trainable)
     decoder_ids = precompute_captions(cfg, model, rank)
     tok = model.bundle.tokenizer

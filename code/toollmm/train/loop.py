@@ -23,9 +23,10 @@ import torch
 from .. import configlib
 from ..config import Loaded
 from ..paths import ensure_torch_extensions_dir, resolve
-from .build import build_run, resolve_init_from, total_steps
+from .build import build_run, check_init_from_bases, resolve_init_from, total_steps
 from .ds import build_ds_config, compute_dtype, init_distributed
 from .finish import SeenSamples, rank_report, save_loadable
+from .lock import hold_stage
 from .resume import ResumeCheckpoints
 from .schedule import make_scheduler
 from .tracking import MetricsWindow, Tracker, setup_logging, term_present
@@ -39,11 +40,14 @@ def stage_dir_of(cfg) -> Path:
 
 def run_stage(loaded: Loaded, resume: bool = False) -> dict:
     """Train the stage described by ``loaded``. Returns ``steps``, ``wall_s``, ``val`` (last validation),
-    ``stage_dir``, ``ranks`` (the rank report) and ``model`` (the trained ToolLMM, for in-process use)."""
+    ``stage_dir``, ``ranks`` (the rank report) and ``model`` (the trained ToolLMM, for in-process use).
+    The stage folder is locked for the whole run (``train.lock``: a second run on it is refused, naming
+    this one); the lock is released on return, so one process can run stage after stage."""
     ensure_torch_extensions_dir()
     rank, local_rank, world = init_distributed()
     setup_logging(rank, loaded.config.logging.level)
-    return _run(loaded, rank, local_rank, world, resume)
+    with hold_stage(stage_dir_of(loaded.config), rank):
+        return _run(loaded, rank, local_rank, world, resume)
 
 
 def batches(stream):
@@ -105,6 +109,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
     cfg = loaded.config
     stage_dir = stage_dir_of(cfg)
     resolve_init_from(cfg, stage_dir)
+    check_init_from_bases(cfg, rank)
     ckpts = ResumeCheckpoints(stage_dir / "ckpt", rank, local_rank, cfg.train.keep_last)
     resume = _resume_decision(ckpts, resume)
     if rank == 0:
