@@ -22,7 +22,9 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from toollmm.config import ConfigError, add_config_args  # noqa: E402
+from toollmm.config import add_config_args  # noqa: E402
+from toollmm.errors import UserError, as_user_error, cli_errors  # noqa: E402
+from toollmm.paths import cli_checkpoint, cli_path  # noqa: E402
 
 TITLE = "toollmm: chat, tools and any-to-any generation"
 
@@ -100,10 +102,18 @@ def build_app(runtime):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port")
-    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        type=cli_path,
+        help="media folder (default outputs/inference/<timestamp>/)",
+    )
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     add_config_args(p, example="inference.temperature=0.7")
     return p.parse_args(argv)
 
@@ -142,14 +152,13 @@ def launch(runtime, host: str = "127.0.0.1", port: int = 7860, block: bool = Tru
     return app
 
 
+@cli_errors("app.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problem = None if args.print_config else port_problem(args.host, args.port)
     if problem:
-        print(f"app.py: {problem}", file=sys.stderr)
-        return 2
+        raise UserError(problem)
     import toollmm
-    from toollmm.checkpoint import StageError
     from toollmm.inference_api import INFERENCE_YAML
 
     files = [INFERENCE_YAML, *args.config]
@@ -166,17 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         runtime = toollmm.load(
             args.checkpoint, overrides=args.overrides, config_files=files, output_dir=args.output_dir
         )
-    except (ConfigError, StageError, ValueError, OSError) as e:
-        print(f"app.py: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # the loaders' own errors are about what the user gave them
+        raise as_user_error(e) from e
     try:
         launch(runtime, args.host, args.port)
     except OSError as e:  # the port was taken between the check and the launch
-        print(
-            f"app.py: cannot serve on {args.host}:{args.port}: {e}; choose another with --port N",
-            file=sys.stderr,
-        )
-        return 2
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {e}; choose another with --port N") from e
     return 0
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from toollmm.paths import resolve
+from toollmm.paths import cli_path, repo_default, resolve
 
 
 def _figure(args) -> int:
@@ -40,7 +40,7 @@ def _figure(args) -> int:
 
 
 def _run_named(name: str, world, out_dir: Path) -> dict:
-    from toollmm.bench import cache_fig, hf_baseline, infer_fig, train_figs
+    from toollmm.bench import cache_fig, hf_baseline, infer_fig, serve_fig, train_figs
 
     if name == "mfu":
         return train_figs.mfu(world, profile_to=out_dir / "profile_mfu.txt" if world.sizes.profile else None)
@@ -54,6 +54,8 @@ def _run_named(name: str, world, out_dir: Path) -> dict:
         return train_figs.loader_vs_trainer(world)
     if name == "inference":
         return infer_fig.inference(world)
+    if name == "serve":
+        return serve_fig.serving(world)
     if name.startswith("cache_"):
         return cache_fig.feature_cache(world, name.removeprefix("cache_"))
     raise SystemExit(f"bench.py figure: unknown figure {name!r}")
@@ -65,21 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="every figure -> bench.json + bench.md")
     r.add_argument("--quick", action="store_true", help="shrunk models and few steps (CI; under 3 minutes)")
     r.add_argument("--sizes", choices=["full", "quick", "vicuna7b"], help="explicit size set (GPU: vicuna7b)")
-    r.add_argument("--out", default="outputs/bench", help="output folder (bench.json, bench.md, logs)")
-    r.add_argument("--work", default=None, help="workspace (default: <out>/work; reused between runs)")
+    r.add_argument(
+        "--out",
+        default=repo_default("outputs/bench"),
+        type=cli_path,
+        help="output folder (bench.json, bench.md, logs)",
+    )
+    r.add_argument(
+        "--work", default=None, type=cli_path, help="workspace (default: <out>/work; reused between runs)"
+    )
     r.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per process")
     f = sub.add_parser("figure", help="one figure (run by `run` in its own process)")
     f.add_argument("name")
-    f.add_argument("--work", required=True)
+    f.add_argument("--work", required=True, type=cli_path)
     f.add_argument("--sizes", default="full")
-    f.add_argument("--out", required=True)
+    f.add_argument("--out", required=True, type=cli_path)
     i = sub.add_parser("infer-once", help="load a stage folder and answer one request (cold process)")
-    i.add_argument("--stage", required=True)
+    i.add_argument("--stage", required=True, type=cli_path)
     i.add_argument("--request", required=True)
     i.add_argument("--new-tokens", type=int, default=32)
     s = sub.add_parser("scaling", help="docs/scaling.md from the configs and bench.json")
-    s.add_argument("--bench", default="outputs/bench/bench.json")
-    s.add_argument("--out", default="docs/scaling.md")
+    s.add_argument("--bench", default=repo_default("outputs/bench/bench.json"), type=cli_path)
+    s.add_argument("--out", default=repo_default("docs/scaling.md"), type=cli_path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):

@@ -4,7 +4,7 @@
         --references gpt4tools_val_seen.json gpt4tools_test_unseen.json \\
         --predictions val_preds.json test_preds.json [--json] [--compat] [--strict]
     python code/evaluate.py run --benchmark mllm-tool --checkpoint outputs/run/stage_3 \\
-        --data combined_data.json [--limit N] [--mode teacher-forced|free]
+        --data combined_data.json --media-root /data/mllm-tool [--limit N] [--mode teacher-forced|free]
     python code/evaluate.py benchmarks          # the benchmarks and their metrics
     python code/evaluate.py demo --checkpoint outputs/demo/stage_1 [--tasks x2t,t2x,tools]   # demo held-out
     python code/evaluate.py demo-report --run outputs/demo      # the demo's metrics.json + summary table
@@ -14,6 +14,10 @@ them; predictions are the anchors' output files or the inference ``--batch`` JSO
 ``<checkpoint>/eval/<benchmark>.json`` and ``<benchmark>.predictions.jsonl``. ``--output DIR`` means the
 same in every subcommand: the folder the results go to (``score``: ``DIR/<benchmark>.json``; ``run``: the
 results, predictions and media; ``demo``: ``DIR/demo.json``).
+A reference that gets no prediction (``run``: its request could not run, e.g. media not found; ``score``:
+no prediction matches it) fails the command (exit 1, listing them) unless ``--allow-missing``: then it is
+excluded from every metric and reported with its reason. Paths typed here are taken from the current
+directory.
 Each subcommand is a small function that parses its arguments and calls ``toollmm.eval``.
 """
 
@@ -26,16 +30,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from toollmm.errors import cli_errors
 from toollmm.eval import (
     BENCHMARKS,
     MODES,
     EvalError,
     Generator,
+    MissingError,
     ScoreOptions,
     format_results,
     run_benchmark,
     score_files,
 )
+from toollmm.paths import cli_checkpoint, cli_path, repo_default
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -88,15 +95,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strict", action="store_true", help="gpt4tools: image-path arguments must match exactly (the paper)"
     )
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="score the references that got a prediction and report the others (count, reasons), excluded"
+        " from every denominator; without it such references fail the command (exit 1)",
+    )
+
+
+def _opts(args: argparse.Namespace) -> ScoreOptions:
+    return ScoreOptions(compat=args.compat, strict=args.strict, allow_missing=args.allow_missing)
 
 
 def _configure_score(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--references", required=True, nargs="+", help="the benchmark's reference file(s)")
     p.add_argument(
-        "--predictions", required=True, nargs="+", help="one predictions file, or one per references file"
+        "--references", required=True, nargs="+", type=cli_path, help="the benchmark's reference file(s)"
     )
-    p.add_argument("--output", default=None, metavar="DIR", help="also write DIR/<benchmark>.json")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        nargs="+",
+        type=cli_path,
+        help="one predictions file, or one per references file",
+    )
+    p.add_argument(
+        "--output", default=None, type=cli_path, metavar="DIR", help="also write DIR/<benchmark>.json"
+    )
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -106,8 +131,7 @@ def _print(result: dict, as_json: bool) -> None:
 @subcommand("score", _configure_score)
 def run_score(args: argparse.Namespace) -> int:
     """Score an existing predictions file against the benchmark's references."""
-    opts = ScoreOptions(compat=args.compat, strict=args.strict)
-    result = score_files(args.benchmark, args.references, args.predictions, opts)
+    result = score_files(args.benchmark, args.references, args.predictions, _opts(args))
     if args.output:
         out = Path(args.output) / f"{args.benchmark}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +142,12 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _configure_run(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
-    p.add_argument("--data", required=True, nargs="+", help="the benchmark's reference file(s)")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
+    p.add_argument(
+        "--data", required=True, nargs="+", type=cli_path, help="the benchmark's reference file(s)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument(
         "--mode",
@@ -129,8 +157,15 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument(
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="folder that relative media paths in --data are taken from (default: each --data file's folder)",
+    )
+    p.add_argument(
         "--output",
         default=None,
+        type=cli_path,
         metavar="DIR",
         help="results folder: DIR/<benchmark>.json, .predictions.jsonl, media/ (default: <checkpoint>/eval)",
     )
@@ -151,9 +186,16 @@ def run_run(args: argparse.Namespace) -> int:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
     out = results_dir(args)
     generate = args.generator_factory(args.checkpoint, args.benchmark)
-    opts = ScoreOptions(compat=args.compat, strict=args.strict)
     result = run_benchmark(
-        args.benchmark, args.data, generate, out, args.limit, args.mode, args.batch_size, opts
+        args.benchmark,
+        args.data,
+        generate,
+        out,
+        args.limit,
+        args.mode,
+        args.batch_size,
+        _opts(args),
+        media_root=args.media_root,
     )
     _print(result, args.json)
     return 0
@@ -162,13 +204,21 @@ def run_run(args: argparse.Namespace) -> int:
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     from toollmm.eval.demo import TASKS
 
-    p.add_argument("--checkpoint", required=True, help="a demo stage folder, e.g. outputs/demo/stage_1")
-    p.add_argument("--data", default="data/demo", help="the demo corpus (python code/prepare_data.py demo)")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_path, help="a demo stage folder, e.g. outputs/demo/stage_1"
+    )
+    p.add_argument(
+        "--data",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="the demo corpus (python code/prepare_data.py demo; default: the repo's data/demo)",
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out records per file")
     p.add_argument(
         "--output",
         default=None,
+        type=cli_path,
         metavar="DIR",
         help="results folder: DIR/demo.json (default: <checkpoint>/eval)",
     )
@@ -197,7 +247,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _configure_demo_report(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--run", dest="run_dir", default="outputs/demo", help="the demo run folder (holds stage_0..stage_3)"
+        "--run",
+        dest="run_dir",
+        default=repo_default("outputs/demo"),
+        type=cli_path,
+        help="the demo run folder (holds stage_0..stage_3; default: the repo's outputs/demo)",
     )
     p.add_argument("--small", action="store_true", help="record that the corpus was --small")
     p.add_argument("--total-wall-s", type=float, default=None, help="the whole demo's wall time")
@@ -232,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
         configure(p)
         p.set_defaults(run=run)
+        p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("evaluate.py")
 def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory | None = None) -> int:
     """``generator_factory`` replaces :func:`load_generator` for ``run`` (a scripted model in tests)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -243,10 +299,10 @@ def main(argv: list[str] | None = None, *, generator_factory: GeneratorFactory |
         lambda checkpoint, benchmark: load_generator(checkpoint, benchmark, results_dir(args) / "media")
     )
     try:
-        return args.run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return args.run(args)  # other user errors (EvalError ...): one line, exit 2 (cli_errors)
+    except MissingError as e:  # references not run / not predicted: exit 1 with the list
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

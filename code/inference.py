@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from toollmm.config import ConfigError, add_config_args
+from toollmm.config import add_config_args
+from toollmm.errors import UserError, as_user_error, cli_errors
+from toollmm.paths import cli_checkpoint, cli_path
 
 MEDIA_FLAGS = ("image", "video", "audio")
 CHAT_HELP = (
@@ -43,26 +46,41 @@ class AddMedia(argparse.Action):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder, released folder or Hub id")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
+    )
     p.add_argument("--prompt", default=None, help="the user message (media placeholders optional)")
     for m in MEDIA_FLAGS:
         p.add_argument(f"--{m}", action=AddMedia, metavar="P", help=f"{m} input (repeatable, in order)")
-    p.add_argument("--output-dir", default=None, help="media folder (default outputs/inference/<timestamp>/)")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        type=cli_path,
+        help="media folder (default outputs/inference/<timestamp>/)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object per turn")
     p.add_argument("--chat", action="store_true", help="multi-turn chat on stdin")
     p.add_argument("--tools", default=None, help="comma-separated tool names to enable (default: all)")
-    p.add_argument("--batch", default=None, metavar="IN.jsonl", help="one request per line")
-    p.add_argument("--out", default=None, metavar="OUT.jsonl", help="--batch results")
+    p.add_argument("--batch", default=None, type=cli_path, metavar="IN.jsonl", help="one request per line")
+    p.add_argument("--out", default=None, type=cli_path, metavar="OUT.jsonl", help="--batch results")
     p.add_argument(
-        "--media-root", default=None, help="--batch: relative media paths start here (default: its folder)"
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="--batch: relative media paths start here (default: its folder)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="--batch: requests per generate call")
-    p.add_argument("--verbose", action="store_true", help="log the library's progress (INFO)")
+    p.add_argument("--resume", action="store_true", help="--batch: continue a killed batch from OUT.partial")
+    p.add_argument(
+        "--verbose", action="store_true", help="log the library's progress (INFO); tracebacks for errors"
+    )
     add_config_args(p, example="inference.temperature=0.7")
     p.set_defaults(media=[])
     args = p.parse_args(argv)
     if args.batch and (args.prompt is not None or args.chat or args.media):
         p.error("--batch takes its prompts and media from the file (no --prompt, --chat or media flags)")
+    if args.resume and not args.batch:
+        p.error("--resume continues a --batch run")
     if bool(args.batch) != bool(args.out):
         p.error("--batch and --out go together")
     if not (args.batch or args.chat or args.prompt is not None or args.media or args.print_config):
@@ -167,13 +185,59 @@ def run_chat(rt, args, stdin=None) -> int:
             show(result, args.json)
 
 
+def partial_path(out: Path) -> Path:
+    """Where ``--batch`` results go while it runs (renamed to ``--out`` once every request is done)."""
+    return out.with_name(out.name + ".partial")
+
+
+def resumable(partial: Path, requests) -> int:
+    """How many leading requests ``partial`` already holds complete results for (its last, torn line is
+    cut off); the ids must match the batch's, or the partial file belongs to another batch."""
+    if not partial.is_file():
+        return 0
+    data = partial.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]  # complete lines only: a kill mid-write leaves a torn last line
+    done = 0
+    for n, line in enumerate(keep.splitlines(), 1):
+        try:
+            rid = json.loads(line)["id"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{partial}:{n}: not a result line; delete the file to start over") from None
+        if n > len(requests) or rid != requests[n - 1].id:
+            raise UserError(
+                f"{partial}:{n}: result for id {rid!r}, but request {n} of the batch has id "
+                f"{requests[n - 1].id if n <= len(requests) else None!r}: it is from another batch; "
+                "delete it to start over"
+            )
+        done = n
+    with open(partial, "r+b") as f:
+        f.truncate(len(keep))
+    return done
+
+
+def _not_run(res: dict) -> bool:
+    """A result line of a request that could not run (``toollmm.infer.output.error_output``)."""
+    return bool(res["errors"]) and not res["text"] and res["timings"].get("total_s") == 0.0
+
+
 def run_batch(rt, args, requests) -> int:
+    """Results go to ``OUT.partial`` (flushed after each group of requests) and are renamed to ``OUT``
+    only when all are done, so a killed batch never leaves a complete-looking ``OUT`` nor destroys the
+    previous one; ``--resume`` continues from the partial file's last complete result."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(out)
     offered = offered_tools(rt, args)
+    done = resumable(partial, requests) if args.resume else 0
+    if args.resume:
+        print(
+            f"inference.py: --resume: {done} of {len(requests)} results already in {partial}", file=sys.stderr
+        )
     failed = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for i in range(0, len(requests), args.batch_size):
+    if done:
+        failed = sum(_not_run(json.loads(x)) for x in partial.read_text(encoding="utf-8").splitlines())
+    with open(partial, "a" if done else "w", encoding="utf-8") as f:
+        for i in range(done, len(requests), args.batch_size):
             part = requests[i : i + args.batch_size]
             for r in part:
                 r.tools = r.tools if r.tools is not None else offered
@@ -182,6 +246,8 @@ def run_batch(rt, args, requests) -> int:
                 failed += row is None
                 f.write(json.dumps({"id": r.id, **res}, ensure_ascii=False) + "\n")
             f.flush()
+            os.fsync(f.fileno())
+    os.replace(partial, out)
     print(f"inference.py: {len(requests)} results -> {out} ({failed} could not run)", file=sys.stderr)
     return 0 if failed == 0 else 1
 
@@ -201,14 +267,14 @@ def offered_tools(rt, args) -> list | None:
 
 
 # ----------------------------------------------------------------------------------------- main
+@cli_errors("inference.py")
 def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin=None) -> int:
     """``loader(checkpoint, **kwargs) -> Runtime`` replaces ``toollmm.load`` (tests)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     import toollmm
-    from toollmm.checkpoint import StageError
     from toollmm.console import quiet_library_progress
-    from toollmm.infer.requests import BatchError, read_batch
+    from toollmm.infer.requests import read_batch
     from toollmm.inference_api import INFERENCE_YAML
 
     overrides = list(args.overrides)
@@ -229,9 +295,10 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
         rt = (loader or toollmm.load)(
             args.checkpoint, overrides=overrides, config_files=files, output_dir=args.output_dir
         )
-    except (ConfigError, StageError, BatchError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"inference.py: {e}", file=sys.stderr)
-        return 2
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # the loaders' own errors are about what the user gave them
+        raise as_user_error(e) from e
     if not args.json:
         print(f"inference.py: loaded in {rt.load_s:.1f} s; outputs in {rt.output_dir}", file=sys.stderr)
     if args.batch:

@@ -5,6 +5,7 @@
     python code/prepare_data.py formats          # every format and its options
     python code/prepare_data.py demo --output data/demo [--small]
     python code/prepare_data.py demo-base --config config/demo.yaml --output outputs/demo/base
+    python code/prepare_data.py encode --config config/demo.yaml --stage 1   # fill the feature cache
 
 Each subcommand is a small function that parses its arguments and calls the library
 (``toollmm.data.convert``); add one with ``@subcommand``.
@@ -19,6 +20,8 @@ from collections.abc import Callable
 
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
+from toollmm.errors import cli_errors
+from toollmm.paths import cli_config_file, cli_path, repo_default
 
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -47,14 +50,24 @@ def _parse_opts(pairs: list[str]) -> dict[str, str]:
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(REGISTRY), help="source format")
-    p.add_argument("--input", required=True, help="source file (JSON array or JSONL)")
-    p.add_argument("--output", required=True, help="unified JSONL to write")
+    p.add_argument("--input", required=True, type=cli_path, help="source file (JSON array or JSONL)")
+    p.add_argument("--output", required=True, type=cli_path, help="unified JSONL to write")
     p.add_argument(
-        "--media-root", default=None, help="check that every referenced media file exists under DIR"
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="check that every referenced media file exists under DIR",
     )
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
     )
+    p.add_argument(
+        "--check-media",
+        action="store_true",
+        help="decode every referenced medium (relative to --media-root, else the input's folder); bad "
+        "ones stop the conversion naming each file, or with --on-error skip drop their records",
+    )
+    p.add_argument("--workers", type=int, default=0, help="--check-media processes (0: one per CPU, <= 8)")
     p.add_argument("--source", default=None, help="record 'source' field (default: FORMAT/<input stem>)")
     p.add_argument(
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="format option (see 'formats')"
@@ -72,9 +85,16 @@ def run_convert(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         options=_parse_opts(args.opt),
         source=args.source,
+        check_media=args.check_media,
+        media_workers=args.workers,
+        progress=_media_progress if args.check_media else None,
     )
     print(stats.summary())
     return 0
+
+
+def _media_progress(checked: int, total: int, bad: int) -> None:
+    print(f"check-media: {checked}/{total} media decoded, {bad} bad", file=sys.stderr, flush=True)
 
 
 @subcommand("formats", lambda p: None)
@@ -105,10 +125,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _configure_demo_base(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
+    p.add_argument("--config", action="append", default=[], metavar="FILE", type=cli_config_file,
                    help="config layer(s) giving the encoder dims (default: config/demo.yaml)")  # fmt: skip
-    p.add_argument("--corpus", default="data/demo", help="the demo corpus (its tokenizer and training media)")
-    p.add_argument("--output", default="outputs/demo/base", help="where the base models go")
+    p.add_argument(
+        "--corpus",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="the demo corpus (its tokenizer and training media)",
+    )
+    p.add_argument(
+        "--output", default=repo_default("outputs/demo/base"), type=cli_path, help="where the base models go"
+    )
     p.add_argument("--llm-hidden", type=int, default=None, help="stand-in Llama width (default 128)")
     p.add_argument("--llm-layers", type=int, default=None, help="stand-in Llama layers (default 4)")
     p.add_argument("--llm-heads", type=int, default=None, help="stand-in Llama attention heads (default 4)")
@@ -132,6 +159,84 @@ def run_demo_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_encode(p: argparse.ArgumentParser) -> None:
+    from toollmm.paths import cli_config_file
+
+    p.add_argument("--config", action="append", default=[], metavar="FILE", type=cli_config_file,
+                   help="config layer(s), as for train.py (repeatable; taken from the current directory)")  # fmt: skip
+    p.add_argument("--stage", type=int, action="append", choices=[0, 1, 2, 3], default=None,
+                   help="stage whose data to encode (repeatable; default: 1, 2 and 3)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: this rank's GPU, else cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="encoder dtype; part of the cache key, so it must match the training run's "
+        "(auto: what training on this host uses: the DeepSpeed config's precision on a GPU, fp32 on CPU)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="media per forward (default: config's)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+@subcommand("encode", _configure_encode)
+def run_encode(args: argparse.Namespace) -> int:
+    """Fill the feature cache with the encoder outputs of a stage's media (resumable; run under torchrun
+    for several GPUs); training then reads them and never loads the encoder."""
+    import json
+    import os
+
+    import torch
+
+    from toollmm.config import load_config
+    from toollmm.train.build import has_media
+    from toollmm.train.features import encoder_placement, precompute_features
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    summary = {}
+    try:
+        for stage in args.stage or [1, 2, 3]:
+            cfg = load_config(stage=stage, config_files=args.config, overrides=args.overrides).config
+            if not cfg.model.feature_cache.enabled:
+                print(
+                    f"stage {stage}: model.feature_cache.enabled is false; nothing to fill", file=sys.stderr
+                )
+                return 2
+            if not has_media(cfg):
+                if rank == 0:
+                    print(f"stage {stage}: no media in its data; nothing to encode")
+                continue
+            device, dtype = encoder_placement(cfg, world)
+            if args.device:
+                device = torch.device(args.device)
+                if device.type == "cpu" and args.dtype == "auto":
+                    dtype = torch.float32
+            if args.dtype != "auto":
+                dtype = getattr(torch, args.dtype)
+            cache, stats = precompute_features(cfg, rank, world, device=device, dtype=dtype,
+                                               batch_size=args.batch_size)  # fmt: skip
+            summary[f"stage_{stage}"] = {"cache": str(cache.root / cache.encoder.identity), **stats.as_dict()}
+            if rank == 0:
+                print(f"stage {stage}: {cache.root / cache.encoder.identity} ({dtype}, {device})")
+                for m, c in stats.as_dict()["media"].items():
+                    print(
+                        f"  {m:6s} encoded {c['encoded']:7d}  cached {c['cached']:7d}  failed {c['failed']:5d}"
+                    )
+                print(f"  {stats.encoder_forwards} encoder forwards in {stats.seconds:.1f} s; "
+                      f"{stats.duplicates} repeated media, {stats.bad_samples} bad records")  # fmt: skip
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(summary))
+    return 0  # failed media are counted above and left to the stream's data.on_error policy
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,17 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_shard_args(sub).set_defaults(run=lambda a: a.func(a))
     add_embed_captions_args(sub).set_defaults(run=lambda a: a.func(a))
+    for p in sub.choices.values():
+        if "--verbose" not in p._option_string_actions:
+            p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return parser
 
 
+@cli_errors("prepare_data.py")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)  # user errors (ConversionError ...): one line, exit 2 (cli_errors)
 
 
 if __name__ == "__main__":

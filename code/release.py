@@ -16,11 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-from toollmm.checkpoint import StageError
+from toollmm.errors import cli_errors
 from toollmm.hub import ReleaseError, build_release, upload
 from toollmm.hub_bases import ROLES
 from toollmm.hub_card import human_size
-from toollmm.paths import resolve
+from toollmm.paths import cli_path, resolve
 
 
 def _base_id(text: str) -> tuple[str, str]:
@@ -34,13 +34,18 @@ def _base_id(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="release.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="stage folder (e.g. outputs/<run>/stage_3)")
+    p.add_argument(
+        "--checkpoint", required=True, type=cli_path, help="stage folder (e.g. outputs/<run>/stage_3)"
+    )
     p.add_argument("--repo-id", required=True, help="Hub model repo, OWNER/NAME")
     p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     p.add_argument(
         "--dry-run", action="store_true", help="write and check the folder, list it, upload nothing"
     )
-    p.add_argument("--out", default=None, help="release folder (default: <checkpoint>/release)")
+    p.add_argument(
+        "--out", default=None, type=cli_path, help="release folder (default: <checkpoint>/release)"
+    )
     p.add_argument(
         "--merge",
         action="store_true",
@@ -87,6 +92,7 @@ def _print_listing(release, dry_run: bool, private: bool) -> None:
     print(f"{'dry run: would upload to' if dry_run else 'uploading to'} {where}")
 
 
+@cli_errors("release.py")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -97,28 +103,23 @@ def main(argv: list[str] | None = None) -> int:
             raise HFValidationError("expected OWNER/NAME")
         validate_repo_id(args.repo_id)
     except HFValidationError as e:
-        print(f"error: --repo-id {args.repo_id!r}: {e}", file=sys.stderr)
-        return 2
+        raise ReleaseError(f"--repo-id {args.repo_id!r}: {e}") from None
     ckpt = resolve(args.checkpoint)
     out = resolve(args.out) if args.out else Path(ckpt) / "release"
-    try:
-        release = build_release(
-            ckpt,
-            out,
-            args.repo_id,
-            base_ids=dict(args.base_id),
-            license=args.license,
-            datasets=args.dataset,
-            merge=args.merge,
-            merge_dtype=args.merge_dtype,
-        )
-        _print_listing(release, args.dry_run, args.private)
-        if not args.dry_run:
-            url = upload(release.folder, args.repo_id, private=args.private)
-            print(f"uploaded: {url}")
-    except (ReleaseError, StageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    release = build_release(
+        ckpt,
+        out,
+        args.repo_id,
+        base_ids=dict(args.base_id),
+        license=args.license,
+        datasets=args.dataset,
+        merge=args.merge,
+        merge_dtype=args.merge_dtype,
+    )
+    _print_listing(release, args.dry_run, args.private)
+    if not args.dry_run:
+        url = upload(release.folder, args.repo_id, private=args.private)
+        print(f"uploaded: {url}")
     return 0
 
 

@@ -8,7 +8,8 @@
 Writes outputs/<run.name>/stage_N/ (loadable, cumulative over stages; metrics.jsonl, loss.png, ranks.json)
 and stage_N/ckpt/ (resume state). ``--resume`` without a checkpoint yet starts the stage from step 0 (so a
 restarted job can always pass it); without ``--resume`` an existing checkpoint is replaced (a warning says
-so). Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
+so). A second run on a stage folder that a run is writing is refused at once (exit 2, naming the
+holder). Stage 0 is the LM pretraining of a stand-in model (the demo); stages 1-3 are the system's.
 ``main(argv)`` runs in-process (tests, notebooks: the process group is kept for the next stage);
 run as a script, the process group is destroyed before the interpreter exits.
 """
@@ -19,7 +20,8 @@ import argparse
 import os
 import sys
 
-from toollmm.config import ConfigError, add_config_args, load_config
+from toollmm.config import add_config_args, load_config
+from toollmm.errors import cli_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,28 +32,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue from the stage's newest resume checkpoint (none yet: start from step 0)",
     )
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_config_args(parser)
     return parser.parse_args(argv)
 
 
+@cli_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
+    loaded = load_config(stage=args.stage, config_files=args.config, overrides=args.overrides)
     if args.print_config:
         print(loaded.describe())
         return 0
     announce(loaded.config)
+    from toollmm.checkpoint import BaseMismatchError
     from toollmm.console import quiet_library_progress
+    from toollmm.train.lock import StageLockedError
     from toollmm.train.loop import run_stage
 
     quiet_library_progress()  # our own bar and lines say what happens; theirs would break them up
-
-    run_stage(loaded, resume=args.resume)
+    try:
+        run_stage(loaded, resume=args.resume)
+    except (StageLockedError, BaseMismatchError) as e:  # folder held by another run / other bases
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -75,7 +80,7 @@ def cli() -> int:
     ok = False
     try:
         code = main()
-        ok = True
+        ok = code == 0  # a user error on one rank (exit 2) must not wait for the others at a barrier
         return code
     finally:
         if "torch" in sys.modules:

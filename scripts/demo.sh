@@ -3,23 +3,30 @@
 #
 #   bash scripts/demo.sh            # full demo corpus (about 10-15 min on 2 cores)
 #   bash scripts/demo.sh --small    # small corpus (a few minutes; what the slow test runs)
+#   bash scripts/demo.sh --out /tmp/demo --small    # everything under /tmp/demo (the checkout is not touched)
+#   bash scripts/demo.sh --dry-run [--out DIR]      # print each step's command, run nothing
 #   bash scripts/demo.sh -- train.optim.lr=1e-3      # key=value overrides after -- go to every train.sh call
 #
 # 1. setup (.venv)  2. corpus -> data/demo/  3. base models -> outputs/demo/base/ (a user places real
 # checkpoints the same way)  4. stages 0-3 through scripts/train.sh --config config/demo.yaml, each followed
 # by its held-out evaluation (python code/evaluate.py demo)  5. one inference request (code/inference.py)
 # 6. outputs/demo/metrics.json and a summary table. Each step's full log: outputs/demo/logs/.
-# Starts from a clean outputs/demo/ run (stage folders, logs and metrics of a previous demo are removed;
-# base models are rebuilt; the encoder-feature and caption caches under outputs/demo/cache/ are reused).
+# With --out DIR: the run folder is DIR (base models, caches, stage folders, logs, metrics.json) and the
+# corpus DIR/data (run.output_root, run.name and vars.demo_data of config/demo.yaml are set to match).
+# Starts from a clean run folder (stage folders, logs and metrics of a previous demo are removed; base
+# models are rebuilt; the encoder-feature and caption caches under <run>/cache/ are reused).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
-SMALL=0; EXTRA=()
+SMALL=0; EXTRA=(); OUT=""; DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) SMALL=1; shift ;;
+    --out) [ $# -ge 2 ] || { echo "demo.sh: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift 2 ;;
+    --out=*) OUT="${1#--out=}"; shift ;;
+    --dry-run) DRY=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -28,7 +35,14 @@ SMALL_FLAG=(); [ "$SMALL" = 1 ] && SMALL_FLAG=(--small)
 # Tiny matrices: one thread per process is fastest, and several threads on a busy machine are far slower.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 CONFIG="config/demo.yaml"
-RUN="$REPO/outputs/demo"
+if [ -n "$OUT" ]; then   # a folder typed on the command line: relative to the current directory
+  case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+  RUN="${OUT%/}"; DATA="$RUN/data"
+  # the run folder is <run.output_root>/<run.name>; every demo path in config/demo.yaml follows these
+  WHERE=("run.output_root=$(dirname "$RUN")" "run.name=$(basename "$RUN")" "vars.demo_data=$DATA")
+else
+  RUN="$REPO/outputs/demo"; DATA="data/demo"; WHERE=()
+fi
 LOGS="$RUN/logs"
 now() { date +%s.%N; }
 T0=$(now)
@@ -37,6 +51,7 @@ secs() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 # run_step NAME CMD...: the command's output goes to $LOGS/NAME.log; its tail is shown if it fails.
 run_step() {
   local name="$1"; shift
+  if [ "$DRY" = 1 ]; then printf '%s: ' "$name"; printf '%q ' "$@"; echo; return 0; fi
   local t; t=$(now)
   printf '[demo] %-26s ' "$name"
   if "$@" > "$LOGS/$name.log" 2>&1; then
@@ -48,34 +63,42 @@ run_step() {
   fi
 }
 
-bash "$REPO/scripts/setup.sh"
 cd "$REPO"
-rm -rf "$RUN"/stage_0 "$RUN"/stage_1 "$RUN"/stage_2 "$RUN"/stage_3 "$RUN/metrics.json" "$LOGS"
-mkdir -p "$LOGS"
-echo "[demo] $( [ "$SMALL" = 1 ] && echo small || echo full ) run, OMP_NUM_THREADS=$OMP_NUM_THREADS, logs in $LOGS"
+if [ "$DRY" = 0 ]; then
+  bash "$REPO/scripts/setup.sh"
+  rm -rf "$RUN"/stage_0 "$RUN"/stage_1 "$RUN"/stage_2 "$RUN"/stage_3 "$RUN/metrics.json" "$LOGS"
+  mkdir -p "$LOGS"
+  echo "[demo] $( [ "$SMALL" = 1 ] && echo small || echo full ) run in $RUN, OMP_NUM_THREADS=$OMP_NUM_THREADS, logs in $LOGS"
+fi
 
-run_step corpus "$PYTHON" code/prepare_data.py demo --output data/demo ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"}
-run_step base_models "$PYTHON" code/prepare_data.py demo-base --config "$CONFIG" --corpus data/demo \
-  --output outputs/demo/base
+run_step corpus "$PYTHON" code/prepare_data.py demo --output "$DATA" ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"}
+run_step base_models "$PYTHON" code/prepare_data.py demo-base --config "$CONFIG" --corpus "$DATA" \
+  --output "$RUN/base"
 
 # Stage N's held-out tasks: stage 1 is also scored on t2x (the alignment before stage 2 trained it).
 EVAL_TASKS=("" "x2t,t2x" "t2x" "tools,x2t,t2x")
 for STAGE in 0 1 2 3; do
   run_step "stage_$STAGE" bash scripts/train.sh --stage "$STAGE" --config "$CONFIG" \
-    ${EXTRA[@]+"${EXTRA[@]}"}
+    ${WHERE[@]+"${WHERE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
   if [ -n "${EVAL_TASKS[$STAGE]}" ]; then
-    run_step "eval_stage_$STAGE" "$PYTHON" code/evaluate.py demo --checkpoint "outputs/demo/stage_$STAGE" \
-      --data data/demo --tasks "${EVAL_TASKS[$STAGE]}"
-    sed -n 's/^\[demo-eval\] /         /p' "$LOGS/eval_stage_$STAGE.log"
+    run_step "eval_stage_$STAGE" "$PYTHON" code/evaluate.py demo --checkpoint "$RUN/stage_$STAGE" \
+      --data "$DATA" --tasks "${EVAL_TASKS[$STAGE]}"
+    [ "$DRY" = 1 ] || sed -n 's/^\[demo-eval\] /         /p' "$LOGS/eval_stage_$STAGE.log"
   fi
 done
 
 # One request through the inference CLI (the demo tool set runs in-process): the trained model picks a
 # tool, fills its arguments from the request, reads the result and answers.
 PROMPT="Check the weather for Zurich tomorrow."
+INFER=("$PYTHON" code/inference.py --checkpoint "$RUN/stage_3" --prompt "$PROMPT" --json --output-dir "$RUN/inference")
+REPORT=("$PYTHON" code/evaluate.py demo-report --run "$RUN")
+if [ "$DRY" = 1 ]; then
+  printf 'inference: '; printf '%q ' "${INFER[@]}"; echo
+  printf 'report: '; printf '%q ' "${REPORT[@]}" ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"}; echo
+  exit 0
+fi
 t=$(now)
-if "$PYTHON" code/inference.py --checkpoint outputs/demo/stage_3 --prompt "$PROMPT" --json \
-    --output-dir outputs/demo/inference > "$LOGS/inference.json" 2> "$LOGS/inference.log"; then
+if "${INFER[@]}" > "$LOGS/inference.json" 2> "$LOGS/inference.log"; then
   echo "[demo] inference                  done in $(secs "$t") s: $LOGS/inference.json"
   "$PYTHON" - "$LOGS/inference.json" "$PROMPT" <<'PY'
 import json, sys
@@ -89,5 +112,4 @@ else
   exit 1
 fi
 
-"$PYTHON" code/evaluate.py demo-report --run outputs/demo --total-wall-s "$(secs "$T0")" \
-  ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"} 2>"$LOGS/report.log"
+"${REPORT[@]}" --total-wall-s "$(secs "$T0")" ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"} 2>"$LOGS/report.log"

@@ -18,7 +18,7 @@ import yaml
 from toollmm.paths import REPO_ROOT
 
 TRAIN_PY = REPO_ROOT / "code" / "train.py"
-TINY_ENCODER = "config/presets/encoder_tiny.yaml"
+TINY_ENCODER = str(REPO_ROOT / "config" / "presets" / "encoder_tiny.yaml")  # a --config flag: cwd-relative
 
 
 @dataclass

@@ -103,6 +103,9 @@ def _bench() -> dict:
         "hf_trainer_real_tokens_per_s": 400.0, "vs_hf_trainer_tokens_per_s_ratio": 1.25,
         "real_token_fraction": 0.96, "real_token_fraction_naive": 0.8, "feature_cache": fc,
         "loader_to_train_ratio": 3.0, "inference_second_request_speedup": 9.0,
+        "serve_concurrent_speedup": 3.5, "serve": {
+            "concurrent_rps": 7.0, "sequential_rps": 2.0, "concurrent_p50_s": 1.1, "concurrent_p95_s": 1.3,
+            "sequential_p50_s": 0.5, "sequential_p95_s": 0.6, "errors": 0, "checkpoint": "x/stage_3"},
         "peak_rss_mb": {"mfu": 1200.0},
     }  # fmt: skip
 
@@ -122,6 +125,13 @@ def test_check_finds_missing_nonfinite_and_nonpositive_figures():
     gpu = _bench()
     gpu["machine"]["device"] = "NVIDIA A100"
     assert any(p.startswith("mfu_gpu") for p in report.check(gpu))
+
+
+def test_check_refuses_failed_serving_requests():
+    b = _bench()
+    b["serve"]["errors"] = 2
+    assert report.check(b) == ["serve.errors: 2 failed requests (must be 0)"]
+    assert "serve.py: 8 concurrent clients" in report.markdown(_bench())
 
 
 def test_markdown_marks_misses():

@@ -1,8 +1,10 @@
 """``bash scripts/demo.sh --small`` end to end (slow): setup, corpus, base models, stages 0-3 through
 scripts/train.sh, held-out evaluation after each stage, metrics.json and the summary table.
 
-It runs the real script in this checkout, as a user would, so it (re)writes the git-ignored
-``data/demo/`` and ``outputs/demo/``. CI runs the full demo separately (``.ci/run``).
+It runs the real script of this checkout with ``--out`` a temporary folder: corpus, base models, caches,
+stage folders and metrics go there, never into the checkout's ``data/demo/`` or ``outputs/demo/`` (a user
+who runs the full tests after the demo keeps the trained demo). CI runs the full demo separately
+(``.ci/run``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ TIME_LIMIT_S = 900  # the demo's aim is under 5 minutes on 2 idle cores; shared 
 
 
 @pytest.fixture(scope="module")
-def small_demo():
+def small_demo(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo_e2e") / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # the repo's .venv runs the demo; this checkout's code comes first when tests run from a worktree
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "code"), env.get("PYTHONPATH", "")]).rstrip(
@@ -31,7 +34,7 @@ def small_demo():
     )
     t0 = time.perf_counter()
     proc = subprocess.run(
-        ["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--small"],
+        ["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--small", "--out", str(run_dir)],
         cwd=str(REPO_ROOT),
         env=env,
         capture_output=True,
@@ -41,12 +44,12 @@ def small_demo():
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, f"demo.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     sys.stderr.write(f"demo.sh --small: {wall:.1f} s\n")
-    metrics = json.loads((REPO_ROOT / "outputs" / "demo" / "metrics.json").read_text())
-    return proc.stdout, metrics, wall
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return proc.stdout, metrics, wall, run_dir
 
 
 def test_small_demo_writes_every_metric(small_demo):
-    _, m, _ = small_demo
+    _, m, _, run_dir = small_demo
     assert m["small"] is True and m["total_wall_s"] > 0
     for modality, attrs in {"image": ("colour", "shape"), "audio": ("pitch", "pulse"),
                             "video": ("colour", "direction")}.items():  # fmt: skip
@@ -61,12 +64,14 @@ def test_small_demo_writes_every_metric(small_demo):
     for n in (1, 2, 3):
         assert m[f"stage{n}"]["wall_s"] > 0 and m[f"stage{n}"]["real_tokens_per_s"] > 0
     for n in range(4):
-        assert (REPO_ROOT / "outputs" / "demo" / f"stage_{n}" / "stage.json").is_file()
+        assert (run_dir / f"stage_{n}" / "stage.json").is_file()
+    assert (run_dir / "data" / "train").is_dir() and (run_dir / "base" / "llm").is_dir()
+    assert (run_dir / "cache" / "features").is_dir()
 
 
 def test_small_demo_learns(small_demo):
     """Even the small corpus moves every stage off its starting point (the full run meets the targets)."""
-    _, m, _ = small_demo
+    _, m, _, _ = small_demo
     for modality, h in m["stage1"]["heldout"].items():
         best = max(v["acc"] / v["chance"] for v in h["per_attribute"].values())
         assert best > 1.5, (modality, h)  # some attribute is read well above chance
@@ -76,7 +81,7 @@ def test_small_demo_learns(small_demo):
 
 
 def test_small_demo_prints_the_summary_table(small_demo):
-    out, _, wall = small_demo
+    out, _, wall, _ = small_demo
     assert "caption retrieval top-1" in out and "tool call exact" in out
     assert "[demo] stage_3" in out and "metrics:" in out
     assert wall < TIME_LIMIT_S

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.eval import EvalError, ScoreOptions, score_files
+from toollmm.eval import EvalError, MissingError, ScoreOptions, score_files, score_predictions
+from toollmm.eval.common import load_references
 from toollmm.eval.gpt4tools import score_item, strip_prompt
 from toollmm.eval.metrics import bleu1
 
@@ -181,13 +182,23 @@ def test_file_scores_aggregate_and_prediction_forms(tmp_path):
     assert m["by_split"]["seen"]["n"] == 2  # the file name says 'seen'
 
 
-def test_missing_prediction_fails_unless_compat(tmp_path):
+def test_missing_prediction_fails_unless_allowed(tmp_path):
     preds = _preds(tmp_path, [{"id": 50, "output": CHAIN["output"]}])
-    strict = score_files("gpt4tools", [VAL], [preds])["metrics"]
-    assert strict["n"] == 2 and strict["missing"] == 1  # id 29 scores 0 everywhere
-    assert strict["SR"] == pytest.approx(0.5) and strict["IoU"] == pytest.approx(0.5)
-    compat = score_files("gpt4tools", [VAL], [preds], ScoreOptions(compat=True))["metrics"]
-    assert compat["n"] == 1 and compat["SR"] == pytest.approx(1.0)
+    with pytest.raises(MissingError, match=r"1 of 2 reference\(s\) have no prediction") as e:
+        score_files("gpt4tools", [VAL], [preds])
+    assert [i for i, _ in e.value.missing] == ["29"]
+    for opts in (ScoreOptions(compat=True), ScoreOptions(allow_missing=True)):
+        result = score_files("gpt4tools", [VAL], [preds], opts)
+        m = result["metrics"]
+        assert m["n"] == 1 and m["missing"] == 1 and m["SR"] == pytest.approx(1.0)
+        assert result["missing"]["requests"] == [{"id": "29", "reason": "no prediction"}]
+    # the scorer itself, given None for a reference, counts it as a failure (library callers)
+    refs = load_references("gpt4tools", [VAL], {"eval": "true"})
+    by_id = {r.id: r for r in refs}
+    order = [by_id["50"], by_id["29"]]
+    m = score_predictions("gpt4tools", order, [{"output": CHAIN["output"]}, None], ScoreOptions())
+    assert m["n"] == 2 and m["missing"] == 1  # id 29 scores 0 everywhere
+    assert m["SR"] == pytest.approx(0.5) and m["IoU"] == pytest.approx(0.5)
 
 
 def test_batch_output_form(tmp_path):

@@ -64,14 +64,14 @@ ANSWERS = [
     _anchor(3, "{'api_name': openai/made-up-model}"),  # invented id -> hallucination
     _anchor(4, "I think MIT/ast-finetuned-speech-commands-v2 fits"),  # unparsable -> format failure only
     _anchor(5, "{'api_name': unknown}"),  # 'unknown' is in no acceptable list here -> hallucination
-    # record 6: no answer at all
+    _anchor(6, ""),  # an empty answer: a format failure
 ]
 
 
 def test_accuracy_hallucination_format_and_slices(tmp_path):
     m = score_files("mllm-tool", [REF], [_write(tmp_path, ANSWERS)])["metrics"]
     # right: 0, 2 -> 2/7; hallucinations: 3, 5 -> 2/7; parsable: 0, 1, 2, 3, 5 -> 5/7; n counts record 6
-    assert m["n"] == 7 and m["missing"] == 1
+    assert m["n"] == 7 and m["missing"] == 0
     assert m["accuracy"] == pytest.approx(2 / 7)
     assert m["hallucination_rate"] == pytest.approx(2 / 7)
     assert m["format_accuracy"] == pytest.approx(5 / 7)
@@ -101,8 +101,8 @@ def test_accuracy_hallucination_format_and_slices(tmp_path):
 
 
 def test_compat_skips_the_unanswered_record(tmp_path):
-    m = score_files("mllm-tool", [REF], [_write(tmp_path, ANSWERS)], ScoreOptions(compat=True))["metrics"]
-    assert m["n"] == 6 and m["accuracy"] == pytest.approx(2 / 6)
+    m = score_files("mllm-tool", [REF], [_write(tmp_path, ANSWERS[:6])], ScoreOptions(compat=True))["metrics"]
+    assert m["n"] == 6 and m["missing"] == 1 and m["accuracy"] == pytest.approx(2 / 6)
 
 
 def test_repeated_question_ids_are_told_apart_by_the_question(tmp_path):
@@ -110,10 +110,11 @@ def test_repeated_question_ids_are_told_apart_by_the_question(tmp_path):
     answers = [_anchor(6, "{'api_name': nlptown/bert-base-multilingual-uncased-sentiment}")]
     answers += [_anchor(4, "{'api_name': superb/hubert-base-superb-ks}")]
     answers += [_anchor(0, "{'api_name': MCG-NJU/videomae-base-finetuned-kinetics}")]
-    m = score_files("mllm-tool", [REF], [_write(tmp_path, answers)])["metrics"]
-    assert m["accuracy"] == pytest.approx(3 / 7)
+    m = score_files("mllm-tool", [REF], [_write(tmp_path, answers)], ScoreOptions(allow_missing=True))
+    m = m["metrics"]
+    assert m["accuracy"] == pytest.approx(1.0) and (m["n"], m["missing"]) == (3, 4)
     assert {k: v["accuracy"] for k, v in m["by_modality"].items()} == pytest.approx(
-        {"video": 0.5, "audio": 0.5, "text": 1.0, "image": 0.0}
+        {"video": 1.0, "audio": 1.0, "text": 1.0}
     )
 
 
@@ -125,7 +126,7 @@ def test_batch_output_form(tmp_path):
     ]
     p = tmp_path / "batch.jsonl"
     p.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
-    m = score_files("mllm-tool", [REF], [p])["metrics"]
+    m = score_files("mllm-tool", [REF], [p], ScoreOptions(allow_missing=True))["metrics"]
     # image-4 right; image-0 'unknown' parsable but not acceptable (and in no list -> hallucination)
     assert m["by_modality"]["image"] == pytest.approx(
         {"accuracy": 0.5, "hallucination_rate": 0.5, "format_accuracy": 1.0, "n": 2}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.eval import score_files
+from toollmm.eval import ScoreOptions, score_files
 
 FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"
 NAMES = ("action", "anomaly", "crowd", "face", "fire", "gait", "licenceplate", "personreid", "vehiclereid")
@@ -70,23 +70,23 @@ PREDS = [
 
 
 def test_step_and_chain_metrics(tmp_path):
-    m = score_files("viot", FILES, [_write(tmp_path, PREDS)])["metrics"]
-    # 11 reference steps (action 2, anomaly 2, the other seven 1 each), 9 chains
-    # tool right:  action 2 + anomaly 2 + crowd 1 + face 1 + fire 1 + licence 1 + vehicle 1 = 9 / 11
-    # input right: the same minus fire                                                  = 8 / 11
-    # chains right: action, anomaly, face, licenceplate, vehiclereid                     = 5 / 9
-    assert (m["steps"], m["n"], m["missing"]) == (11, 9, 1)
-    assert m["step_action_acc"] == pytest.approx(9 / 11)
-    assert m["step_action_input_acc"] == pytest.approx(8 / 11)
-    assert m["chain_success"] == pytest.approx(5 / 9)
+    m = score_files("viot", FILES, [_write(tmp_path, PREDS)], ScoreOptions(allow_missing=True))["metrics"]
+    # 10 reference steps with a prediction (action 2, anomaly 2, six others 1 each; gait has none), 8 chains
+    # tool right:  action 2 + anomaly 2 + crowd 1 + face 1 + fire 1 + licence 1 + vehicle 1 = 9 / 10
+    # input right: the same minus fire                                                  = 8 / 10
+    # chains right: action, anomaly, face, licenceplate, vehiclereid                     = 5 / 8
+    assert (m["steps"], m["n"], m["missing"]) == (10, 8, 1)
+    assert m["step_action_acc"] == pytest.approx(9 / 10)
+    assert m["step_action_input_acc"] == pytest.approx(8 / 10)
+    assert m["chain_success"] == pytest.approx(5 / 8)
     by = m["by_tool"]
     assert by["Fire and Smoke Detection"] == {"step_action_acc": 1.0, "step_action_input_acc": 0.0, "n": 1}
     assert by["Recognize the Person by Appearance"]["step_action_acc"] == 0.0  # personreid: wrong tool
-    assert by["Recognize the Person by Gait"]["step_action_acc"] == 0.0  # missing
+    assert "Recognize the Person by Gait" not in by  # its only record has no prediction: excluded
     assert by["Count People in the Video"]["step_action_input_acc"] == 1.0
     assert by["Recognize the Vehicle by Plate Number"]["step_action_input_acc"] == 1.0
     assert by["Recognize the Vehicle by Appearance"]["step_action_input_acc"] == 1.0
-    assert sum(v["n"] for v in by.values()) == 11
+    assert sum(v["n"] for v in by.values()) == 10
 
 
 def test_upload_placeholder_needs_the_upload(tmp_path):

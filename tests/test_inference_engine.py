@@ -11,6 +11,7 @@ from toollmm.agent.engine import Engine
 from toollmm.agent.registry import Registry
 from toollmm.agent.scripted import ScriptedModel
 from toollmm.config import InferenceConfig
+from toollmm.data.templates import TEMPLATES
 from toollmm.infer.output import TextStream
 from toollmm.tokens import TokenContract
 
@@ -105,3 +106,39 @@ def test_stop_at_tool_call_in_react_form(tok, reg, ran):
     )
     assert res.finish_reason == "tool_call" and res.text.endswith("Observation:") and ran == []
     assert (res.tool_results[0].name, res.tool_results[0].arguments) == ("shout", "hello")
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_each_template_ends_the_turn_at_its_own_turn_end(tok, reg, template):
+    """The model writes the template's turn end and then runs on into an invented next turn: the row ends
+    at the turn end (EOS, or a declared stop string such as vicuna_v0's ``###``), and neither the stop
+    string nor the invented turn is in the answer or the streamed text."""
+    spec = TEMPLATES[template]
+    turn_end = spec.turn_end if spec.turn_end is not None else tok.eos_token
+    script = tok.encode(
+        f"The forecast is rainy.{turn_end}{spec.user_next}invent more", add_special_tokens=False
+    )
+    eng = engine(tok, reg, [script + [tok.eos_token_id]], stop_strings=spec.stop_strings)
+    deltas: list[str] = []
+    stream = TextStream(tok, eng.visible_ids, lambda r, d: deltas.append(d), stop_strings=eng.stop_strings)
+    [res] = eng.generate([enc(tok, "USER: weather? ASSISTANT:")], on_tokens=stream)
+    assert res.text.strip() == "The forecast is rainy."
+    assert "".join(deltas).strip() == "The forecast is rainy."
+    assert res.finish_reason == ("stop_string" if spec.stop_strings else "eos")
+    assert "invent" not in res.raw_text  # generation really stopped there
+
+
+def test_stop_string_in_a_tool_result_does_not_end_the_row(tok, reg):
+    """Only the model's own text can end a row: a forced tool result holding ``###`` does not."""
+    script = enc(tok, '<tool_call>{"name": "shout", "arguments": {"text": "a ### b"}}</tool_call> after') + [
+        tok.eos_token_id
+    ]
+    eng = engine(tok, reg, [script], stop_strings=("###",))
+    [res] = eng.generate([enc(tok, "USER: a ASSISTANT:")])
+    assert res.tool_results[0].result == "A ### B"
+    assert res.finish_reason == "eos" and res.text.strip() == "after"
+
+
+def test_react_observation_cannot_be_a_stop_string(tok, reg):
+    with pytest.raises(ValueError, match="Observation"):
+        engine(tok, reg, [[tok.eos_token_id]], tool_format="react", stop_strings=("Observation:",))

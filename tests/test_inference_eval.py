@@ -12,6 +12,7 @@ import pytest
 
 import toollmm
 from inference_fixtures import call_text, steer
+from toollmm.inference_api import Request
 from toollmm.paths import REPO_ROOT
 
 FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"
@@ -47,7 +48,8 @@ def test_run_loads_the_checkpoint_and_scores(tiny_stage_dir, three, tmp_path, ca
     assert result["metrics"]["n"] == 3 and json.loads(capsys.readouterr().out)["metrics"] == result["metrics"]
     preds = [json.loads(x) for x in (out / "viot.predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [p["id"] for p in preds] == ["test_three-0", "test_three-1", "test_three-2"]
-    assert (out / "media").is_dir()  # the runtime's output folder sits with the results, not in the repo
+    # the runtime's output folder sits with the results (out/media), made only when a file is written
+    assert not (out / "media").exists()
 
 
 def test_steered_model_calls_are_scored_not_run(tiny_stage_dir, three, tmp_path):
@@ -83,3 +85,19 @@ def test_steered_model_calls_are_scored_not_run(tiny_stage_dir, three, tmp_path)
     assert ran == []  # teacher-forced: calls are read, never executed
     metrics = json.loads((out / "viot.json").read_text(encoding="utf-8"))["metrics"]
     assert metrics["step_action_acc"] > 0
+
+
+def test_generator_stops_at_the_v0_turn_end(tiny_stage_dir, tmp_path):
+    """``evaluate.py run``'s generator (the runtime) honours the template's stop string: a vicuna_v0 model
+    that writes ``###`` and runs on into an invented ``Human:`` turn is cut at the ``###``."""
+    rt = steer(
+        toollmm.load(
+            tiny_stage_dir, output_dir=tmp_path / "media", overrides=["model.chat_template=vicuna_v0"]
+        ),
+        [("weather?", "Rainy.\n### Human: more")],
+    )
+    prompt = {"id": "r0", "step": 0, "messages": [{"role": "user", "content": "weather?"}]}
+    [out] = rt.eval_generator("viot")([{**prompt, "stop_at_tool_call": True}])
+    assert out["text"].strip() == "Rainy." and out["errors"] == []
+    [row] = rt.generate([Request(prompt["messages"])])
+    assert row.finish_reason == "stop_string" and "more" not in row.raw_text

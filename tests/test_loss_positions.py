@@ -8,7 +8,7 @@ import torch
 
 from model_fixtures import BatchMaker, build_tiny, mixed_samples, write_tiny_llama
 from toollmm.batch import IGNORE_INDEX
-from toollmm.model.losses import lm_loss, lm_loss_at, next_token_targets
+from toollmm.model.losses import l2_alignment, lm_loss, lm_loss_at, next_token_targets
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,22 @@ def test_no_supervised_token_is_an_exact_zero_with_a_graph(llm_dir):
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert lm_loss_at(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+def test_caption_targets_keep_float32_on_a_bf16_batch(llm_dir):
+    """``Batch.to(device, bf16)`` casts media, not the L2 loss's caption targets, and the bf16 model's
+    alignment loss is measured against the float32 targets."""
+    model = build_tiny(llm_dir).to(torch.bfloat16)
+    maker = BatchMaker(model)
+    batch = maker.batch(mixed_samples(maker)[:1])
+    fp32 = batch.signal_targets["image"].embeddings
+    assert fp32.dtype == torch.float32 and not torch.equal(fp32.bfloat16().float(), fp32)
+    moved = batch.to("cpu", torch.bfloat16)
+    assert moved.media["image"].features.dtype == torch.bfloat16
+    assert moved.signal_targets["image"].embeddings.dtype == torch.float32
+    assert torch.equal(moved.signal_targets["image"].embeddings, fp32)
+    preds = []
+    model.output_proj["image"].register_forward_hook(lambda mod, args, out: preds.append(out))
+    with torch.no_grad():
+        loss = model(moved)["align_image"]
+    torch.testing.assert_close(loss, l2_alignment(preds[-1], fp32), rtol=0, atol=0)

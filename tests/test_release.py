@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ TRAINED_3 = [
 ]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 REPO_ID = "me/toollmm-tiny"
+DEMO_EVAL = Path(__file__).parent / "fixtures" / "demo_eval" / "demo.json"
 
 
 def _load_entry():
@@ -119,6 +121,8 @@ def _write_eval(out: Path) -> None:
 
     refs = Path(__file__).parent / "fixtures" / "samples" / "viot" / "test_crowd.json"
     run_benchmark("viot", [refs], lambda prompts: [{"text": "no tool needed"} for _ in prompts], out, limit=2)
+    # what `evaluate.py demo` wrote for the demo's stage 3 (a real run's eval/demo.json, trimmed examples)
+    shutil.copy(DEMO_EVAL, out / "demo.json")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +156,7 @@ def _check_folder(out: Path, base_paths: list[Path], model) -> None:
     ]
     delta = tensor_report(out / "delta.safetensors")
     assert set(delta) == set(delta_tensors(model, read_manifest(out)["parts"]))
-    adapter = tensor_report(out / "adapter" / "adapter_model.safetensors")
+    adapter = tensor_report(out / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     for rep in (delta, adapter):
         for key, v in rep.items():
@@ -230,7 +234,8 @@ def test_dry_run_lists_every_file_and_holds_no_base_weights(world, tmp_path, cap
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert _listed(text) == on_disk
     assert {"README.md", "config.json", "stage.json", "config.yaml", "delta.safetensors"} <= on_disk
-    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= on_disk
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= on_disk  # at the root: peft reads them
+    assert not any(f.startswith("adapter/") for f in on_disk)
     assert any(f.startswith("tokenizer/") for f in on_disk) and not any(
         f.startswith("merged/") for f in on_disk
     )
@@ -260,6 +265,48 @@ def test_config_manifest_and_card(world, released):
     assert all(f"| {name} | " in card for name, _ in spec.rows(result["metrics"]))
 
 
+def test_card_records_the_demo_evaluation(released):
+    """``evaluate.py demo``'s eval/demo.json goes into the card instead of "No evaluation results"."""
+    card = (released / "README.md").read_text()
+    assert "No evaluation results were recorded" not in card
+    assert "**demo held-out split** (`code/evaluate.py demo` on stage 3" in card
+    assert "| tools | tool name accuracy (%) | 85.0 | | 40 |" in card
+    assert "| tools | tool call exact (%) | 20.0 | | 40 |" in card
+    demo = json.loads(DEMO_EVAL.read_text())
+    img = demo["x2t"]["image"]
+    want = f"| image -> text | caption exact (%) | {100 * img['exact']:.1f} | {100 * img['chance']:.1f} | {img['n']} |"
+    assert want in card
+    assert "| text -> audio | caption retrieval top-1 (%) |" in card
+
+
+def test_peft_loads_the_release_as_the_hub_snippet_does(world, released):
+    """The Hub's own peft snippet: PeftConfig / PeftModel.from_pretrained(base, REPO) on the folder."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = PeftConfig.from_pretrained(str(released))
+    assert cfg.base_model_name_or_path == str(world["paths"]["llm_init"]) and cfg.r == 4
+    base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(released))
+    got = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    want = {k: v for k, v in world["model"].llm.state_dict().items() if "lora_" in k}
+    assert got and set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(float(v.abs().sum()) > 0 for k, v in got.items() if "lora_B" in k)  # the trained adapter
+
+
+def test_release_and_stage_files_respect_the_umask(world, released):
+    """Weight files were 0600 (mkstemp, safetensors) while everything else was 0644."""
+    from toollmm.model.files import file_mode
+
+    for folder in (released, world["stage"]):
+        modes = {
+            str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in folder.rglob("*") if p.is_file()
+        }
+        assert "delta.safetensors" in modes
+        assert {k: oct(v) for k, v in modes.items() if v != file_mode()} == {}
+
+
 def test_hub_ids_of_bases_and_local_copies(world, tmp_path, capsys):
     """--base-id maps every base to a Hub id (card metadata, config.yaml, adapter_config); a user with
     local copies loads it with overrides, with the same outputs."""
@@ -279,7 +326,7 @@ def test_hub_ids_of_bases_and_local_copies(world, tmp_path, capsys):
     tree = yaml.safe_load((out / "config.yaml").read_text())
     assert tree["model"]["llm"]["path"] == ids["llm"]
     assert tree["model"]["decoders"]["audio"]["path"] == ids["audio"]
-    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == ids["llm"]
     p = world["paths"]
     local = [f"model.llm.path={p['llm_init']}"]

@@ -94,7 +94,7 @@ def test_each_stage_trains_exactly_its_trainable_set(chain, stage):
     assert all(math.isfinite(v) for r in lines for k, v in r.items() if k == "loss" or k.startswith("align"))
     for name in names:  # every trainable name moved; an output projection only if it had targets
         m = name.split(".")[1] if name.startswith("output_proj.") else None
-        if m is None or any(r[f"align_{m}"] > 0 for r in lines):
+        if m is None or any(r.get(f"align_{m}", 0) > 0 for r in lines):  # absent: no targets
             assert changed & {n for n, _ in groups[name]}, f"{name} did not train"
 
 
@@ -136,10 +136,14 @@ def test_rank0_logging_files(chain, train_world):
     stage_dir = train_world.stage_dir("chain", 2)
     rows = read_jsonl(stage_dir / "metrics.jsonl")
     step_rows = [r for r in rows if "loss" in r]
-    keys = {"step", "loss", "lm", "align_image", "align_video", "align_audio", "lr", "grad_norm", "tok_s"}
+    keys = {"step", "loss", "lm", "lr", "grad_norm", "tok_s"}
     keys |= {"samples_s", "real_token_fraction", "mem_mb", "mem_peak_mb", "step_s", "epoch"}
+    align = {"align_image", "align_video", "align_audio"}
+    # a window without a modality's targets has no align_<m> key (never a 0); each one shows up somewhere
+    assert align <= {k for r in step_rows for k in r}
     for r in step_rows:
         assert keys <= set(r), keys - set(r)
+        assert all(r[k] > 0 for k in align & set(r))
         assert r["tok_s"] > 0 and r["samples_s"] > 0 and 0 < r["real_token_fraction"] <= 1
         assert r["mem_peak_mb"] >= r["mem_mb"] > 0 and r["grad_norm"] > 0
     assert any(r.get("align_image", 0) > 0 for r in step_rows)  # stage 2's alignment term is live

@@ -71,7 +71,8 @@ class Batch:
         return self.real_tokens / max(1, self.input_ids.numel())
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        """Move tensors; floating media/targets are cast to ``dtype`` when given (bf16 on GPU)."""
+        """Move tensors; floating media are cast to ``dtype`` when given (bf16 on GPU); the caption
+        embeddings of ``signal_targets`` keep their own dtype (loss targets, compared in float32)."""
 
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
@@ -87,7 +88,9 @@ class Batch:
         out.media = {
             m: MediaInputs(mv(v.features), mv(v.pixels), list(v.keys)) for m, v in self.media.items()
         }
+        # loss targets keep their precision (float32): the L2 loss compares against them in float32
         out.signal_targets = {
-            m: SignalTargets(mv(v.positions), mv(v.embeddings)) for m, v in self.signal_targets.items()
+            m: SignalTargets(mv(v.positions), v.embeddings.to(device, non_blocking=True))
+            for m, v in self.signal_targets.items()
         }
         return out

@@ -27,20 +27,35 @@ from pathlib import Path
 
 import yaml
 
+from toollmm.errors import UserError, read_text
+
 from . import configlib
 from .config import Config, Loaded, load_config
+from .model.files import respect_umask
 from .paths import CACHE_DIR, resolve
 
 log = logging.getLogger(__name__)
 
 FORMAT = "toollmm-stage/1"
 MANIFEST = "stage.json"
-LOADABLE = ("config.yaml", "tokenizer", "delta.safetensors", "adapter")
+#: a release holds the adapter's two files at its root instead of adapter/ (model.delta.adapter_dir)
+LOADABLE = (
+    "config.yaml",
+    "tokenizer",
+    "delta.safetensors",
+    "adapter",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
-class StageError(ValueError):
+class StageError(UserError, ValueError):
     """A stage folder that cannot be loaded as it is."""
+
+
+class BaseMismatchError(StageError):
+    """The base models a stage would be loaded on are not the ones it was trained on."""
 
 
 # ---------------------------------------------------------------------------------- base identity
@@ -78,6 +93,53 @@ def base_models(cfg: Config) -> dict:
         out["encoder"] = {"random_init": {"preset": m.encoder.preset, "seed": m.encoder.seed}}
     out["decoders"] = {k: base_identity(d.path) for k, d in m.decoders.items() if d.path}
     return out
+
+
+def _recorded_bases(manifest: dict, model_cfg) -> list[tuple[str, dict | None, str | None]]:
+    """(config key, identity recorded at training, path the config points at now) per base model."""
+    rec = manifest.get("base_models") or {}
+    out = [
+        ("model.llm.path", rec.get("llm"), model_cfg.llm.path),
+        ("model.encoder.checkpoint", rec.get("encoder"), model_cfg.encoder.checkpoint),
+    ]
+    for m, ident in sorted((rec.get("decoders") or {}).items()):
+        dec = model_cfg.decoders.get(m)
+        out.append((f"model.decoders.{m}.path", ident, dec.path if dec is not None else None))
+    return out
+
+
+def check_bases(manifest: dict, model_cfg, stage_dir: str | os.PathLike) -> list[str]:
+    """Refuse to load a stage on base models other than the ones it was trained on: the sha256 recorded
+    in its manifest must match the base each ``model.*`` path points at now (hashes memoised by path,
+    size and mtime, so a 13 GB base is read once). A delta on another LLM loads "fine" and writes garbage.
+    With ``model.allow_base_mismatch=true`` a mismatch is a warning. Bases given as Hub ids (nothing local
+    to hash) and bases recorded without a hash are not checked. Returns the mismatches found."""
+    problems = []
+    for key, ident, current in _recorded_bases(manifest, model_cfg):
+        want = (ident or {}).get("sha256")
+        if not want or not current:
+            continue
+        p = resolve(current)
+        if not p.exists():
+            log.debug("%s=%s: not a local path, base hash not checked", key, current)
+            continue
+        got = _hash_tree(p)
+        if got != want:
+            problems.append(
+                f"{key}={current} has sha256 {got}, but the stage was trained on sha256 {want} "
+                f"({ident.get('path') or ident.get('hub_id')})"
+            )
+    if problems:
+        msg = f"{stage_dir}: base model(s) differ from the ones this stage was trained on: " + "; ".join(
+            problems
+        )
+        if not model_cfg.allow_base_mismatch:
+            raise BaseMismatchError(
+                f"{msg}. A delta on other base weights gives garbage: point the path(s) at the bases it was "
+                "trained on, or pass model.allow_base_mismatch=true to load it anyway"
+            )
+        log.warning("%s (loading anyway: model.allow_base_mismatch=true)", msg)
+    return problems
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -165,7 +227,12 @@ def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
     if not f.is_file():
         hint = " (a save was interrupted, or this is not a stage folder)" if d.is_dir() else ""
         raise StageError(f"{d}: no {MANIFEST}{hint}")
-    manifest = json.loads(f.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(read_text(f))
+    except ValueError as e:  # not UTF-8 (names line and byte offset) or not JSON
+        raise StageError(f"{f}: not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise StageError(f"{f}: not a stage manifest (expected an object with 'format' and 'files')")
     if manifest.get("format") != FORMAT:
         raise StageError(f"{f}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if verify:
@@ -184,8 +251,23 @@ def stage_config(
     stage_dir: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
 ) -> Config:
     """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
-    then dotted overrides (e.g. inference settings)."""
+    then dotted overrides (e.g. inference settings). ``model.allow_base_mismatch`` is never taken from
+    the saved config: only a layer given here allows a base mismatch."""
     return load_stage_config(stage_dir, overrides, config_files, pinned=()).config
+
+
+def _saved_tree(d: Path) -> dict:
+    """The folder's saved config.yaml, less what a checkpoint may not decide for the user."""
+    tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+    saved_imports = (tree.get("inference") or {}).pop("tool_imports", None)
+    if saved_imports:  # which code to import is the user's choice, never the checkpoint's
+        log.warning(
+            "%s: ignoring inference.tool_imports %s saved with the checkpoint; pass it again to use it",
+            d / "config.yaml",
+            saved_imports,
+        )
+    (tree.get("model") or {}).pop("allow_base_mismatch", None)  # a permission for one load only
+    return tree
 
 
 def load_stage_config(
@@ -206,10 +288,14 @@ def load_stage_config(
         pinned += [(o, "local copy of a Hub base") for o in local_base_overrides(d)]
     if not (d / "config.yaml").is_file():
         raise StageError(f"{d}: no config.yaml (not a stage or release folder)")
+    try:
+        source = str(d.resolve().relative_to(resolve(".")) / "config.yaml")
+    except ValueError:
+        source = str(d / "config.yaml")
     return load_config(
         config_files=list(config_files),
         overrides=list(overrides),
-        base=d / "config.yaml",
+        base=(_saved_tree(d), source),
         pinned=list(pinned),
     )
 
@@ -241,13 +327,15 @@ def load_stage(
 ) -> LoadedStage:
     """THE loader: a stage or release folder (or a Hub id of a release) -> ready model. ``config_files``
     and ``overrides`` are layered on the saved config (inference and decoder settings; a changed
-    architecture fails the strict delta load)."""
+    architecture fails the strict delta load). Base models other than the ones the stage was trained on
+    are refused (:func:`check_bases`) unless ``model.allow_base_mismatch=true``."""
     from .model.toollmm_model import build_model
 
     d = _local_folder(path_or_id)
     manifest = read_manifest(d, verify=verify)
     # the folder's tokenizer, Hub ids of known bases -> their pretrained_checkpoint/ copies, then the caller's
     cfg = load_stage_config(d, overrides, config_files).config
+    check_bases(manifest, cfg.model, d)
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)
@@ -310,6 +398,7 @@ def export_llm(model, out_dir: str | os.PathLike, *, dtype=None, copy: bool = Tr
         llm.to(dtype)
     llm.save_pretrained(str(tmp))
     model.bundle.tokenizer.save_pretrained(str(tmp))
+    respect_umask(tmp)  # safetensors writes 0600
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log.info("exported the LLM to %s", out)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from . import configlib
 from .configlib import ConfigError, opt
-from .paths import CONFIG_DIR, resolve
+from .paths import CONFIG_DIR, cli_config_file, resolve
 
 Modality = Literal["image", "video", "audio"]
 MODALITIES: tuple[str, ...] = ("image", "video", "audio")
@@ -104,6 +104,7 @@ class PreprocessConfig:
 class FeatureCacheConfig:
     enabled: bool = opt(True, "cache encoder outputs on disk; stages read them instead of re-encoding")
     dir: str = opt(".cache/features", "cache root (shared by ranks; atomic writes)")
+    batch_size: int = opt(16, "media per encoder forward when filling the cache")
 
 
 @dataclass
@@ -222,6 +223,12 @@ class ModelConfig:
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "default system message (Vicuna's)",
+    )
+    allow_base_mismatch: bool = opt(
+        False,
+        "load a stage (toollmm.load, train.init_from) on base models whose sha256 differs from the ones it was "
+        "trained on (recorded in its stage.json), with a warning instead of an error; the result is usually "
+        "garbage. Applies to this run or load only: never inherited from a saved stage folder",
     )
 
     def check(self) -> list[str]:
@@ -386,6 +393,25 @@ class InferenceConfig:
 
 
 @dataclass
+class ServeConfig:
+    max_batch_size: int = opt(8, "code/serve.py: most requests decoded together in one generate call")
+    batch_wait_ms: float = opt(
+        50.0,
+        "code/serve.py: the longest a request waits for batch-mates before its batch starts "
+        "(only while other clients are active; a lone client never waits)",
+    )
+    batched_decode: bool = opt(
+        True,
+        "decode a batch's rows in one forward per step (each row its own KV-cache row); "
+        "false = one forward per row",
+    )
+    media_root: str | None = opt(
+        None, "folder that file paths in image_url / video_url parts must stay inside (none: data: URLs only)"
+    )
+    max_request_mb: float = opt(64.0, "a request body larger than this is refused (413)")
+
+
+@dataclass
 class Config:
     run: RunConfig = opt(factory=RunConfig, help="run identity")
     model: ModelConfig = opt(factory=ModelConfig, help="architecture and checkpoint paths")
@@ -393,6 +419,12 @@ class Config:
     train: TrainConfig = opt(factory=TrainConfig, help="what trains and how")
     logging: LoggingConfig = opt(factory=LoggingConfig, help="metrics and trackers")
     inference: InferenceConfig = opt(factory=InferenceConfig, help="generation and tools")
+    serve: ServeConfig = opt(factory=ServeConfig, help="the OpenAI-compatible server (code/serve.py)")
+    vars: dict[str, str] = opt(
+        factory=dict,
+        help="named values for `${vars.NAME}` references in other values (any value may be referred to as"
+        " `${dotted.key}`, e.g. `${run.output_root}/${run.name}/cache`)",
+    )
 
 
 # -------------------------------------------------------------------------------------- loading
@@ -416,7 +448,7 @@ def load_config(
     stage: int | None = None,
     config_files: list[str | Path] = (),
     overrides: list[str] = (),
-    base: str | Path | None = None,
+    base: str | Path | tuple[dict, str] | None = None,
     pinned: list[tuple[str, str]] = (),
 ) -> Loaded:
     """Resolve the layered configuration (see module docstring). ``base`` replaces config/model.yaml (a
@@ -425,8 +457,11 @@ def load_config(
     tree: dict = {}
     sources: dict[str, str] = {}
     layers: list[tuple[dict, str]] = []
-    base_path = Path(resolve(base)) if base else CONFIG_DIR / "model.yaml"
-    layers.append((configlib.load_yaml(base_path), _rel(base_path)))
+    if isinstance(base, tuple):  # (tree, source): a saved config already read (and screened) by the caller
+        layers.append(base)
+    else:
+        base_path = Path(resolve(base)) if base else CONFIG_DIR / "model.yaml"
+        layers.append((configlib.load_yaml(base_path), _rel(base_path)))
     layers += [(configlib.parse_override(o), source) for o, source in pinned]
     if stage is not None:
         p = CONFIG_DIR / f"stage_{stage}.yaml"
@@ -468,7 +503,9 @@ def add_config_args(parser: argparse.ArgumentParser, example: str = "train.optim
         action="append",
         default=[],
         metavar="FILE",
-        help="extra YAML layer (repeatable, in order)",
+        type=cli_config_file,
+        help="extra YAML layer (repeatable, in order; the file is taken from the current directory, the"
+        " relative paths inside it from the repo root)",
     )
     parser.add_argument(
         "--print-config",

@@ -4,11 +4,16 @@
 * Layers are merged as raw trees (later wins, dicts merge by key, lists replace), each leaf remembering
   which file or override set it; then the tree is turned into the dataclasses in one pass that
   collects EVERY problem (unknown key, wrong type, bad choice, failed cross-field check) before raising.
+* A string value may refer to another value as ``${dotted.key}`` (e.g. ``${run.output_root}/${run.name}/cache``);
+  references are substituted after building, from the final values (defaults included), so a later layer
+  or override of the referenced key moves every value that refers to it. Unknown keys and cycles are
+  problems like any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,10 +21,12 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from toollmm.errors import NotUtf8, UserError, read_text
+
 MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Raised with every problem found, one per line."""
 
     def __init__(self, problems: list[str]):
@@ -48,8 +55,9 @@ def _deepcopy(x: Any) -> Any:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f)
+        tree = yaml.safe_load(read_text(path))
+    except NotUtf8 as e:
+        raise ConfigError([str(e)]) from None
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
     except yaml.YAMLError as e:
@@ -112,10 +120,87 @@ def build(cls: type, tree: dict, sources: dict[str, str] | None = None) -> Any:
     problems: list[str] = []
     obj = _build_dc(cls, tree, "", sources or {}, problems)
     if not problems:
+        interpolate(obj, sources or {}, problems)
+    if not problems:
         _check(obj, "", problems)
     if problems:
         raise ConfigError(problems)
     return obj
+
+
+REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
+
+
+def _lookup(root: Any, dotted: str) -> Any:
+    node = root
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def interpolate(root: Any, sources: dict[str, str], problems: list[str]) -> None:
+    """Substitute every ``${dotted.key}`` in the string values of ``root`` (in place; see module doc)."""
+    done: dict[str, str] = {}
+
+    def value_of(key: str, stack: tuple[str, ...], dotted: str) -> str | None:
+        if key in stack:
+            problems.append(f"{dotted}: ${{{key}}} refers to itself ({' -> '.join((*stack, key))})")
+            return None
+        if key in done:
+            return done[key]
+        try:
+            v = _lookup(root, key)
+        except KeyError:
+            problems.append(f"{dotted}: ${{{key}}} names no config value{_where(dotted, sources)}")
+            return None
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            problems.append(f"{dotted}: ${{{key}}} is {v!r}, not a string or number{_where(dotted, sources)}")
+            return None
+        out = substitute(str(v), (*stack, key), key) if isinstance(v, str) else str(v)
+        if out is not None:
+            done[key] = out
+        return out
+
+    def substitute(text: str, stack: tuple[str, ...], dotted: str) -> str | None:
+        ok = True
+
+        def one(m: re.Match) -> str:
+            nonlocal ok
+            got = value_of(m.group(1), stack, dotted)
+            ok = ok and got is not None
+            return got if got is not None else m.group(0)
+
+        out = REF.sub(one, text)
+        return out if ok else None
+
+    def walk(node: Any, dotted: str, setter) -> None:
+        if isinstance(node, str):
+            if "${" in node:
+                new = substitute(node, (dotted,), dotted)
+                if new is not None:
+                    setter(new)
+        elif dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                walk(
+                    getattr(node, f.name),
+                    f"{dotted}.{f.name}".lstrip("."),
+                    lambda v, n=node, k=f.name: setattr(n, k, v),
+                )
+        elif isinstance(node, dict):
+            for k in list(node):
+                walk(node[k], f"{dotted}.{k}", lambda v, n=node, k=k: n.__setitem__(k, v))
+        elif isinstance(node, list):
+            for i in range(len(node)):
+                walk(node[i], f"{dotted}[{i}]", lambda v, n=node, i=i: n.__setitem__(i, v))
+
+    walk(root, "", lambda v: None)
 
 
 def _where(dotted: str, sources: dict[str, str]) -> str:

@@ -9,8 +9,9 @@ A release folder IS a stage folder (``toollmm.load`` reads it like any other) pl
     config.yaml         the saved config with each base model by Hub id where it has one
     tokenizer/          base tokenizer + toollmm's added tokens + chat template
     delta.safetensors   input/output projections + new-token rows (never the base vocabulary)
-    adapter/            the LoRA adapter in peft's format (``PeftModel.from_pretrained(base, folder,
-                        subfolder="adapter")``); base_model_name_or_path = the LLM's Hub id
+    adapter_config.json the LoRA adapter in peft's format AT THE ROOT (a stage folder's adapter/), so
+    adapter_model.safetensors   ``PeftConfig.from_pretrained(repo)`` / ``PeftModel.from_pretrained(base,
+                        repo)`` (the Hub's peft snippet) work; base_model_name_or_path = the LLM's Hub id
     merged/             only with ``merge=True``: the whole LLM, LoRA and token rows merged in
 
 Base models: see :mod:`toollmm.hub_bases` (how the released config names them).
@@ -30,6 +31,7 @@ import yaml
 from . import __version__
 from .checkpoint import MANIFEST, _file_hashes, read_manifest
 from .hub_bases import ReleaseError, describe_bases, released_config
+from .model.files import respect_umask
 from .paths import resolve
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def release_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
 
 
 def _copy_adapter(src: Path, dst: Path, base_ref: str) -> None:
-    dst.mkdir(parents=True)
+    dst.mkdir(parents=True, exist_ok=True)
     missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
     if missing:
         raise ReleaseError(f"{src}: the delta lists part 'lora' but {missing} is missing")
@@ -118,6 +120,7 @@ def build_release(
         if merge:
             write_merged(src, tmp / "merged", merge_dtype)
         write_card(tmp, src, config, license=license, datasets=list(datasets))
+        respect_umask(tmp)  # copies of 0600 files (older stage folders, safetensors) readable as usual
         release = Release(tmp, repo_id, release_files(tmp), bases)
         check_release(release)
     except BaseException:
@@ -132,12 +135,14 @@ def build_release(
 
 def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dict, repo_id: str) -> dict:
     """The stage-folder part (tokenizer, delta, adapter, config.yaml, stage.json) and config.json."""
+    from .model.delta import adapter_dir
     from .tokens import GROUPS, TokenIds
 
     shutil.copytree(src / "tokenizer", tmp / "tokenizer")
     shutil.copy2(src / "delta.safetensors", tmp / "delta.safetensors")
-    if (src / "adapter").is_dir():
-        _copy_adapter(src / "adapter", tmp / "adapter", bases["llm"]["ref"] or bases["llm"]["name"])
+    adapter = adapter_dir(src)  # a stage folder's adapter/ (or a release's root)
+    if (adapter / "adapter_config.json").is_file():  # to the root: what peft and the Hub's snippet read
+        _copy_adapter(adapter, tmp, bases["llm"]["ref"] or bases["llm"]["name"])
     released = released_config(tree, bases)
     (tmp / "config.yaml").write_text(yaml.safe_dump(released, sort_keys=False), encoding="utf-8")
     public = {r: {k: v for k, v in b.items() if k != "trained_with"} for r, b in bases.items()}
@@ -201,10 +206,7 @@ def check_release(release: Release) -> None:
         name = Path(rel).name
         if rel.startswith("merged/"):
             continue
-        if name.endswith(WEIGHT_SUFFIXES) and rel not in (
-            "delta.safetensors",
-            "adapter/adapter_model.safetensors",
-        ):
+        if name.endswith(WEIGHT_SUFFIXES) and rel not in ("delta.safetensors", "adapter_model.safetensors"):
             problems.append(
                 f"{rel}: a weight file that is not part of a delta (base weights are never released)"
             )
@@ -214,10 +216,10 @@ def check_release(release: Release) -> None:
     problems += [
         f"delta.safetensors: {k} is not a delta key" for k in delta if not k.startswith(DELTA_PREFIXES)
     ]
-    adapter = d / "adapter" / "adapter_model.safetensors"
+    adapter = d / "adapter_model.safetensors"
     reports = {"delta.safetensors": delta}
     if adapter.is_file():
-        reports["adapter/adapter_model.safetensors"] = rep = tensor_report(adapter)
+        reports["adapter_model.safetensors"] = rep = tensor_report(adapter)
         problems += [f"adapter: {k} is not a LoRA weight" for k in rep if "lora_" not in k]
         b = [v for k, v in rep.items() if "lora_B" in k]
         if b and all(v["all_zero"] for v in b):
@@ -266,12 +268,30 @@ def upload(release_dir: str | os.PathLike, repo_id: str, *, private: bool = Fals
         api = HfApi()
     folder = Path(release_dir)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        delete_patterns="*",
-        commit_message=f"toollmm {cfg['toollmm_version']} release (stage {cfg['stage']})",
-    )
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            delete_patterns="*",
+            commit_message=f"toollmm {cfg['toollmm_version']} release (stage {cfg['stage']})",
+        )
+    except Exception as e:
+        if not _network_error(e):
+            raise
+        raise ReleaseError(
+            f"upload of {folder} to {repo_id} failed: {type(e).__name__}: {e} "
+            "(the folder is complete; rerun release.py to retry)"
+        ) from e
     return str(url)
+
+
+def _network_error(e: Exception) -> bool:
+    """A failure of the network or the Hub (connection, HTTP status, timeout), not a bug of ours: an
+    ``OSError`` or an exception of the HTTP stack huggingface_hub runs on (httpx or its fork, requests)."""
+    if isinstance(e, OSError):
+        return True
+    stack = ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub.errors")
+    return any(c.__module__.split(".")[0].rstrip("0123456789") in stack or c.__module__ in stack
+               for c in type(e).__mro__)  # fmt: skip

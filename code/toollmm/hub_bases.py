@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from toollmm.errors import UserError
+
 from .paths import REPO_ROOT, resolve
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 ROLES = ("llm", "encoder", "image", "video", "audio")
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError, ValueError):
     """A checkpoint that cannot be released as it is, or a release folder that breaks a rule."""
 
 

@@ -88,17 +88,66 @@ def _stages_md(history: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def _pct(v) -> str:
+    return f"{100 * float(v):.1f}" if isinstance(v, (int, float)) else "-"
+
+
+def demo_table(result: dict) -> str:
+    """The held-out metrics of ``evaluate.py demo`` (``eval/demo.json``) as a Markdown table."""
+    rows = ["| task | metric | value | chance / baseline | n |", "|---|---|---:|---:|---:|"]
+    tools = result.get("tools") or {}
+    if tools:
+        n = tools.get("n", "-")
+        rows.append(f"| tools | tool name accuracy (%) | {_pct(tools.get('tool_name_accuracy'))} | | {n} |")
+        rows.append(f"| tools | tool call exact (%) | {_pct(tools.get('tool_call_exact'))} | | {n} |")
+        for name, v in sorted((tools.get("per_tool_exact") or {}).items()):
+            rows.append(f"| tools | {name}: call exact (%) | {_pct(v)} | | |")
+    for modality, r in (result.get("x2t") or {}).items():
+        if not isinstance(r, dict) or "exact" not in r:
+            continue
+        n = r.get("n", "-")
+        rows.append(
+            f"| {modality} -> text | caption exact (%) | {_pct(r['exact'])} | {_pct(r.get('chance'))} | {n} |"
+        )
+        for attr, a in (r.get("per_attribute") or {}).items():
+            rows.append(
+                f"| {modality} -> text | {attr} (%) | {_pct(a.get('acc'))} | {_pct(a.get('chance'))} | {n} |"
+            )
+    t2x = result.get("t2x") or {}
+    for modality, r in (t2x.get("per_modality") or {}).items():
+        n = r.get("n", "-")
+        l2, mean = r.get("l2"), r.get("mean_predictor")
+        if isinstance(l2, (int, float)):
+            base = f"{mean:.3f} (mean predictor)" if isinstance(mean, (int, float)) else "-"
+            rows.append(f"| text -> {modality} | signal alignment L2 | {l2:.3f} | {base} | {n} |")
+        rows.append(
+            f"| text -> {modality} | caption retrieval top-1 (%) | {_pct(r.get('retrieval_top1'))} "
+            f"| {_pct(r.get('retrieval_chance'))} | {n} |"
+        )
+    return "\n".join(rows)
+
+
 def eval_tables(stage_dir: str | Path) -> list[str]:
-    """One Markdown table per ``eval/<benchmark>.json`` written by ``code/evaluate.py``."""
+    """One Markdown table per ``eval/<benchmark>.json`` written by ``code/evaluate.py run`` / ``score``,
+    and the held-out table of ``eval/demo.json`` (``code/evaluate.py demo``)."""
     from .eval import BENCHMARKS
 
     tables = []
     for f in sorted((Path(stage_dir) / "eval").glob("*.json")):
         try:
             result = json.loads(f.read_text(encoding="utf-8"))
+            if f.name == "demo.json" and "benchmark" not in result:
+                tables.append(
+                    f"**demo held-out split** (`code/evaluate.py demo` on stage {result.get('stage')}: "
+                    "greedy generation on records unseen in training)\n\n" + demo_table(result)
+                )
+                continue
             spec = BENCHMARKS[result["benchmark"]]
+            if result.get("metrics") is None:
+                log.warning("%s: a run that computed no metrics (requests not run), left out of the card", f)
+                continue
             rows = spec.rows(result["metrics"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("%s: not an evaluate.py result, left out of the card (%s)", f, e)
             continue
         head = ["| |", *(f" {c} |" for c in spec.columns)]
@@ -116,7 +165,15 @@ def eval_tables(stage_dir: str | Path) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         mode = result.get("mode", "scored predictions")
         limit = f", first {result['limit']} records" if result.get("limit") else ""
-        tables.append(f"**{spec.name}** ({spec.doc}; {mode}{limit}; metrics in %)\n\n" + "\n".join(lines))
+        skipped = [
+            f"{info['count']} of {info['of']} {what} excluded"
+            for key, what in (("not_run", "requests not run"), ("missing", "references without a prediction"))
+            if (info := result.get(key) or {}).get("count")
+        ]
+        note = f"; {', '.join(skipped)}" if skipped else ""
+        tables.append(
+            f"**{spec.name}** ({spec.doc}; {mode}{limit}{note}; metrics in %)\n\n" + "\n".join(lines)
+        )
     return tables
 
 
@@ -136,7 +193,7 @@ print(result.text, result.tool_results, result.signals)
 
 def peft_snippet(repo_id: str, llm_ref: str, lora: bool) -> str:
     adapter = (
-        'model = PeftModel.from_pretrained(base, folder, subfolder="adapter").eval()'
+        "model = PeftModel.from_pretrained(base, folder).eval()"
         if lora
         else "model = base.eval()  # this release has no LoRA adapter"
     )
@@ -166,7 +223,7 @@ with safe_open(os.path.join(folder, "delta.safetensors"), "pt") as f, torch.no_g
         emb[ids] = f.get_tensor(f"token_rows.embed.{{group}}").to(emb.dtype)
         if f"token_rows.head.{{group}}" in f.keys():  # untied lm_head
             head[ids] = f.get_tensor(f"token_rows.head.{{group}}").to(head.dtype)
-# 3. the LoRA adapter (peft format, in the adapter/ subfolder)
+# 3. the LoRA adapter (peft format: adapter_config.json + adapter_model.safetensors at the root)
 {adapter}
 messages = [{{"role": "user", "content": "Hello! What can you do?"}}]
 prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -214,6 +271,8 @@ def _files_md(folder: Path) -> str:
         "stage.json": "the loader's manifest (sha256 of every loadable file)",
         "config.yaml": "the full training/inference config, base models by Hub id where they have one",
         "delta.safetensors": "input projection, output projections, new-token embedding and lm_head rows",
+        "adapter_config.json": "LoRA adapter config (peft format; `PeftConfig.from_pretrained(REPO)`)",
+        "adapter_model.safetensors": "LoRA adapter weights (peft format; `PeftModel.from_pretrained(base, REPO)`)",
     }
     rows = ["| file | what | size |", "|---|---|---|"]
     groups: dict[str, int] = {}
@@ -234,7 +293,7 @@ def _files_md(folder: Path) -> str:
 
 def card_text(folder: Path, stage_dir: Path, config: dict, license: str, datasets: list[str]) -> str:
     bases = config["base_models"]
-    repo_id, lora = config["repo_id"], (folder / "adapter").is_dir()
+    repo_id, lora = config["repo_id"], (folder / "adapter_config.json").is_file()
     llm = bases["llm"]
     history = stage_history(stage_dir)
     evals = eval_tables(stage_dir)
@@ -268,8 +327,10 @@ def card_text(folder: Path, stage_dir: Path, config: dict, license: str, dataset
         "The sha256 above identify the exact weights this delta was trained against.",
         "## Usage\n\nWith toollmm (clone the toollmm repository and run `bash scripts/setup.sh`):\n\n"
         + toollmm_snippet(repo_id),
-        "With transformers and peft only (the LLM part):\n\n"
-        + peft_snippet(repo_id, llm.get("ref") or llm["name"], lora),
+        "With transformers and peft only (the LLM part). The adapter files sit at the root in peft's format, "
+        "so `PeftConfig.from_pretrained(REPO)` and the Hub's own peft snippet load; that snippet puts the "
+        "LoRA on the base LLM only, without toollmm's new tokens (their rows are in `delta.safetensors`), so "
+        "use this one:\n\n" + peft_snippet(repo_id, llm.get("ref") or llm["name"], lora),
     ]
     if (folder / "merged").is_dir():
         parts.append(

@@ -28,7 +28,7 @@ from .batch import MediaInputs
 from .checkpoint import LoadedStage, load_stage
 from .infer.output import TextStream, error_output, output_dict, row_media
 from .infer.session import MEDIA_KEYS, ChatSession
-from .paths import CONFIG_DIR, OUTPUTS_DIR, REPO_ROOT, resolve
+from .paths import CONFIG_DIR, OUTPUTS_DIR, resolve
 from .tokens import MODALITIES
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,19 @@ class Runtime:
         self.tokenizer = stage.tokenizer
         self.load_s = load_s
         inf = self.cfg.inference
+        # created by the first file written into it (media, tool outputs): a text-only request leaves no
+        # empty outputs/inference/<time>/ behind
         self.output_dir = Path(resolve(output_dir)) if output_dir else default_output_dir()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.renderer = Renderer.from_config(self.cfg, self.tokenizer)
         self.sink = MediaSink(self.output_dir, inf.seed)
         self.decoders = DecoderPool(self.cfg.model.decoders)
         self.decoder = (
             SignalDecoder(self.model, self.decoders, self.sink) if self.decoders.enabled() else None
         )
+        from .agent.sandbox import Workspace
+
         ws = workspace if workspace is not None else (inf.workspace or self.output_dir)
+        ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)  # made when a tool runs
         self.registry = registry if registry is not None else Registry.from_config(inf, ws)
         self._signal_hook = signal_hook if signal_hook is not None else self.decoder
         self.set_step_model(step_model if step_model is not None else ToolLMMStepModel(self.model))
@@ -115,7 +119,12 @@ class Runtime:
         from .agent.engine import Engine
 
         self.step_model = step_model
-        self._engine_args = dict(tool_format=self.cfg.model.tool_format, contract=self.model.bundle.contract)
+        self._engine_args = dict(
+            tool_format=self.cfg.model.tool_format,
+            contract=self.model.bundle.contract,
+            # the template's turn-end text (vicuna_v0: "###"); ReAct's "Observation:" runs the action instead
+            stop_strings=self.renderer.fmt.template.stop_strings,
+        )
         self.engine = Engine(
             step_model,
             self.tokenizer,
@@ -202,7 +211,10 @@ class Runtime:
             stream = None
             if on_text is not None:
                 stream = TextStream(
-                    self.tokenizer, self.engine.visible_ids, lambda k, d: on_text(ready[k][0], d)
+                    self.tokenizer,
+                    self.engine.visible_ids,
+                    lambda k, d: on_text(ready[k][0], d),
+                    stop_strings=self.engine.stop_strings,
                 )
             results = self.engine.generate(
                 [p for _, p, _ in ready],
@@ -270,16 +282,22 @@ class Runtime:
     def eval_generator(self, benchmark: str, media_root: str | Path | None = None):
         """``generate(prompts) -> outputs`` for ``toollmm.eval.run`` (``evaluate.py run``): prompt records
         in, ``--batch`` outputs back, each row stopping at its first tool call (not run) when the prompt
-        sets ``stop_at_tool_call``. Relative media paths are taken from ``media_root`` (default: the repo
-        root)."""
-        root = Path(media_root) if media_root else REPO_ROOT
+        sets ``stop_at_tool_call``. Relative media paths are taken from ``media_root`` (default: the
+        current directory; ``evaluate.py run`` passes absolute paths). A request that cannot run at all
+        (media not found, unrenderable prompt) comes back with ``not_run``: the reason."""
+        root = Path(media_root) if media_root else Path.cwd()
         log.info(
             "%s: generating with %s (tool_format %s)", benchmark, self.stage.path, self.cfg.model.tool_format
         )
 
         def generate(prompts: list[dict]) -> list[dict]:
             reqs = [Request.from_record(p, root) for p in prompts]
-            return self.run(reqs, stop_at_tool_call=[bool(p.get("stop_at_tool_call")) for p in prompts])
+            stops = [bool(p.get("stop_at_tool_call")) for p in prompts]
+            outs, rows = self.run_rows(reqs, stop_at_tool_call=stops)
+            return [
+                {**o, "not_run": "; ".join(o["errors"]) or "not run"} if row is None else o
+                for o, row in zip(outs, rows)
+            ]
 
         return generate
 

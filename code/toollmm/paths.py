@@ -1,8 +1,13 @@
-"""The one place that knows where the repository is.
+"""The one place that knows where the repository is, and how a relative path is read.
 
-Every relative path in a config resolves against ``REPO_ROOT`` (never the working directory), so
-``python code/train.py`` behaves the same from any folder. ``TOOLLMM_HOME`` overrides the root for
-installs outside a checkout.
+* Paths inside our config files (``config/*.yaml``, ``--config`` layers, the config saved with a stage
+  folder) and in ``key=value`` overrides are config values: relative ones resolve against ``REPO_ROOT``
+  (:func:`resolve`), never the working directory, so a config means the same from any folder.
+  ``TOOLLMM_HOME`` overrides the root for installs outside a checkout.
+* Paths a user types as a command-line flag (``--image``, ``--output-dir``, ``--config``, ...) resolve
+  against the current directory, as every CLI does: entry points parse them with :func:`cli_path` (or
+  :func:`cli_checkpoint` where a Hub id is also accepted) into absolute paths. Flag defaults that name
+  the repo's own folders (``data/demo``, ``outputs/demo``) are given as repo paths (:func:`repo_default`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,43 @@ def resolve(path: str | os.PathLike | None) -> Path | None:
         return None
     p = Path(os.path.expanduser(str(path)))
     return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+def cli_path(text: str) -> str:
+    """A path typed on the command line, absolute against the current directory (``~`` expanded)."""
+    return os.path.abspath(os.path.expanduser(str(text)))
+
+
+def cli_checkpoint(text: str) -> str:
+    """``--checkpoint``: a local folder (absolute against the current directory) or a Hub id ``owner/name``
+    (kept as it is when no such local folder exists)."""
+    raw = str(text)
+    local = cli_path(raw)
+    hub_like = raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not raw.endswith("/")
+    return raw if hub_like and not os.path.exists(local) else local
+
+
+def cli_config_file(text: str) -> str:
+    """``--config FILE``: absolute against the current directory; a file missing there but present in the
+    repo is named in the error (a config layer is a file you point at, like any CLI argument)."""
+    import argparse
+
+    path = cli_path(text)
+    if (
+        not os.path.isfile(path)
+        and not os.path.isabs(os.path.expanduser(text))
+        and (REPO_ROOT / text).is_file()
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{path}: not found (files on the command line are taken from the current directory;"
+            f" the repo's file is {REPO_ROOT / text})"
+        )
+    return path
+
+
+def repo_default(rel: str) -> str:
+    """A flag default naming a folder of this repo (absolute, so it is not re-read against the cwd)."""
+    return str(REPO_ROOT / rel)
 
 
 def ensure_torch_extensions_dir() -> Path:

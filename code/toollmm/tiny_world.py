@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .model.files import respect_umask
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,7 @@ def write_llm(
     out = Path(out_dir)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
+    respect_umask(out)  # safetensors writes 0600
     return out
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from toollmm.errors import UserError
+
 MODALITIES = ("image", "video", "audio")
 PLACEHOLDER = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 PLACEHOLDER_TO_MODALITY = {v: k for k, v in PLACEHOLDER.items()}
@@ -38,7 +40,7 @@ PLACEHOLDER_RE = re.compile(r"<(image|video|audio)>")
 GROUPS = ("placeholder", "signal", "tool")
 
 
-class TokenContractError(ValueError):
+class TokenContractError(UserError, ValueError):
     """A tokenizer does not hold the tokens (or ids) this contract needs."""
 
 

@@ -13,13 +13,21 @@ and ``<tool_result>`` / ``</tool_result>`` are banned from sampling). A row is i
   token, EOS, max tokens) is force-completed (``partial_signal: complete``) or reported and dropped
   (``report``) — NExT-GPT asserted here (#30, #66).
 
+``stop_strings`` (the chat template's, e.g. vicuna_v0's ``###``) end a row like EOS (finish reason
+``stop_string``) when the model's own text — never a forced tool result or signal span — comes to contain
+one; the answer ``text`` is cut before it (trailing whitespace dropped), ``raw_text`` keeps it.
+
 Nothing the model writes can crash the engine: every problem lands in the row's ``errors``. Limits:
 ``max_new_tokens`` sampled tokens, ``max_tool_steps`` call attempts, ``max_repeated_calls`` identical calls.
 
 Per call, ``generate`` also takes ``on_tokens(row, ids)`` (every token a row appends, sampled or forced: the
 streaming hook), a ``signal_hook`` for this call only, and ``stop_at_tool_call`` (per row): the row ends
 right after its first tool call, which is parsed and reported (``result`` None) but NOT run — the
-benchmarks' teacher-forced protocol.
+benchmarks' teacher-forced protocol. ``options`` (per row, ``RowOptions``) give a row its own sampling
+(temperature, top-p and a seed of its own, so its tokens do not depend on the other rows), token budget,
+extra banned ids, a prefix it must start with (e.g. ``<tool_call>``), stop strings of its own (added to the
+template's; finish ``stop_string``) and a
+``cancelled()`` probe (finish ``cancelled``: a client that went away frees its row).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,9 +52,24 @@ from .sampling import Sampler
 from .sandbox import truncate
 from .state import RowResult, RowState, SignalEvent, Span
 
-__all__ = ["Engine", "RowResult", "SignalEvent"]
+__all__ = ["Engine", "RowOptions", "RowResult", "SignalEvent"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RowOptions:
+    """Per-row settings of one ``generate`` call (None = the engine's ``InferenceConfig`` value)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None  # the row's own sampling generator
+    max_new_tokens: int | None = None
+    banned: Sequence[int] = ()  # ids this row may never sample (e.g. ``<tool_call>`` for tool_choice none)
+    prefix: Sequence[int] = ()  # ids the row starts with, taken as if sampled (e.g. a forced tool call)
+    stop: Sequence[str] = ()  # visible text that ends the row (finish_reason ``stop``)
+    cancelled: Callable[[], bool] | None = None  # probed every step; True ends the row (``cancelled``)
+    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -58,6 +83,7 @@ class Engine:
         tool_format: str = "tokens",
         contract: TokenContract | None = None,
         signal_hook: SignalHook | None = None,
+        stop_strings: Sequence[str] = (),
     ):
         if tool_format not in ("tokens", "react"):
             raise ValueError(f"tool_format must be 'tokens' or 'react', got {tool_format!r}")
@@ -73,6 +99,9 @@ class Engine:
         self.sampler = Sampler(self.cfg.temperature, self.cfg.top_p, self.cfg.seed, banned)
         self.text = ForcedText(tokenizer, self.ids)
         self.max_append = getattr(model, "max_append", None)
+        self.stop_strings = tuple(x for x in stop_strings if x)
+        if self.react and "Observation:" in self.stop_strings:
+            raise ValueError("stop_strings: 'Observation:' runs the ReAct action, it cannot also end the row")
 
     # ------------------------------------------------------------------------------ main loop
     def generate(
@@ -83,6 +112,7 @@ class Engine:
         on_tokens: Callable[[int, list[int]], None] | None = None,
         signal_hook: SignalHook | None = None,
         stop_at_tool_call: bool | Sequence[bool] = False,
+        options: Sequence[RowOptions | None] | None = None,
     ) -> list[RowResult]:
         t0 = time.perf_counter()
         stops = (
@@ -90,7 +120,12 @@ class Engine:
         )
         if len(stops) != len(prompts):
             raise ValueError(f"stop_at_tool_call: {len(stops)} flags for {len(prompts)} prompts")
+        opts = list(options) if options is not None else [None] * len(prompts)
+        if len(opts) != len(prompts):
+            raise ValueError(f"options: {len(opts)} entries for {len(prompts)} prompts")
         rows = [RowState(i, len(p), stop_at_call=bool(s)) for i, (p, s) in enumerate(zip(prompts, stops))]
+        for r, o in zip(rows, opts):
+            self._apply_options(r, o)
         hook = signal_hook if signal_hook is not None else self.signal_hook
         state, out = self.model.start([list(p) for p in prompts], media)
         model_s = time.perf_counter() - t0
@@ -98,6 +133,8 @@ class Engine:
             starts = [len(r.gen) for r in rows]
             appends = []
             for r in rows:
+                if not r.finish_reason and r.cancelled is not None and r.cancelled():
+                    self._finish(r, "cancelled", t0)
                 toks = [] if r.finish_reason else self._advance(r, out.logits[r.index], t0)
                 if not toks and not r.finish_reason:  # defensive: a row must progress or finish
                     self._finish(r, "error", t0, "internal: the row made no progress")
@@ -115,16 +152,38 @@ class Engine:
                         on_tokens(r.index, list(toks))
         return [self._result(r, model_s) for r in rows]
 
+    def _apply_options(self, row: RowState, o: RowOptions | None) -> None:
+        row.max_new_tokens = self.cfg.max_new_tokens
+        row.stop = self.stop_strings
+        if o is None:
+            return
+        if o.max_new_tokens is not None:
+            row.max_new_tokens = int(o.max_new_tokens)
+        if any(x is not None for x in (o.temperature, o.top_p, o.seed)) or o.banned:
+            row.sampler = Sampler(
+                self.cfg.temperature if o.temperature is None else o.temperature,
+                self.cfg.top_p if o.top_p is None else o.top_p,
+                self.cfg.seed if o.seed is None else o.seed,
+                [*self.sampler.banned.tolist(), *o.banned],
+            )
+        row.prefix = deque(int(t) for t in o.prefix)
+        row.stop = self.stop_strings + tuple(s for s in o.stop if s and s not in self.stop_strings)
+        row.cancelled = o.cancelled
+
     def _advance(self, row: RowState, logits: torch.Tensor, t0: float) -> list[int]:
         if row.pending:
             n = len(row.pending) if not self.max_append else min(self.max_append, len(row.pending))
-            return [self._emit(row, *row.pending.popleft()) for _ in range(n)]
+            out = [self._emit(row, *row.pending.popleft()) for _ in range(n)]
+            row.free_start = len(row.gen)  # stop strings are looked for in the model's own text only
+            return out
         if row.stop_after_pending:
             self._finish(row, row.stop_after_pending, t0)
             return []
-        if row.sampled >= self.cfg.max_new_tokens:
+        if row.prefix:  # a required start: taken as if the model had sampled it
+            return self._on_token(row, row.prefix.popleft(), t0)
+        if row.sampled >= row.max_new_tokens:
             return self._out_of_budget(row, t0)
-        tok = self.sampler(logits)
+        tok = (row.sampler or self.sampler)(logits)
         row.sampled += 1
         if row.first_token_s is None:
             row.first_token_s = round(time.perf_counter() - t0, 4)
@@ -157,7 +216,17 @@ class Engine:
         out = [self._emit(row, t)]
         if self.react:
             self._react_check(row, t0)
+        if row.stop and not row.pending:
+            self._stop_string_check(row, t0)
         return out
+
+    def _stop_string_check(self, row: RowState, t0: float) -> None:
+        window = max(len(x) for x in row.stop) + 2  # a stop string is at most this many tokens
+        tail = self.tok.decode(row.gen[max(row.free_start, len(row.gen) - window) :])
+        hit = next((x for x in row.stop if x in tail), None)
+        if hit is not None:
+            row.stop_string = hit
+            self._finish(row, "stop_string", t0)
 
     # ------------------------------------------------------------------------------ signal spans
     def _on_signal_token(self, row: RowState, t: int) -> int:
@@ -313,7 +382,7 @@ class Engine:
         return tid
 
     def _out_of_budget(self, row: RowState, t0: float) -> list[int]:
-        row.errors.append(f"max_new_tokens ({self.cfg.max_new_tokens}) reached before the answer ended")
+        row.errors.append(f"max_new_tokens ({row.max_new_tokens}) reached before the answer ended")
         if row.mode == "call":
             row.errors.append("unterminated tool call at max_new_tokens (not run)")
         if row.mode == "signal" and self._interrupt(row, "max_new_tokens", stop_reason="max_new_tokens"):
@@ -353,6 +422,10 @@ class Engine:
 
     def _result(self, row: RowState, model_s: float) -> RowResult:
         shown = self.visible_ids(row.gen)
+        text = self.tok.decode(shown, skip_special_tokens=True)
+        cut = text.rfind(row.stop_string) if row.stop_string is not None else -1
+        if cut >= 0:
+            text = text[:cut].rstrip()
         timings = {
             "first_token_s": row.first_token_s or 0.0,
             "total_s": row.total_s,
@@ -360,7 +433,7 @@ class Engine:
             "model_s": round(model_s, 4),
         }
         return RowResult(
-            text=self.tok.decode(shown, skip_special_tokens=True),
+            text=text,
             raw_text=self.tok.decode(row.gen),
             token_ids=list(row.gen),
             tool_results=row.tool_results,

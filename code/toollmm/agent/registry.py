@@ -36,19 +36,38 @@ __all__ = ["Registry", "ToolResult", "ToolSpec", "schema_from_signature", "tool"
 log = logging.getLogger(__name__)
 
 
+#: deepest argument nesting a call may have (checked without recursion, before anything walks it)
+MAX_ARG_DEPTH = 32
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """Nesting depth of lists/dicts in ``value``, counted iteratively; stops just past ``limit``."""
+    best, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            best = max(best, d)
+            if best > limit:
+                return best
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return best
+
+
 class Registry:
     """Named tools plus the limits every call is checked against."""
 
     def __init__(
         self,
-        workspace: str | Path | None = None,
+        workspace: str | Path | Workspace | None = None,
         *,
         timeout_s: float = 30.0,
         max_output_chars: int = 4000,
         max_arg_chars: int = 8192,
         enabled: list[str] | None = None,
     ):
-        self.workspace = Workspace(workspace) if workspace is not None else None
+        self.workspace = (
+            workspace if isinstance(workspace, Workspace) or workspace is None else Workspace(workspace)
+        )
         self.timeout_s = timeout_s
         self.max_output_chars = max_output_chars
         self.max_arg_chars = max_arg_chars
@@ -58,7 +77,7 @@ class Registry:
         self._validators: dict[str, Draft202012Validator] = {}
 
     @classmethod
-    def from_config(cls, cfg, workspace: str | Path | None = None) -> Registry:
+    def from_config(cls, cfg, workspace: str | Path | Workspace | None = None) -> Registry:
         """From an ``InferenceConfig``: limits, declared sets, user imports, enabled names."""
         from .toolsets import declare_sets
 
@@ -187,6 +206,10 @@ class Registry:
         """Validate and run one call; never raises."""
         t0 = time.perf_counter()
         shown = arguments if _shown is None else _shown
+        if nesting_depth([name, arguments], MAX_ARG_DEPTH) > MAX_ARG_DEPTH:  # before anything walks them
+            error = f"arguments nested too deeply (more than {MAX_ARG_DEPTH} levels); nothing was run"
+            label = truncate(name, 200) if isinstance(name, str) else "(unnamed)"
+            return ToolResult(label, "(too deep to show)", None, error, round(time.perf_counter() - t0, 4))
         spec = self.get(name)
         label = spec.name if spec else truncate(to_text(name), 200)
         try:
@@ -239,7 +262,7 @@ class Registry:
         return kwargs
 
     def _run(self, spec: ToolSpec, kwargs: dict) -> tuple[str | None, str | None]:
-        cwd = self.workspace.root if self.workspace else None
+        cwd = self.workspace.ensure() if self.workspace else None
         if spec.isolation == "subprocess":
             result, error = run_isolated(
                 spec.backend, kwargs, timeout_s=self.timeout_s, cwd=cwd, max_chars=self.max_output_chars

@@ -26,6 +26,8 @@ import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from toollmm.errors import UserError
+
 from ..paths import resolve
 
 log = logging.getLogger(__name__)
@@ -33,16 +35,24 @@ log = logging.getLogger(__name__)
 MAX_PATH_CHARS = 1024
 
 
-class PathRefused(ValueError):
+class PathRefused(UserError, ValueError):
     """A model-written path that may not be used."""
 
 
 class Workspace:
     """A folder that every model-written file argument must stay inside."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(resolve(root)).resolve()  # relative roots are taken from the repo root, not the cwd
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        # relative roots (config values: inference.workspace) are taken from the repo root, not the cwd;
+        # ``create=False``: the folder is made when a tool first runs (``ensure``), so a text-only session
+        # leaves no empty folder behind
+        self.root = Path(resolve(root)).resolve()
+        if create:
+            self.ensure()
+
+    def ensure(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
 
     def resolve(self, arg: Any) -> Path:
         if not isinstance(arg, str):

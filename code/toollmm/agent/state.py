@@ -30,7 +30,7 @@ class RowResult:
     signals: list[SignalEvent]
     errors: list[str]
     warnings: list[str]
-    finish_reason: str  # eos | max_new_tokens | tool_limit | runaway | tool_call | error
+    finish_reason: str  # eos | stop_string | max_new_tokens | tool_limit | runaway | tool_call | cancelled | error
     timings: dict[str, float]
 
     def to_dict(self) -> dict:
@@ -58,6 +58,8 @@ class RowState:
     wanted: dict[int, Span] = field(default_factory=dict)  # position -> span awaiting its hidden state
     call_ids: list[int] = field(default_factory=list)
     segment_start: int = 0
+    free_start: int = 0  # gen index after the last forced token: where the model's own text starts
+    stop_string: str | None = None  # the stop string that ended the row
     sampled: int = 0
     tool_steps: int = 0
     call_counts: Counter = field(default_factory=Counter)
@@ -69,3 +71,9 @@ class RowState:
     signals: list[SignalEvent] = field(default_factory=list)
     first_token_s: float | None = None
     total_s: float = 0.0
+    # per-row options (``engine.RowOptions``)
+    max_new_tokens: int = 0
+    sampler: Any = None  # None: the engine's shared sampler
+    prefix: deque = field(default_factory=deque)
+    stop: tuple = ()
+    cancelled: Any = None

@@ -32,7 +32,7 @@ def figure_names(sizes) -> list[str]:
     names = ["tokens", "mfu"]
     for _ in range(sizes.repeats):
         names += ["ours", "hf"]
-    return names + [f"cache_{m}" for m in MODALITIES] + ["loader", "inference"]
+    return names + [f"cache_{m}" for m in MODALITIES] + ["loader", "inference", "serve"]
 
 
 def run_figure(name: str, work: Path, sizes_name: str, out_dir: Path, env: dict) -> tuple[dict, float]:
@@ -112,6 +112,8 @@ def assemble(figs: dict[str, list[dict]], rss: dict[str, float], mach: dict, siz
         },
         "loader_to_train_ratio": loader["loader_samples_per_s"] / loader["train_samples_per_s"],
         "inference_second_request_speedup": inf["speedup"],
+        "serve_concurrent_speedup": figs["serve"][0]["speedup"],
+        "serve": {k: v for k, v in figs["serve"][0].items() if k != "wall_s"},
         "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "details": {k: v if len(v) > 1 else v[0] for k, v in figs.items()},
     }

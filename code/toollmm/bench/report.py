@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 #: figure -> (target, direction); "at least" unless stated
 TARGETS = {
@@ -12,6 +13,7 @@ TARGETS = {
     "feature_cache_efficiency": 0.9,
     "loader_to_train_ratio": 2.0,
     "inference_second_request_speedup": 5.0,
+    "serve_concurrent_speedup": 3.0,
 }
 MODALITIES = ("image", "audio", "video")
 
@@ -32,6 +34,13 @@ def required(bench: dict) -> list[str]:
         "real_token_fraction_naive",
         "loader_to_train_ratio",
         "inference_second_request_speedup",
+        "serve_concurrent_speedup",
+        "serve.concurrent_rps",
+        "serve.sequential_rps",
+        "serve.concurrent_p50_s",
+        "serve.concurrent_p95_s",
+        "serve.sequential_p50_s",
+        "serve.sequential_p95_s",
     ]
     for m in MODALITIES:
         names += [f"feature_cache.{m}.{k}" for k in ("speedup", "ideal_speedup", "efficiency")]
@@ -60,6 +69,9 @@ def check(bench: dict) -> list[str]:
             problems.append(f"peak_rss_mb.{fig}: {mb!r}")
     if not bench.get("peak_rss_mb"):
         problems.append("peak_rss_mb: missing")
+    errors = _get(bench, "serve.errors")
+    if errors != 0:
+        problems.append(f"serve.errors: {errors!r} failed requests (must be 0)")
     return problems
 
 
@@ -70,6 +82,21 @@ def _row(name: str, value, target, note: str = "") -> str:
         met = "yes" if value >= target else "**no**"
     tgt = "" if target is None else f">= {target:g}"
     return f"| {name} | {_fmt(value)} | {tgt} | {met} | {note} |"
+
+
+def _serve_row(bench: dict) -> str:
+    s = bench["serve"]
+    note = (
+        f"{s['concurrent_rps']:.3g} vs {s['sequential_rps']:.3g} req/s; p50 / p95 latency "
+        f"{s['concurrent_p50_s']:.3g} / {s['concurrent_p95_s']:.3g} s vs {s['sequential_p50_s']:.3g} / "
+        f"{s['sequential_p95_s']:.3g} s; {s['errors']} errors; {Path(s.get('checkpoint', '?')).name}"
+    )
+    return _row(
+        "serve.py: 8 concurrent clients / one at a time (req/s)",
+        bench["serve_concurrent_speedup"],
+        TARGETS["serve_concurrent_speedup"],
+        note,
+    )
 
 
 def _llm_size(bench: dict) -> str:
@@ -155,6 +182,7 @@ def markdown(bench: dict) -> str:
             TARGETS["inference_second_request_speedup"],
             "toollmm.load + Runtime.generate",
         ),
+        _serve_row(bench),
         "",
         "Peak RSS per figure (MB): "
         + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(bench.get("peak_rss_mb", {}).items())),

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..paths import resolve
+from ..model.files import file_mode
+from ..paths import cli_path, repo_default, resolve
 from .records import BadSample, load_caption
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class CaptionStore:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+        os.fchmod(
+            fd, file_mode()
+        )  # mkstemp creates 0600; readers on a shared filesystem need the umask's mode
         with os.fdopen(fd, "wb") as f:
             f.write(buf.getvalue())
         os.replace(tmp, p)
@@ -147,10 +151,15 @@ def add_embed_captions_args(subparsers, build_encoders=decoder_encoders) -> argp
         "embed-captions",
         help="compute decoder caption embeddings for text->X targets (cached, skipped when present)",
     )
-    p.add_argument("--input", required=True, help="unified-record JSONL")
-    p.add_argument("--output", required=True, help="JSONL written with generate[].embedding keys set")
+    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL")
     p.add_argument(
-        "--store", default=".cache/captions", help="caption-embedding store (default .cache/captions)"
+        "--output", required=True, type=cli_path, help="JSONL written with generate[].embedding keys set"
+    )
+    p.add_argument(
+        "--store",
+        default=repo_default(".cache/captions"),
+        type=cli_path,
+        help="caption-embedding store (default: the repo's .cache/captions)",
     )
     p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call")
     add_config_args(p)
@@ -162,12 +171,12 @@ def main_embed_captions(args: argparse.Namespace) -> int:
     import json
 
     from ..config import load_config
+    from ..errors import read_jsonl_objects
 
     cfg = load_config(config_files=args.config, overrides=args.overrides).config
     encoders, ids = args.build_encoders(cfg)
     src = resolve(args.input)
-    with open(src, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [rec for _, rec in read_jsonl_objects(src)]
     records, counts = embed_captions(
         records, encoders, ids, CaptionStore(resolve(args.store)), args.batch_size
     )

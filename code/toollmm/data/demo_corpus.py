@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..paths import cli_path, repo_default
 from .demo import DEMO_TOOLS, FULL, SMALL, TOOL_NAMES, DemoSizes, generate_demo_corpus, run_demo_tool
 
 __all__ = [
@@ -19,7 +20,12 @@ __all__ = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``demo`` subcommand's options (for ``prepare_data.py``'s subparser)."""
-    parser.add_argument("--output", default="data/demo", help="corpus folder (relative paths: repo root)")
+    parser.add_argument(
+        "--output",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="corpus folder (default: the repo's data/demo)",
+    )
     parser.add_argument("--small", action="store_true", help="a few hundred records, for tests")
     parser.add_argument("--seed", type=int, default=0, help="everything random derives from it")
     parser.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary size")

@@ -13,12 +13,15 @@ from functools import lru_cache
 
 import numpy as np
 
+from toollmm.errors import UserError
+
 from ..paths import resolve
 from ..tokens import PLACEHOLDER
 
 #: why a sample could not train (the keys of the skip counters)
 REASONS = (
     "malformed_json",  # a JSONL line (or shard member) that is not a JSON object
+    "not_utf8",  # a JSONL line (or shard member) whose bytes are not UTF-8 text
     "unknown_key",  # a key the record schema does not know
     "invalid_record",  # any other schema violation
     "empty_conversation",  # no messages, or no supervised assistant turn
@@ -31,7 +34,7 @@ REASONS = (
 MEDIA_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
 
 
-class BadSample(Exception):
+class BadSample(UserError):
     """A sample that cannot train. ``str()`` names where it is, why, and what was wrong."""
 
     def __init__(self, reason: str, where: str, detail: str):
@@ -71,10 +74,18 @@ def where_of(location: str, record: object) -> str:
     return f"{location} (id={rid})" if rid is not None else location
 
 
-def parse_record(text: str | bytes, where: str) -> dict:
+def parse_record(text: str | bytes, where: str, offset: int = 0) -> dict:
+    """One JSON object; ``offset`` is the byte offset of ``text`` in its file (named for bad bytes)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            at = offset + e.start
+            detail = f"not UTF-8 text (byte 0x{text[e.start]:02x} at byte offset {at})"
+            raise BadSample("not_utf8", where, detail) from None
     try:
         record = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except json.JSONDecodeError as e:
         raise BadSample("malformed_json", where, f"not valid JSON: {e}") from None
     if not isinstance(record, dict):
         raise BadSample("malformed_json", where, f"expected a JSON object, got {type(record).__name__}")

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from toollmm.errors import NotUtf8, UserError, iter_text_lines
+
 from ..paths import DATA_DIR
 from ..tokens import MODALITIES, PLACEHOLDER_RE, SIGNAL_RE, TOOL_TOKENS
 
@@ -28,6 +30,7 @@ TOOL_ONLY = ("name",)
 
 #: skip-count reasons, in the order problems are checked
 REASONS = (
+    "not_utf8",  # a line whose bytes are not UTF-8 text
     "json",
     "schema",
     "roles",
@@ -47,7 +50,7 @@ class Problem:
     message: str
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record that cannot be used; the message names file, line and record id."""
 
     def __init__(self, where: str, record_id: str | None, problems: list[Problem]):
@@ -264,27 +267,29 @@ class JsonlRecords:
 
     def __iter__(self) -> Iterator[dict]:
         seen: set[str] = set()
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    self._bad(RecordError(where, None, [Problem("json", f"not valid JSON: {e.msg}")]))
-                    continue
-                problems = check_record(record)
-                rid = record.get("id") if isinstance(record, dict) else None
-                if not problems and self.unique_ids:
-                    if rid in seen:
-                        problems = [Problem("duplicate_id", "id already used earlier in this file")]
-                    seen.add(rid)
-                if problems:
-                    self._bad(RecordError(where, rid, problems))
-                    continue
-                self.read += 1
-                yield record
+        for lineno, line in iter_text_lines(self.path):
+            where = f"{self.path}:{lineno}"
+            if isinstance(line, NotUtf8):
+                self._bad(RecordError(where, None, [Problem("not_utf8", str(line)[len(where) + 2 :])]))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                self._bad(RecordError(where, None, [Problem("json", f"not valid JSON: {e.msg}")]))
+                continue
+            problems = check_record(record)
+            rid = record.get("id") if isinstance(record, dict) else None
+            if not problems and self.unique_ids:
+                if rid in seen:
+                    problems = [Problem("duplicate_id", "id already used earlier in this file")]
+                seen.add(rid)
+            if problems:
+                self._bad(RecordError(where, rid, problems))
+                continue
+            self.read += 1
+            yield record
         if self.skipped:
             log.warning("%s: %d records read, skipped %s", self.path, self.read, dict(self.skipped))
 

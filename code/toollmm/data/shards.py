@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..paths import resolve
+from ..errors import read_text
+from ..paths import cli_path, resolve
 from .captions import CaptionStore
 from .records import BadSample, Sample, generate_targets
 from .shardfmt import FeatureFn, index_tar, members_to_sample, read_span, sample_to_members
@@ -38,7 +39,12 @@ def _shard_files(path: Path | str) -> list[Path]:
     if p.is_file():
         return [p]
     if (p / INDEX).is_file():
-        return [p / s["file"] for s in json.loads((p / INDEX).read_text())["shards"]]
+        try:
+            return [p / s["file"] for s in json.loads(read_text(p / INDEX))["shards"]]
+        except (ValueError, KeyError, TypeError) as e:  # NotUtf8 is a ValueError and names itself
+            raise BadSample(
+                "malformed_json", str(p / INDEX), f"not a shard index ({type(e).__name__}: {e})"
+            ) from None
     files = sorted(p.glob("*.tar"))
     if not files:
         raise FileNotFoundError(f"no shards in {p} (expected {INDEX} or *.tar)")
@@ -169,16 +175,20 @@ def add_shard_args(subparsers) -> argparse.ArgumentParser:
         help="unified JSONL + media -> webdataset tar shards with an index",
         description="Write webdataset shards holding each record, its media bytes and caption embeddings.",
     )
-    p.add_argument("--input", required=True, help="unified-record JSONL (output of `convert`)")
-    p.add_argument("--output", required=True, help="shard folder, e.g. data/shards/NAME/")
+    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL (output of `convert`)")
+    p.add_argument("--output", required=True, type=cli_path, help="shard folder, e.g. data/shards/NAME/")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
     p.add_argument(
-        "--media-root", default=None, help="folder media paths are relative to (default: input's folder)"
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="folder media paths are relative to (default: input's folder)",
     )
     p.add_argument(
         "--captions",
         default=None,
+        type=cli_path,
         help="caption-embedding store written by `embed-captions` (copied into shards)",
     )
     p.add_argument(

@@ -122,7 +122,7 @@ class JsonlSource:
         f = self._file()
         f.seek(int(self.offsets[i]))
         where = f"{self.path}:{int(self.lines[i])}"
-        record = parse_record(f.readline(), where)
+        record = parse_record(f.readline(), where, offset=int(self.offsets[i]))
         where = where_of(where, record)
         validate_record(record, where)
         media = read_media(record, self.media_root, where)

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from toollmm.errors import UserError
+
 from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
 from .react import DEFAULT_CALL_THOUGHT as REACT_YES  # noqa: F401  (re-exported for the Jinja template)
 from .react import DEFAULT_FINAL_THOUGHT as REACT_NO  # noqa: F401
@@ -34,7 +36,7 @@ VICUNA_SYSTEM = (
 TOOL_FORMATS = ("tokens", "react")
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A conversation the chosen format cannot express (the renderer names the record)."""
 
 

@@ -19,10 +19,13 @@ from .common import (
     BENCHMARKS,
     BenchmarkSpec,
     EvalError,
+    MissingError,
     Reference,
     ScoreOptions,
     load_references,
     match_files,
+    missing_error,
+    missing_summary,
 )
 from .metrics import format_table
 from .run import MODES, Generator, generate_predictions
@@ -33,6 +36,7 @@ __all__ = [
     "BenchmarkSpec",
     "EvalError",
     "Generator",
+    "MissingError",
     "Reference",
     "ScoreOptions",
     "format_results",
@@ -60,7 +64,7 @@ def _header(benchmark: str, references, opts: ScoreOptions, **extra) -> dict:
         "benchmark": benchmark,
         "references": [str(p) for p in references],
         **extra,
-        "options": {"compat": opts.compat, "strict": opts.strict},
+        "options": {"compat": opts.compat, "strict": opts.strict, "allow_missing": opts.allow_missing},
     }
 
 
@@ -78,15 +82,32 @@ def score_files(
     predictions: list[str | os.PathLike],
     opts: ScoreOptions | None = None,
 ) -> dict:
-    """Score prediction file(s) against the benchmark's reference file(s)."""
+    """Score prediction file(s) against the benchmark's reference file(s).
+
+    Every prediction must carry its answer under a key the benchmark reads (else :class:`EvalError`).
+    References without a prediction raise :class:`MissingError` unless ``opts.allow_missing`` (or
+    ``compat``): then they are excluded from the metrics and listed under ``missing``."""
     opts = opts or ScoreOptions()
     _check(benchmark, opts)
     spec = _spec(benchmark)
-    refs = load_references(spec.fmt, list(references))
-    matched = match_files(refs, list(predictions), spec.ref_keys, spec.pred_keys)
+    refs = load_references(spec.fmt, list(references), dict(spec.ref_options))
+    matched = match_files(refs, list(predictions), spec.ref_keys, spec.pred_keys, spec.check_prediction)
+    missing = [(r.id, "no prediction") for r, p in zip(refs, matched.predictions) if p is None]
+    if missing and not opts.skip_missing:
+        raise missing_error(
+            "have no prediction",
+            missing,
+            len(refs),
+            "check the predictions' ids (or give one file per references file)",
+        )
     metrics = spec.score(refs, matched.predictions, opts)
     head = _header(benchmark, references, opts, predictions=[str(p) for p in predictions])
-    return {**head, "metrics": metrics, "unmatched_predictions": len(matched.unmatched)}
+    return {
+        **head,
+        "metrics": metrics,
+        "missing": missing_summary(missing, len(refs)),
+        "unmatched_predictions": len(matched.unmatched),
+    }
 
 
 def run_benchmark(
@@ -98,19 +119,38 @@ def run_benchmark(
     mode: str = "teacher-forced",
     batch_size: int = 8,
     opts: ScoreOptions | None = None,
+    media_root: str | os.PathLike | None = None,
 ) -> dict:
     """Generate for the first ``limit`` references, score, and (with ``out_dir``) write
-    ``<benchmark>.json`` and ``<benchmark>.predictions.jsonl`` there."""
+    ``<benchmark>.json`` and ``<benchmark>.predictions.jsonl`` there. Relative media paths in the
+    references are taken from ``media_root`` (default: each references file's folder).
+
+    A request the model could not run (media not found, unrenderable prompt; the prediction carries
+    ``not_run``) has no prediction: with ``opts.allow_missing`` it is excluded from the metrics and
+    listed under ``not_run``; without, :class:`MissingError` is raised after the predictions (and the
+    results, without metrics) are written."""
     opts = opts or ScoreOptions()
     _check(benchmark, opts)
     spec = _spec(benchmark)
-    refs = load_references(spec.fmt, list(references))
+    refs = load_references(spec.fmt, list(references), dict(spec.ref_options))
     universe = refs
     if limit is not None:
         refs = refs[:limit]
-    preds = generate_predictions(refs, generate, mode=mode, batch_size=batch_size)
-    metrics = spec.score(refs, preds, opts, all_refs=universe)  # preds are in reference order
-    result = {**_header(benchmark, references, opts, mode=mode, limit=limit), "metrics": metrics}
+    preds = generate_predictions(refs, generate, mode=mode, batch_size=batch_size, media_root=media_root)
+    not_run = [(r.id, str(p["not_run"])) for r, p in zip(refs, preds) if p.get("not_run")]
+    result = {
+        **_header(benchmark, references, opts, mode=mode, limit=limit),
+        "not_run": missing_summary(not_run, len(refs)),
+    }
+    failure = None
+    if not_run and not opts.skip_missing:
+        failure = missing_error(
+            "were not run", not_run, len(refs), "fix the inputs (relative media paths: --media-root)"
+        )
+        result["metrics"] = None
+    else:
+        scored = [None if p.get("not_run") else p for p in preds]  # preds are in reference order
+        result["metrics"] = spec.score(refs, scored, opts, all_refs=universe)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +160,8 @@ def run_benchmark(
         )
         _write(out / f"{benchmark}.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         result["written"] = [str(out / f"{benchmark}.json"), str(out / f"{benchmark}.predictions.jsonl")]
+    if failure is not None:
+        raise failure
     return result
 
 
@@ -130,11 +172,16 @@ def _write(path: Path, text: str) -> None:
 
 
 def format_results(result: dict) -> str:
-    """The results as a table (one row per split / slice / tool)."""
+    """The results as a table (one row per split / slice / tool), then what was not scored and why."""
     spec = _spec(result["benchmark"])
     m = result["metrics"]
     notes = []
-    if m.get("missing"):
+    for key, what in (("not_run", "request(s) not run"), ("missing", "reference(s) without a prediction")):
+        info = result.get(key) or {}
+        if info.get("count"):
+            reasons = "; ".join(f"{n} x {kind}" for kind, n in info["reasons"].items())
+            notes.append(f"{info['count']} of {info['of']} {what}, excluded from every metric ({reasons})")
+    if m.get("missing") and not any((result.get(k) or {}).get("count") for k in ("not_run", "missing")):
         verb = "skipped (--compat)" if result["options"]["compat"] else "scored as failures"
         notes.append(f"{m['missing']} reference(s) without a prediction, {verb}")
     if result.get("unmatched_predictions"):

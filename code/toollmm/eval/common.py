@@ -19,13 +19,59 @@ from pathlib import Path
 from toollmm.data.convert import REGISTRY, ConversionError, ConvertStats, iter_source
 from toollmm.data.convert.base import Context
 from toollmm.data.convert.runner import convert_records
+from toollmm.errors import UserError
 from toollmm.tokens import PLACEHOLDER_RE
 
 log = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input; the message names the file, record and key."""
+
+
+class MissingError(EvalError):
+    """References without a prediction (not run, or absent from the predictions file) while
+    ``allow_missing`` is off: no metric is computed over them. ``missing`` lists ``(id, reason)``."""
+
+    def __init__(self, message: str, missing: list[tuple[str, str]]):
+        super().__init__(message)
+        self.missing = missing
+
+
+def missing_summary(missing: list[tuple[str, str]], total: int) -> dict:
+    """``{"count", "of", "reasons": {kind: n}, "requests": [{"id", "reason"}]}`` of references that got no
+    prediction; a reason's kind is its text before the first ``": "`` after any ``request X: `` prefix."""
+    reasons: dict[str, int] = {}
+    for _, why in missing:
+        reasons[reason_kind(why)] = reasons.get(reason_kind(why), 0) + 1
+    return {
+        "count": len(missing),
+        "of": total,
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "requests": [{"id": i, "reason": why} for i, why in missing],
+    }
+
+
+def reason_kind(why: str) -> str:
+    """``"request X: /data/a.mp4: file not found"`` -> ``"file not found"`` (the part to count by)."""
+    text = why.split(": ", 1)[1] if why.startswith("request ") and ": " in why else why
+    head, sep, rest = text.partition(": ")
+    if sep and any(c in head for c in "/\\") and rest:  # "<path>: reason"
+        text = rest
+    return text.strip()[:120] or "unknown"
+
+
+def missing_error(what: str, missing: list[tuple[str, str]], total: int, hint: str) -> MissingError:
+    """The error for ``missing`` references: the count, the reasons, the first ids, and what to do."""
+    summary = missing_summary(missing, total)
+    reasons = "; ".join(f"{n} x {kind}" for kind, n in summary["reasons"].items())
+    shown = "\n".join(f"  {i}: {why}" for i, why in missing[:20])
+    more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return MissingError(
+        f"{len(missing)} of {total} reference(s) {what} ({reasons}); no metric was computed:\n{shown}{more}\n"
+        f"{hint}; or pass --allow-missing to score the others and exclude these from every denominator",
+        missing,
+    )
 
 
 @dataclass
@@ -49,10 +95,19 @@ class Reference:
 @dataclass(frozen=True)
 class ScoreOptions:
     """``compat``: skip references without a prediction (the published GPT4Tools script) instead of
-    counting them as failures. ``strict``: GPT4Tools image-path arguments must match exactly (the paper)."""
+    counting them as failures. ``strict``: GPT4Tools image-path arguments must match exactly (the paper).
+    ``allow_missing``: ``score_files`` / ``run_benchmark`` score the references that have a prediction
+    and exclude the others from every denominator (reported as ``missing``); without it (or ``compat``)
+    a reference without a prediction is an error (:class:`MissingError`), never a silent number.
+    ``score_predictions`` called directly counts a ``None`` prediction as a failure unless skipping."""
 
     compat: bool = False
     strict: bool = False
+    allow_missing: bool = False
+
+    @property
+    def skip_missing(self) -> bool:
+        return self.compat or self.allow_missing
 
 
 @dataclass
@@ -74,15 +129,19 @@ def _is_unified(path: Path) -> bool:
     return False
 
 
-def load_references(fmt: str, paths: list[str | Path]) -> list[Reference]:
-    """Convert each reference file with the ``fmt`` converter (or pass our unified JSONL through)."""
+def load_references(
+    fmt: str, paths: list[str | Path], options: dict[str, str] | None = None
+) -> list[Reference]:
+    """Convert each reference file with the ``fmt`` converter (with ``options``; our unified JSONL is
+    passed through)."""
     refs: list[Reference] = []
     for k, p in enumerate(paths):
         path = Path(p)
         if not path.is_file():
             raise EvalError(f"references file not found: {path}")
         use = "unified" if _is_unified(path) else fmt
-        ctx = Context(path=path, fmt=use, source=f"{fmt}/{path.stem}")
+        opts = dict(options or {}) if use == fmt else {}
+        ctx = Context(path=path, fmt=use, source=f"{fmt}/{path.stem}", options=opts)
         stats = ConvertStats(use, str(path), "")
         try:
             records = list(convert_records(use, path, ctx, "raise", stats))
@@ -102,8 +161,10 @@ def load_references(fmt: str, paths: list[str | Path]) -> list[Reference]:
     return refs
 
 
-def read_predictions(path: str | Path) -> list[tuple[str, dict]]:
-    """``[(where, prediction object)]`` of a JSON array or JSONL file."""
+def read_predictions(
+    path: str | Path, check: Callable[[str, dict], None] | None = None
+) -> list[tuple[str, dict]]:
+    """``[(where, prediction object)]`` of a JSON array or JSONL file (each passed to ``check``)."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"predictions file not found: {path}")
@@ -114,6 +175,8 @@ def read_predictions(path: str | Path) -> list[tuple[str, dict]]:
                 raise EvalError(str(raw))
             if not isinstance(raw, dict):
                 raise EvalError(f"{where}: a prediction must be a JSON object, got {type(raw).__name__}")
+            if check is not None:
+                check(where, raw)
             out.append((where, raw))
     except ConversionError as e:
         raise EvalError(f"predictions: {e}") from e
@@ -175,11 +238,13 @@ def match_files(
     prediction_files: list[str | Path],
     ref_keys: Callable[[Reference], list[str]],
     pred_keys: Callable[[str, dict], list[str]],
+    check: Callable[[str, dict], None] | None = None,
 ) -> Matched:
-    """One predictions file for all references, or one per references file (paired in order)."""
+    """One predictions file for all references, or one per references file (paired in order); every
+    prediction object goes through ``check`` first."""
     n_ref_files = len({r.file_index for r in refs})
     if len(prediction_files) == 1:
-        return match_predictions(refs, read_predictions(prediction_files[0]), ref_keys, pred_keys)
+        return match_predictions(refs, read_predictions(prediction_files[0], check), ref_keys, pred_keys)
     if len(prediction_files) != n_ref_files:
         raise EvalError(
             f"{len(prediction_files)} predictions files for {n_ref_files} references files:"
@@ -189,7 +254,7 @@ def match_files(
     unmatched: list[str] = []
     for k, pf in enumerate(prediction_files):
         pos = [i for i, r in enumerate(refs) if r.file_index == k]
-        m = match_predictions([refs[i] for i in pos], read_predictions(pf), ref_keys, pred_keys)
+        m = match_predictions([refs[i] for i in pos], read_predictions(pf, check), ref_keys, pred_keys)
         for i, p in zip(pos, m.predictions):
             out[i] = p
         unmatched += m.unmatched
@@ -209,6 +274,21 @@ class BenchmarkSpec:
     rows: Callable[[dict], list[tuple[str, dict]]]
     columns: tuple[str, ...]
     doc: str = ""
+    #: prediction keys that carry the answer (at least one must be present) and keys that tie it to a
+    #: reference; any other key is ignored, a prediction with no answer key is an error
+    answer_keys: tuple[str, ...] = ("text", "tool_calls")
+    id_keys: tuple[str, ...] = ("id",)
+    #: converter options for reading the references (``--opt`` of prepare_data.py convert)
+    ref_options: tuple[tuple[str, str], ...] = ()
+
+    def check_prediction(self, where: str, raw: dict) -> None:
+        """A prediction must carry its answer under a key this benchmark reads (never scored 0 silently)."""
+        if not any(k in raw for k in self.answer_keys):
+            found = ", ".join(map(repr, raw)) or "none"
+            raise EvalError(
+                f"{where}: no answer key this {self.name} scorer reads (keys found: {found}; answer keys"
+                f" accepted: {', '.join(self.answer_keys)}; id keys: {', '.join(self.id_keys)})"
+            )
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {}

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import NotUtf8, iter_text_lines
+
 from ..data.demo.render import ATTRIBUTES
 from ..data.demo.text import PULSE_WORDS
 from ..paths import resolve
@@ -48,16 +50,17 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise EvalError(f"{path}: no such file (generate the corpus: python code/prepare_data.py demo)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError as e:
-                raise EvalError(f"{path}: line {i + 1}: not JSON ({e})") from None
-            if limit and len(out) >= limit:
-                break
+    for n, line in iter_text_lines(path):
+        if isinstance(line, NotUtf8):
+            raise EvalError(str(line))
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            raise EvalError(f"{path}: line {n}: not JSON ({e})") from None
+        if limit and len(out) >= limit:
+            break
     return out
 
 
@@ -290,6 +293,7 @@ def evaluate_stage(
         str(ckpt),
         overrides=[f"inference.max_new_tokens={max_new_tokens}", "inference.temperature=0.0"],
         registry=demo_registry(),
+        output_dir=ckpt / "eval" / "media",  # decoded signal spans stay with the run (made only if any)
     )
     out: dict = {"checkpoint": str(checkpoint), "stage": manifest.get("stage")}
     for task in tasks:

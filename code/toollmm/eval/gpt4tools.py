@@ -16,7 +16,8 @@
   max(sum(max(flags, expected)), 1) over the three lists concatenated.
 * No-tool references: SR_t is the thought list score, but 0 unless the first predicted thought is "No"
   and an ``AI: `` line exists; SR_act = SR_args = SR = 1 if SR_t is 1, else all 0; IoU from the thoughts.
-* A reference without a prediction scores 0 everywhere (``compat``: skipped, as the published script).
+* A reference without a prediction scores 0 everywhere when passed as ``None`` to :func:`score`
+  (``compat`` / ``allow_missing``: skipped, as the published script).
   Validation (seen) and test (unseen) files are reported separately when both are given.
 """
 
@@ -161,7 +162,7 @@ def score(refs: list[Reference], preds: list[dict | None], opts: ScoreOptions, a
     for ref, pred in zip(refs, preds):
         if pred is None:
             missing += 1
-            if opts.compat:
+            if opts.skip_missing:
                 continue
             item = dict.fromkeys(KEYS, 0.0)
         else:
@@ -195,5 +196,9 @@ register_benchmark(
         rows=rows,
         columns=(*KEYS, "n"),
         doc="GPT4Tools val/test: SR_t, SR_act, SR_args, SR, IoU (eval/evaluate_result.py; n = records)",
+        answer_keys=("output", "react", "text", "tool_calls"),
+        ref_options=(
+            ("eval", "true"),
+        ),  # files with only id/instruction/output, as the published scorer reads
     )
 )

@@ -114,7 +114,7 @@ def score(
     for ref, pred in zip(refs, preds):
         if pred is None:
             missing += 1
-            if opts.compat:
+            if opts.skip_missing:
                 continue
         got = predicted_id(pred)
         acceptable = ref.record["eval"].get("acceptable", [])
@@ -175,5 +175,7 @@ register_benchmark(
         rows=rows,
         columns=(*KEYS, "n"),
         doc="MLLM-Tool combined_data.json: accuracy, hallucination rate, format accuracy (n = records)",
+        answer_keys=("response", "text", "tool_calls"),
+        id_keys=("id", "question_id + questions"),
     )
 )

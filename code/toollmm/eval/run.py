@@ -2,10 +2,12 @@
 
 The model side is one callable, :class:`Generator`: ``generate(prompts) -> outputs``. A prompt is a unified
 record cut where the model must continue (its ``messages`` end with the user turn or a tool result), with
-``id`` (the reference id), ``step`` and ``stop_at_tool_call``. When ``stop_at_tool_call`` is true the
+``id`` (the reference id), ``step`` and ``stop_at_tool_call``; its media paths are absolute (relative ones
+in the references are taken from ``media_root``, default: the references file's folder). When ``stop_at_tool_call`` is true the
 generator stops after the first tool call WITHOUT running it (the ReAct ``Observation:`` stop, or
 ``</tool_call>``). An output is the inference ``--batch`` form ``{"text", "tool_calls": [{"name",
-"arguments", ...}], ...}``; only ``text`` is required.
+"arguments", ...}], ...}``; only ``text`` is required. An output with ``not_run`` (a reason: the request
+could not run at all, e.g. its media file is missing) makes the record's prediction ``{"id", "not_run"}``.
 
 ``teacher-forced`` (default), as the reference files were built: step k's prompt holds the reference's
 own calls 0..k-1 and their ground-truth observations; the model writes step k. It stops when the model
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from toollmm.data.react import (
     DEFAULT_CALL_THOUGHT,
@@ -58,6 +62,7 @@ class Chain:
     gt: list[tuple[dict, dict | None]]  # reference (call message, tool message or None)
     steps: list[Step] = field(default_factory=list)
     done: bool = False
+    not_run: str | None = None
 
 
 def split_reference(record: dict) -> tuple[list[dict], list[tuple[dict, dict | None]]]:
@@ -97,14 +102,25 @@ def _with_uploads(message: dict, record: dict) -> dict:
     return m
 
 
-def prompt_for(chain: Chain, k: int, mode: str) -> dict:
+def _absolute(x, root: Path):
+    if isinstance(x, list):  # a frame list
+        return [_absolute(y, root) for y in x]
+    if not isinstance(x, str):
+        return x
+    p = Path(os.path.expanduser(x))
+    return str(p if p.is_absolute() else root / p)
+
+
+def prompt_for(chain: Chain, k: int, mode: str, media_root: str | os.PathLike | None = None) -> dict:
     rec = chain.ref.record
     msgs = list(chain.context)
     for call, tool in chain.gt[:k]:
         msgs += [_with_uploads(call, rec), tool]
-    prompt = {
-        key: copy.deepcopy(rec[key]) for key in ("tools", "images", "videos", "audios", "meta") if key in rec
-    }
+    prompt = {key: copy.deepcopy(rec[key]) for key in ("tools", "meta") if key in rec}
+    root = Path(media_root) if media_root is not None else Path(chain.ref.file).parent
+    for key in ("images", "videos", "audios"):
+        if key in rec:
+            prompt[key] = [_absolute(x, root) for x in rec[key]]
     prompt.update(id=rec["id"], step=k, messages=msgs, stop_at_tool_call=mode == "teacher-forced")
     return prompt
 
@@ -132,6 +148,8 @@ def read_step(out: dict) -> Step:
 
 def assemble(chain: Chain) -> dict:
     """The ``--batch`` prediction of a teacher-forced chain (observations are the reference's)."""
+    if chain.not_run is not None:
+        return {"id": chain.ref.id, "not_run": chain.not_run}
     calls, react, answer = [], [], ""
     for k, s in enumerate(chain.steps):
         if s.name is None:
@@ -164,22 +182,33 @@ def _call(generate: Generator, prompts: list[dict], batch_size: int) -> list[dic
 
 
 def generate_predictions(
-    refs: list[Reference], generate: Generator, mode: str = "teacher-forced", batch_size: int = 8
+    refs: list[Reference],
+    generate: Generator,
+    mode: str = "teacher-forced",
+    batch_size: int = 8,
+    media_root: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """One ``--batch`` prediction per reference (same order)."""
+    """One ``--batch`` prediction per reference (same order); ``{"id", "not_run"}`` for a reference whose
+    request could not run."""
     if mode not in MODES:
         raise EvalError(f"mode must be one of {MODES}, got {mode!r}")
     chains = [Chain(r, *split_reference(r.record)) for r in refs]
     if mode == "free":
-        outs = _call(generate, [prompt_for(c, 0, mode) for c in chains], batch_size)
-        return [{**o, "id": c.ref.id} for c, o in zip(chains, outs)]
+        outs = _call(generate, [prompt_for(c, 0, mode, media_root) for c in chains], batch_size)
+        return [
+            {"id": c.ref.id, "not_run": str(o["not_run"])} if o.get("not_run") else {**o, "id": c.ref.id}
+            for c, o in zip(chains, outs)
+        ]
     k = 0
     while True:
         active = [c for c in chains if not c.done]
         if not active:
             break
-        outs = _call(generate, [prompt_for(c, k, mode) for c in active], batch_size)
+        outs = _call(generate, [prompt_for(c, k, mode, media_root) for c in active], batch_size)
         for c, o in zip(active, outs):
+            if o.get("not_run"):
+                c.not_run, c.done = str(o["not_run"]), True
+                continue
             step = read_step(o)
             c.steps.append(step)
             has_obs = k < len(c.gt) and c.gt[k][1] is not None

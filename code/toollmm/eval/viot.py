@@ -118,7 +118,7 @@ def score(refs: list[Reference], preds: list[dict | None], opts: ScoreOptions, a
     for ref, pred in zip(refs, preds):
         if pred is None:
             missing += 1
-            if opts.compat:
+            if opts.skip_missing:
                 continue
         reference = ref.record["eval"].get("reference") or []
         steps = predicted_steps(pred) if pred is not None else []
@@ -162,5 +162,6 @@ register_benchmark(
         columns=(*KEYS, "n"),
         doc="VIoT-Tool test files: step action / action-input accuracy, chain success (n = records;"
         " per-tool rows: n = reference steps)",
+        answer_keys=("chains", "text", "tool_calls"),
     )
 )

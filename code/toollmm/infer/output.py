@@ -74,15 +74,34 @@ class TextStream:
     """``on_tokens(row, ids)`` for the engine -> ``on_text(row, delta)`` with the visible text's growth."""
 
     def __init__(
-        self, tokenizer, visible: Callable[[list[int]], list[int]], on_text: Callable[[int, str], None]
+        self,
+        tokenizer,
+        visible: Callable[[list[int]], list[int]],
+        on_text: Callable[[int, str], None],
+        stop_strings: tuple[str, ...] = (),
     ):
         self.tok, self.visible, self.on_text = tokenizer, visible, on_text
+        self.stop_strings = tuple(x for x in stop_strings if x)
         self.ids: dict[int, list[int]] = {}
         self.shown: dict[int, str] = {}
+
+    def _held_back(self, text: str) -> str:
+        """``text`` without a stop string and what follows it, and without a tail that may still become
+        one (``#`` or ``##`` before ``###``): the engine ends the row there and never shows it."""
+        for x in self.stop_strings:
+            cut = text.find(x)
+            if cut >= 0:
+                text = text[:cut]
+        hold = max(
+            (k for x in self.stop_strings for k in range(1, len(x)) if text.endswith(x[:k])), default=0
+        )
+        return text[: len(text) - hold].rstrip()
 
     def __call__(self, row: int, ids: list[int]) -> None:
         self.ids.setdefault(row, []).extend(ids)
         text = self.tok.decode(self.visible(self.ids[row]), skip_special_tokens=True)
+        if self.stop_strings:
+            text = self._held_back(text)
         if text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its next piece
             return
         old = self.shown.get(row, "")

@@ -3,8 +3,9 @@
 A batch line is either a unified record (``messages`` + ``images`` / ``videos`` / ``audios``; cut after its
 last user message, so held-out records with reference answers work as prompts) or the short form
 ``{"prompt": "...", "images": [...], "videos": [...], "audios": [...]}``; both may carry ``id`` and
-``tools``. Relative media paths are taken from ``media_root`` (default: the batch file's folder). Every
-problem names the file, the line and the key, and is found before the model runs.
+``tools``. Any other key is an error naming the line (``image``: did you mean ``images``?). Relative
+media paths are taken from ``media_root`` (default: the batch file's folder). Every problem names the
+file, the line and the key, and all bad lines (the first 20) are reported before the model runs.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from toollmm.errors import NotUtf8, UserError, iter_text_lines
+
 from .session import MEDIA_KEYS, with_placeholders
 
 MODALITY_OF_KEY = {v: k for k, v in MEDIA_KEYS.items()}
 
 
-class BatchError(ValueError):
+class BatchError(UserError, ValueError):
     """A batch file line that cannot become a request."""
 
 
@@ -53,12 +56,44 @@ def _paths(obj: dict, key: str, root: Path, where: str) -> list[str]:
     return out
 
 
+#: keys of the short form, and of a unified record (data/schema.json)
+PROMPT_KEYS = ("prompt", "images", "videos", "audios", "id", "tools")
+RECORD_KEYS = ("messages", "id", "source", "task", "images", "videos", "audios", "tools", "eval", "meta")
+#: what users coming from other tools write instead (LLaVA's singular ``image``, ...)
+KEY_HINTS = {"image": "images", "video": "videos", "audio": "audios", "text": "prompt", "query": "prompt",
+             "question": "prompt", "instruction": "prompt", "input": "prompt", "conversations": "messages",
+             "tool": "tools"}  # fmt: skip
+MAX_REPORTED = 20
+
+
+def _unknown_keys(obj: dict) -> list[str]:
+    import difflib
+
+    allowed = (
+        RECORD_KEYS if "messages" in obj else PROMPT_KEYS if "prompt" in obj else (*RECORD_KEYS, "prompt")
+    )
+    out = []
+    for k in obj:
+        if k in allowed:
+            continue
+        hint = KEY_HINTS.get(k) or next(iter(difflib.get_close_matches(k, allowed, n=1, cutoff=0.6)), None)
+        out.append(f"unknown key `{k}`" + (f" (did you mean `{hint}`?)" if hint else ""))
+    if out:
+        out[-1] += f"; a line takes {', '.join(PROMPT_KEYS)} or a unified record ({', '.join(RECORD_KEYS)})"
+    return out
+
+
 def request_from_obj(obj, root: Path, where: str, default_id: str):
-    """One batch line (already parsed) -> ``Request``."""
+    """One batch line (already parsed) -> ``Request``; unknown keys are an error (never ignored)."""
     from ..inference_api import Request
 
     if not isinstance(obj, dict):
         raise BatchError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = _unknown_keys(obj)
+    if unknown and "messages" not in obj and not isinstance(obj.get("prompt"), str):
+        unknown.append("needs `messages` (a unified record) or a `prompt` string")
+    if unknown:
+        raise BatchError(f"{where}: " + "; ".join(unknown))
     media = {key: _paths(obj, key, root, where) for key in MEDIA_KEYS.values()}
     rid = str(obj.get("id", default_id))
     tools = obj.get("tools")
@@ -82,22 +117,33 @@ def request_from_obj(obj, root: Path, where: str, default_id: str):
 
 def read_batch(path: str | Path, media_root: str | Path | None = None) -> list:
     """Every line of a JSONL batch file as a ``Request`` (blank lines skipped); ``id`` defaults to the
-    line number."""
+    line number. Every bad line is found first: the error lists them all (the first 20)."""
     path = Path(path)
     if not path.is_file():
         raise BatchError(f"{path}: batch file not found")
     root = Path(media_root) if media_root else path.parent
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    out, bad = [], []
+    for n, line in iter_text_lines(path):
+        where = f"{path}:{n}"
+        try:
+            if isinstance(line, NotUtf8):
+                raise BatchError(str(line))
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, or nesting too deep for the parser
                 raise BatchError(f"{where}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise BatchError(f"{where}: not valid JSON (nested too deeply)") from None
             out.append(request_from_obj(obj, root, where, default_id=str(n)))
+        except BatchError as e:
+            bad.append(str(e))
+    if bad:
+        shown = bad[:MAX_REPORTED]
+        more = f"\n(and {len(bad) - len(shown)} more)" if len(bad) > len(shown) else ""
+        head = f"{path}: {len(bad)} bad line(s), nothing was run:\n" if len(bad) > 1 else ""
+        raise BatchError(head + "\n".join(shown) + more)
     if not out:
         raise BatchError(f"{path}: no requests (the file is empty)")
     return out

@@ -27,8 +27,11 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import DecoderConfig
 from ..paths import resolve
+from ..safefiles import naming_refused_pickles
 from . import media_out
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ POOLED_TEXT_ENCODERS = {"ClapTextModelWithProjection"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DecoderError(ValueError):
+class DecoderError(UserError, ValueError):
     """A decoder folder, its configs or a generation request is unusable; the message names the file."""
 
 
@@ -219,7 +222,8 @@ class DecoderPool:
         start = time.perf_counter()
         local = resolve(cfg.path)
         source = str(local) if local.is_dir() else str(cfg.path)  # a Hub id: diffusers fetches it whole
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype).to(device)
+        with naming_refused_pickles(f"model.decoders.{modality}.path", source):  # .bin: weights_only
+            pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         self.constructions[modality] += 1
         elapsed = time.perf_counter() - start

@@ -5,6 +5,7 @@ Layout of a delta folder (format ``toollmm-delta/1``)::
     <dir>/delta.safetensors      token rows + projections; header metadata: format, parts, token_ids, tied
     <dir>/adapter/               peft's own ``save_pretrained`` output (adapter_config.json +
                                  adapter_model.safetensors, LoRA A/B only); present iff "lora" in parts
+                                 (a release keeps these two files at its root instead: ``adapter_dir``)
 
 Keys of ``delta.safetensors``::
 
@@ -38,7 +39,11 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import MODALITIES
+from ..safefiles import naming_refused_pickles, save_safetensors_file
+from .files import respect_umask
 from .toollmm_model import ToolLMM
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ DELTA_PARTS = ("input_proj", *(f"output_proj.{m}" for m in MODALITIES), "lora", 
 HEADER_SLACK = 64 * 1024
 
 
-class DeltaError(ValueError):
+class DeltaError(UserError, ValueError):
     """A delta that does not fit the model it is loaded into."""
 
 
@@ -100,8 +105,6 @@ def _check_parts(model: ToolLMM, parts, where: str) -> list[str]:
 
 def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
     """Write the delta of ``model`` (default parts: ``model.delta_parts`` + token rows) to ``out_dir``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = _check_parts(model, set(model.delta_parts if parts is None else parts) | {"token_rows"}, str(out))
@@ -113,13 +116,14 @@ def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
         "tied": json.dumps(model.bundle.tied),
     }
     tmp = out / (DELTA_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors_file(tensors, tmp, metadata=meta)  # canonical header, the umask's file mode
     os.replace(tmp, out / DELTA_FILE)
     adapter = out / ADAPTER_DIR
     if "lora" in parts:
         tmp_dir = out / (ADAPTER_DIR + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
         model.llm.save_pretrained(str(tmp_dir), save_embedding_layers=False)
+        respect_umask(tmp_dir)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp_dir, adapter)
     elif adapter.exists():
@@ -137,35 +141,53 @@ def delta_size_bound(model: ToolLMM, parts) -> int:
     return n + HEADER_SLACK
 
 
+def adapter_dir(delta_dir: str | os.PathLike) -> Path:
+    """Where a delta's peft adapter lives: ``adapter/`` in a stage folder; the folder itself in a release
+    (peft's ``from_pretrained(folder)`` and the Hub's snippet read the adapter files at the root)."""
+    d = Path(delta_dir)
+    if not (d / ADAPTER_DIR).is_dir() and (d / "adapter_config.json").is_file():
+        return d
+    return d / ADAPTER_DIR
+
+
 def delta_weight_bytes(delta_dir: str | os.PathLike) -> int:
     d = Path(delta_dir)
-    files = [d / DELTA_FILE, d / ADAPTER_DIR / "adapter_model.safetensors"]
+    files = [d / DELTA_FILE, adapter_dir(d) / "adapter_model.safetensors"]
     return sum(f.stat().st_size for f in files if f.exists())
 
 
 def load_delta(model: ToolLMM, delta_dir: str | os.PathLike) -> DeltaLoadReport:
     """Load a delta strictly into ``model`` (see module doc); raises :class:`DeltaError` naming the problem."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     d = Path(delta_dir)
     f = d / DELTA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"no delta at {f}")
-    with safe_open(str(f), framework="pt") as h:
-        meta = h.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise DeltaError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        _check_token_ids(json.loads(meta["token_ids"]), model.bundle.token_ids.to_dict(), f)
-        parts = _check_parts(model, json.loads(meta["parts"]), str(f))
-        want = delta_tensors(model, parts)
-        keys = list(h.keys())
-        unexpected = sorted(set(keys) - set(want))
-        if unexpected:
-            raise DeltaError(f"{f}: unexpected key(s) {unexpected[:10]} (not in this model's parts {parts})")
-        missing = sorted(set(want) - set(keys))
-        if missing:
-            raise DeltaError(f"{f}: missing key(s) {missing[:10]} of part(s) {parts}")
-        loaded = {k: h.get_tensor(k) for k in keys}
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise DeltaError(f"{f}: format {meta.get('format')!r}, expected {FORMAT!r}")
+            _check_token_ids(json.loads(meta["token_ids"]), model.bundle.token_ids.to_dict(), f)
+            parts = _check_parts(model, json.loads(meta["parts"]), str(f))
+            want = delta_tensors(model, parts)
+            keys = list(h.keys())
+            unexpected = sorted(set(keys) - set(want))
+            if unexpected:
+                raise DeltaError(
+                    f"{f}: unexpected key(s) {unexpected[:10]} (not in this model's parts {parts})"
+                )
+            missing = sorted(set(want) - set(keys))
+            if missing:
+                raise DeltaError(f"{f}: missing key(s) {missing[:10]} of part(s) {parts}")
+            loaded = {k: h.get_tensor(k) for k in keys}
+    except SafetensorError as e:  # truncated or damaged (even when the manifest was rewritten to match)
+        raise DeltaError(f"{f}: not a readable safetensors file ({e})") from None
+    except (KeyError, ValueError) as e:
+        if isinstance(e, DeltaError):
+            raise
+        raise DeltaError(f"{f}: damaged metadata ({type(e).__name__}: {e})") from None
     for k, t in loaded.items():
         if tuple(t.shape) != tuple(want[k].shape):
             raise DeltaError(f"{f}: {k} has shape {tuple(t.shape)}, the model expects {tuple(want[k].shape)}")
@@ -173,7 +195,7 @@ def load_delta(model: ToolLMM, delta_dir: str | os.PathLike) -> DeltaLoadReport:
         for k, t in loaded.items():
             want[k].copy_(t.to(device=want[k].device, dtype=want[k].dtype))
     if "lora" in parts:
-        _load_lora(model, d / ADAPTER_DIR)
+        _load_lora(model, adapter_dir(d))
     model.delta_parts |= set(parts)
     not_saved = [p for p in possible_parts(model) if p not in parts]
     expected_missing = sorted(delta_tensors(model, not_saved))
@@ -215,7 +237,14 @@ def _load_lora(model: ToolLMM, adapter: Path) -> None:
             was, now = sorted(was or []), sorted(now or [])
         if was != now:
             raise DeltaError(f"{cfg_file}: {key} = {was}, but model.llm.lora has {now}")
-    weights = load_peft_weights(str(adapter), device="cpu")
+    try:
+        with naming_refused_pickles("adapter", adapter):  # peft reads an adapter_model.bin weights_only
+            weights = load_peft_weights(str(adapter), device="cpu")
+    except UserError:
+        raise
+    except Exception as e:  # damaged safetensors / zip archives: no common type
+        files = ", ".join(sorted(p.name for p in adapter.glob("adapter_model.*"))) or "no weights file"
+        raise DeltaError(f"{adapter} ({files}): adapter weights not loadable: {type(e).__name__}: {e}") from e
     result = set_peft_model_state_dict(model.llm, weights)
     if result.unexpected_keys:
         raise DeltaError(f"{adapter}: unexpected adapter key(s) {sorted(result.unexpected_keys)[:10]}")

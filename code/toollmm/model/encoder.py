@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from toollmm.errors import UserError
+
 from .. import compat
 from ..config import ModelConfig, PreprocessConfig
 from ..configlib import ConfigError
@@ -38,7 +40,7 @@ TOWER = {"image": "vision", "video": "vision", "audio": "audio"}
 HASH_MEMO = CACHE_DIR / "checkpoint_sha256.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model; the message names the file and every bad key."""
 
 
@@ -258,6 +260,26 @@ def random_identity(kwargs: dict, seed: int) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
+def encoder_identity(
+    model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, hash_memo: str | os.PathLike = HASH_MEMO
+) -> str:
+    """The identity ``build_encoder(model_cfg, dtype=dtype)`` gives its encoder, without building it
+    (the checkpoint's sha256, memoised; or the random-init kwargs + seed), so a run can look its
+    features up in the cache and never load the weights when they are all there."""
+    enc = model_cfg.encoder
+    kwargs = model_kwargs(model_cfg)
+    ckpt = resolve(enc.checkpoint)
+    if ckpt is None:
+        ident = f"imagebind-random-{random_identity(kwargs, enc.seed)[:32]}"
+    else:
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(
+                f"{ckpt}: ImageBind checkpoint not found (see pretrained_checkpoint/README.md)"
+            )
+        ident = f"imagebind-sha256-{sha256_memoised(ckpt, hash_memo)}"
+    return f"{ident}-{str(dtype).removeprefix('torch.')}"
+
+
 def build_encoder(
     model_cfg: ModelConfig,
     device: str | torch.device = "cpu",
@@ -272,12 +294,10 @@ def build_encoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(enc.seed)
             model = build_imagebind(kwargs)
-        ident = f"imagebind-random-{random_identity(kwargs, enc.seed)[:32]}"
         log.info("ImageBind (%s) randomly initialised from seed %d", enc.preset, enc.seed)
     else:
         model = build_imagebind(kwargs, empty=True)
         load_imagebind_checkpoint(model, ckpt)
-        ident = f"imagebind-sha256-{sha256_memoised(ckpt, hash_memo)}"
     model.to(device=device, dtype=dtype)
-    identity = f"{ident}-{str(dtype).removeprefix('torch.')}"
+    identity = encoder_identity(model_cfg, dtype, hash_memo)
     return ImageBindEncoder(model, output=enc.output, preprocess=model_cfg.preprocess, identity=identity)

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..config import FeatureCacheConfig
 from ..paths import resolve
+from ..safefiles import safetensors_bytes
 from .files import atomic_write_bytes, sha256_file
 from .preprocess import MediaError, VideoSource, load_media, settings, source_name
 
@@ -40,14 +40,14 @@ class FeatureCache:
 
     ``encoder`` is a ``toollmm.model.encoder.ImageBindEncoder`` (anything with ``identity``, ``output``,
     ``preprocess``, ``out_dim``, ``outputs_per_input`` and ``encode``). Counters: ``hits``, ``misses``,
-    ``writes``.
+    ``writes``, ``forwards`` (encoder calls).
     """
 
     def __init__(self, root: str | os.PathLike, encoder, batch_size: int = 16):
         self.root = Path(root)
         self.encoder = encoder
         self.batch_size = batch_size
-        self.hits = self.misses = self.writes = 0
+        self.hits = self.misses = self.writes = self.forwards = 0
         self._hash_memo: dict[tuple, str] = {}
 
     @classmethod
@@ -113,9 +113,13 @@ class FeatureCache:
 
     def _write(self, modality: str, key: str, feats: torch.Tensor, name: str) -> None:
         meta = {"modality": modality, "source": name, "encoder": self.encoder.identity, "key": key}
-        data = st_save({"features": feats.detach().to("cpu", torch.float32).contiguous()}, metadata=meta)
+        data = safetensors_bytes({"features": feats.detach().to("cpu", torch.float32).contiguous()}, meta)
         atomic_write_bytes(self.path(modality, key), data)
         self.writes += 1
+
+    def exists(self, modality: str, key: str) -> bool:
+        """Whether an entry for ``key`` is on disk (not read or validated)."""
+        return self.path(modality, key).is_file()
 
     def lookup(self, modality: str, source: VideoSource) -> torch.Tensor | None:
         """Cached features or None; never encodes and does not count."""
@@ -142,6 +146,7 @@ class FeatureCache:
                 [load_media(modality, sources[i], self.encoder.preprocess, names[i]) for i in chunk]
             )
             feats = self.encoder.encode(modality, pixels).cpu()
+            self.forwards += 1
             for j, i in enumerate(chunk):
                 out[i] = feats[j].clone()
                 self._write(modality, keys[i], out[i], names[i])

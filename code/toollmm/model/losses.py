@@ -32,7 +32,8 @@ def prepare_attention_mask(mask: torch.Tensor, attn_implementation: str, dtype: 
     attention kernels return NaN for a fully masked row, and NaN * 0 still poisons gradients); real tokens
     already attend to themselves, so their outputs do not change. Then: sdpa and others take the boolean mask, eager an
     additive float mask; flash_attention_2 and ``PACKED_SDPA`` (``toollmm.model.packed_attention``, what
-    ``sdpa`` loads as) take no mask and find sample boundaries in ``position_ids``.
+    ``sdpa`` loads as) take no mask: ``ToolLMM.run_llm`` hands them the sample boundaries, found once per
+    batch by ``packed_attention_kwargs``.
     """
     if mask.dim() == 2:
         return mask

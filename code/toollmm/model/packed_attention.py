@@ -10,7 +10,14 @@ no real token and no loss.
 It is used when the model's ``attn_implementation`` is ``sdpa`` (``toollmm.model.llm`` registers it under
 ``PACKED_SDPA``) and the call is a training / prefill pass with no mask, ``position_ids`` given and as many
 keys as queries. Every other call (padding masks, decoding with a KV cache) goes to transformers' own
-``sdpa_attention_forward`` unchanged.
+``sdpa_attention_forward``; an append of several tokens to a cache with no mask gets an explicit causal mask
+aligned to the END of the keys (transformers' ``is_causal`` path would crop the keys to the first ``q_len``
+positions and read the wrong history).
+
+Sample spans are found once per batch (:func:`packed_attention_kwargs`, one host sync), not once per layer:
+``ToolLMM.run_llm`` passes them to every layer as the ``toollmm_spans`` keyword (``PACKED_SDPA``) or as
+``cu_seq_lens_q/k`` + ``max_length_q/k`` over the flattened rows (``flash_attention_2``, whose own
+``position_ids`` detection only works for a single row).
 """
 
 from __future__ import annotations
@@ -42,22 +49,61 @@ def spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
+def cu_seqlens(rows: list[list[tuple[int, int]]], width: int) -> list[int]:
+    """Cumulative sample boundaries over the rows flattened to one sequence (row ``r`` starts at ``r * width``)."""
+    out = [r * width + s for r, row in enumerate(rows) for s, _ in row]
+    return out + [len(rows) * width]
+
+
+def packed_attention_kwargs(attn_implementation: str, position_ids: torch.Tensor) -> dict:
+    """The per-batch keywords that keep attention inside each packed sample (computed once per batch):
+    ``toollmm_spans`` for ``PACKED_SDPA``; ``cu_seq_lens_q/k`` (int32, on the positions' device) and
+    ``max_length_q/k`` for ``flash_attention_2``; nothing for kernels that read the 4-D mask (eager)."""
+    if attn_implementation not in (PACKED_SDPA, "flash_attention_2"):
+        return {}
+    rows = spans(position_ids)
+    if attn_implementation == PACKED_SDPA:
+        return {"toollmm_spans": rows}
+    cu = torch.tensor(cu_seqlens(rows, position_ids.shape[1]), dtype=torch.int32, device=position_ids.device)
+    longest = max(e - s for row in rows for s, e in row)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def append_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bool ``[1, 1, q_len, kv_len]``: the last ``q_len`` keys are the queries themselves (a cache append),
+    query ``i`` sees every cached key and the new keys up to itself."""
+    q = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return (torch.arange(kv_len, device=device)[None, :] <= q)[None, None]
+
+
 def packed_sdpa_forward(
     module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
 ):
     """The attention-function signature of ``transformers.AttentionInterface`` (see the module docstring)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    rows_spans = kwargs.pop("toollmm_spans", None)
     position_ids = kwargs.get("position_ids")
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None or position_ids is None or q_len == 1 or q_len != kv_len:
+    if attention_mask is None and 1 < q_len < kv_len:  # several tokens appended to a cache
+        attention_mask = append_mask(q_len, kv_len, query.device)
+    if (
+        attention_mask is not None
+        or q_len == 1
+        or q_len != kv_len
+        or (position_ids is None and rows_spans is None)
+    ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if position_ids.shape[0] != query.shape[0]:
-        position_ids = position_ids.expand(query.shape[0], -1)
+    if rows_spans is None:
+        if position_ids.shape[0] != query.shape[0]:
+            position_ids = position_ids.expand(query.shape[0], -1)
+        rows_spans = spans(position_ids)
+    if len(rows_spans) != query.shape[0]:
+        raise ValueError(f"toollmm_spans: {len(rows_spans)} rows of spans for a batch of {query.shape[0]}")
     rows = []
-    for b, row in enumerate(spans(position_ids)):
+    for b, row in enumerate(rows_spans):
         parts = [
             F.scaled_dot_product_attention(
                 query[b : b + 1, :, s:e],

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toollmm.errors import UserError
+
 from ..config import PreprocessConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,7 +44,7 @@ Source = str | os.PathLike | bytes
 VideoSource = Source | Sequence[str | os.PathLike]
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A media input that cannot be read or preprocessed; names the input and the reason."""
 
     def __init__(self, name: str, reason: str):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .files import respect_umask
+
 log = logging.getLogger(__name__)
 
 _CAPTIONS = (
@@ -288,6 +290,7 @@ def build_tiny_decoders(
             torch.manual_seed(seed + i)
             pipe = _BUILDERS[modality](folder, specs[modality])
         pipe.save_pretrained(folder)
+        respect_umask(folder)  # safetensors writes 0600
         log.info("tiny %s decoder written to %s (%s)", modality, folder, type(pipe).__name__)
         folders[modality] = folder
     return folders

@@ -27,6 +27,7 @@ from .losses import (
     next_token_targets,
     prepare_attention_mask,
 )
+from .packed_attention import packed_attention_kwargs
 from .projections import InputProjection, OutputProjection
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,12 @@ class ToolLMM(nn.Module):
         the bool ``logits_at [B, T]``) and, with ``hidden_states``, the hidden states of every layer (the
         last one after the final norm)."""
         embeds = self.embed(batch) if embeds is None else embeds
-        mask = prepare_attention_mask(batch.attention_mask, self.bundle.attn_implementation, embeds.dtype)
+        impl = self.bundle.attn_implementation
+        mask = prepare_attention_mask(batch.attention_mask, impl, embeds.dtype)
         extra = {} if logits_at is None else {"logits_to_keep": logits_at}
+        if batch.attention_mask.dim() == 4 and batch.position_ids is not None:
+            # packed: sample spans once per batch (one host sync), handed to every layer's kernel
+            extra.update(packed_attention_kwargs(impl, batch.position_ids))
         return self.llm(
             inputs_embeds=embeds,
             attention_mask=mask,

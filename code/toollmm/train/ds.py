@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from toollmm.errors import UserError
+
 from ..config import Config
 from ..paths import resolve
 
@@ -55,7 +57,7 @@ _PRECISION_KEYS = {
 }
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     pass
 
 
@@ -162,8 +164,13 @@ def init_distributed() -> tuple[int, int, int]:
     """Join (or create) the process group: nccl on GPUs, gloo on CPU. Returns (rank, local_rank, world).
     The group lives as long as the process (``code/train.py`` destroys it before exit), so several stages
     can run in one process. Without a launcher (one process) the rendezvous variables are filled in,
-    with a fresh free port each time unless MASTER_PORT was given."""
+    with a fresh free port each time unless MASTER_PORT was given. Rank 0's rendezvous store listens on
+    ``MASTER_ADDR``'s address only (loopback on one node), never on every interface
+    (:mod:`toollmm.train.rendezvous`)."""
     import deepspeed
+    from deepspeed.constants import default_pg_timeout
+
+    from .rendezvous import init_process_group
 
     global _OWN_PORT
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -172,15 +179,26 @@ def init_distributed() -> tuple[int, int, int]:
     if problem:
         raise RuntimeError(problem)
     on_gpu = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])
+    rank, local_rank, world = (
+        int(os.environ["RANK"]),
+        int(os.environ["LOCAL_RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+    )
     if on_gpu:
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        if _OWN_PORT or "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())  # a second run in one process: a new port
+        backend = "nccl" if on_gpu else "gloo"
+        if world == 1 and (_OWN_PORT or "MASTER_PORT" not in os.environ):
+            # port 0: a free one, bound at once (a second run in one process gets a new one)
+            os.environ["MASTER_PORT"] = "0"
             _OWN_PORT = True
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    return int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"])
+        elif "MASTER_PORT" not in os.environ:
+            raise RuntimeError(
+                f"WORLD_SIZE={world} but MASTER_PORT is not set: launch through scripts/train.sh"
+            )
+        init_process_group(backend, rank, world, local_rank, default_pg_timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group
+    return rank, local_rank, world
 
 
 _OWN_PORT = False

@@ -23,12 +23,13 @@ import torch
 from .. import configlib
 from ..config import Loaded
 from ..paths import ensure_torch_extensions_dir, resolve
-from .build import build_run, resolve_init_from, total_steps
+from .build import build_run, check_init_from_bases, resolve_init_from, total_steps
 from .ds import build_ds_config, compute_dtype, init_distributed
 from .finish import SeenSamples, rank_report, save_loadable
+from .lock import hold_stage
 from .resume import ResumeCheckpoints
 from .schedule import make_scheduler
-from .tracking import MetricsWindow, Tracker, setup_logging
+from .tracking import MetricsWindow, Tracker, setup_logging, term_present
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,14 @@ def stage_dir_of(cfg) -> Path:
 
 def run_stage(loaded: Loaded, resume: bool = False) -> dict:
     """Train the stage described by ``loaded``. Returns ``steps``, ``wall_s``, ``val`` (last validation),
-    ``stage_dir``, ``ranks`` (the rank report) and ``model`` (the trained ToolLMM, for in-process use)."""
+    ``stage_dir``, ``ranks`` (the rank report) and ``model`` (the trained ToolLMM, for in-process use).
+    The stage folder is locked for the whole run (``train.lock``: a second run on it is refused, naming
+    this one); the lock is released on return, so one process can run stage after stage."""
     ensure_torch_extensions_dir()
     rank, local_rank, world = init_distributed()
     setup_logging(rank, loaded.config.logging.level)
-    return _run(loaded, rank, local_rank, world, resume)
+    with hold_stage(stage_dir_of(loaded.config), rank):
+        return _run(loaded, rank, local_rank, world, resume)
 
 
 def batches(stream):
@@ -105,6 +109,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
     cfg = loaded.config
     stage_dir = stage_dir_of(cfg)
     resolve_init_from(cfg, stage_dir)
+    check_init_from_bases(cfg, rank)
     ckpts = ResumeCheckpoints(stage_dir / "ckpt", rank, local_rank, cfg.train.keep_last)
     resume = _resume_decision(ckpts, resume)
     if rank == 0:
@@ -117,7 +122,8 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
         cfg.model.llm.path,
         len(cfg.data.train),
     )
-    model, counts, stream, heldout = build_run(cfg, rank, world)
+    prepass: dict = {}
+    model, counts, stream, heldout = build_run(cfg, rank, world, prepass)
     steps = total_steps(cfg, stream)
     log.info("starting the DeepSpeed engine: %d optimiser steps, %d per epoch", steps, stream.steps_per_epoch)
     engine, dtype = make_engine(cfg, model, steps, world)
@@ -137,7 +143,7 @@ def _run(loaded: Loaded, rank: int, local_rank: int, world: int, resume: bool) -
         step,
     )
     if step == 0:
-        start = {"trainable": counts, "steps": steps, "world": world, "dtype": str(dtype)}
+        start = {"trainable": counts, "steps": steps, "world": world, "dtype": str(dtype), **prepass}
         tracker.log({"event": "start", **start, "steps_per_epoch": stream.steps_per_epoch}, 0)
     source = batches(stream)
     window, last_val = MetricsWindow(), None
@@ -188,12 +194,13 @@ def _resume_decision(ckpts: ResumeCheckpoints, resume: bool) -> bool:
 
 @torch.no_grad()
 def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
-    """Mean of every loss term over the held-out batches that hold real tokens (each rank its share,
+    """Mean of every loss term over the held-out batches that hold real tokens and really had that term
+    (``term_present``: no ``align_<m>`` zeros from batches without ``m`` targets; each rank its share,
     averaged over ranks). Padding batches run too (ZeRO-3 ranks must make the same module calls) but
     are not counted."""
     engine.eval()
     sums: dict[str, float] = defaultdict(float)
-    n = 0
+    counts: dict[str, int] = defaultdict(int)  # batches that really had the term (term_present)
     heldout.epoch, heldout.consumed = 0, 0  # the same held-out batches every time
     it = iter(heldout)
     for _ in range(len(heldout) if not max_batches else min(max_batches, len(heldout))):
@@ -203,8 +210,11 @@ def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
         if batch.real_tokens == 0:
             continue
         for k, v in out.items():
-            sums[k] += float(v)
-        n += 1
+            if term_present(k, batch):
+                sums[k] += float(v)
+                counts[k] += 1
+            else:
+                sums[k] += 0.0
     it.close()
     engine.train()
     keys = sorted(sums)
@@ -212,7 +222,11 @@ def validate(engine, heldout, dtype, max_batches: int | None = None) -> dict:
         got = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(got, keys)
         keys = sorted({k for ks in got for k in ks})
-    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64, device=engine.device)
+    t = torch.tensor(
+        [sums.get(k, 0.0) for k in keys] + [float(counts.get(k, 0)) for k in keys],
+        dtype=torch.float64,
+        device=engine.device,
+    )
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-    return {k: float(t[i] / max(1.0, float(t[-1]))) for i, k in enumerate(keys)}
+    return {k: float(t[i] / t[len(keys) + i]) for i, k in enumerate(keys) if float(t[len(keys) + i]) > 0}

@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..data.captions import CaptionStore, decoder_encoders, embed_captions
+from ..errors import iter_text_lines
 from ..paths import resolve
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,12 @@ def _jsonl_records(cfg):
         p = resolve(src.path)
         if p.is_dir():
             continue
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                if '"generate"' in line:
-                    try:
-                        yield json.loads(line)
-                    except ValueError:
-                        continue  # the stream reports malformed lines under its own policy
+        for _, line in iter_text_lines(p):
+            if isinstance(line, str) and '"generate"' in line:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue  # the stream reports malformed (or non-UTF-8) lines under its own policy
 
 
 def needs_targets(cfg, model) -> bool:

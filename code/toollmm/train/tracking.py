@@ -1,7 +1,8 @@
 """Quiet, rank-aware run tracking: one metrics dict per logged step, written by rank 0 only.
 
 * ``metrics.jsonl`` in the stage folder: one JSON object per logged step with ``step``, each loss term
-  (``loss``, ``lm``, ``align_<modality>``; means over the window's micro-batches and all ranks), ``lr``,
+  (``loss``, ``lm``, ``align_<modality>``; means over the window's micro-batches and all ranks that HAD
+  that term: a window without a modality's signal targets has no ``align_<modality>`` key, not a 0), ``lr``,
   ``grad_norm``, ``tok_s`` (real, non-padding tokens per second, all ranks), ``samples_s``,
   ``real_token_fraction``, ``mem_mb`` / ``mem_peak_mb`` (GPU allocated / peak allocated, or the process's
   resident / peak resident memory on CPU; the largest rank's), ``step_s`` and ``epoch``; validation lines
@@ -86,24 +87,41 @@ def memory_mb() -> tuple[float, float]:
     return psutil.Process().memory_info().rss / 2**20, peak_kb / 1024
 
 
+def term_present(key: str, batch) -> bool:
+    """Whether the loss term ``key`` was really computed on ``batch``. The model returns every term on
+    every batch (ZeRO-3 needs the same module calls everywhere), with ``align_<modality>`` as a zero when
+    the batch holds no signal targets of that modality: such a zero is not a measurement and is left out
+    of every mean (on a log-scale loss curve it would dive to the floor)."""
+    if not key.startswith("align_"):
+        return True
+    targets = getattr(batch, "signal_targets", {}).get(key[len("align_") :])
+    return targets is not None and targets.positions.shape[0] > 0
+
+
 class MetricsWindow:
     """Loss terms, token counts and compute time since the last metrics line."""
 
     def __init__(self):
         self.sums: dict = defaultdict(float)  # loss term -> running sum (a device tensor once added to)
+        self.counts: dict = defaultdict(int)  # loss term -> micro-batches that really had it (host-side)
         self.n = self.real = self.total = self.samples = self.steps = 0
         self.seconds = 0.0
 
     def add(self, out: dict, batch) -> None:
         for k, v in out.items():
-            self.sums[k] = self.sums[k] + v.detach().double()  # stays on the device: no sync per micro-batch
+            present = term_present(k, batch)
+            if present:  # stays on the device: no sync per micro-batch
+                self.sums[k] = self.sums[k] + v.detach().double()
+            else:
+                self.sums[k] = self.sums[k] + 0.0  # the key exists on every rank (same collective size)
+            self.counts[k] += int(present)
         self.n += 1
         self.real += batch.real_tokens
         self.total += batch.input_ids.numel()
         self.samples += sum(len(r) for r in batch.sample_ids)
 
     def mean(self, key: str) -> float:
-        return float(self.sums[key]) / max(1, self.n)
+        return float(self.sums[key]) / max(1, self.counts[key])
 
     def metrics(self, engine, stream=None) -> dict:
         """The metrics line, summed over ranks (a collective: every rank calls it at the same step)."""
@@ -113,17 +131,23 @@ class MetricsWindow:
         counts = [self.n, self.real, self.total, self.samples]
         # on the engine's device: NCCL reduces CUDA tensors only
         t = torch.tensor(
-            [float(self.sums[k]) for k in keys] + counts, dtype=torch.float64, device=engine.device
+            [float(self.sums[k]) for k in keys] + [float(self.counts[k]) for k in keys] + counts,
+            dtype=torch.float64,
+            device=engine.device,
         )
         mem = torch.tensor(memory_mb(), dtype=torch.float64, device=engine.device)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t)
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-        n, real, total, samples = (float(x) for x in t[len(keys) :])
+        n, real, total, samples = (float(x) for x in t[2 * len(keys) :])
         dt = max(1e-9, self.seconds)
         gn = engine.get_global_grad_norm()
-        row = {k: float(t[i]) / max(1.0, n) for i, k in enumerate(keys)}
+        row = {
+            k: float(t[i]) / float(t[len(keys) + i])
+            for i, k in enumerate(keys)
+            if float(t[len(keys) + i]) > 0
+        }
         row.update(
             lr=float(engine.get_lr()[0]),
             grad_norm=float(gn) if gn is not None else None,
@@ -271,7 +295,21 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> Path | None:
-    rows = read_metrics(metrics_path)
+    """Training terms as lines, validation terms (``val_*``) as their own dashed curves with markers, on
+    a log axis; a term a logged step did not have is simply absent there (never drawn as 0), and the
+    legend sits outside the axes so it covers no data."""
+    fig = loss_figure(read_metrics(metrics_path))
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def loss_figure(rows: list[dict]):
+    """The matplotlib figure ``plot_losses`` saves (``None`` without rows)."""
     if not rows:
         return None
     import matplotlib
@@ -279,25 +317,35 @@ def plot_losses(metrics_path: Path, png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    keys = sorted(
-        {
-            k
-            for r in rows
-            for k, v in r.items()
-            if isinstance(v, (int, float)) and (k == "loss" or k.startswith(("lm", "align", "val_")))
-        }
-    )
+    def is_loss(k: str) -> bool:
+        base = k[len("val_") :] if k.startswith("val_") else k
+        return base == "loss" or base.startswith(("lm", "align"))
+
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and is_loss(k)})
+    train_keys = [k for k in keys if not k.startswith("val_")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours = {k: f"C{i % 10}" for i, k in enumerate(train_keys)}
+    drawn = 0
     for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), label=k, marker="o" if k.startswith("val_") else None, markersize=3)
+        base = k[len("val_") :] if k.startswith("val_") else k
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and r[k] > 0]
+        if not pts:
+            continue
+        is_val = k.startswith("val_")
+        ax.plot(
+            *zip(*pts),
+            label=k,
+            color=colours.get(base),
+            linestyle="--" if is_val else "-",
+            marker="o" if is_val or len(pts) == 1 else None,
+            markersize=4,
+        )
+        drawn += 1
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return fig

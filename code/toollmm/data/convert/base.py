@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toollmm.errors import UserError
 from toollmm.tokens import PLACEHOLDER, PLACEHOLDER_RE
 
 from ..toolcall import tool_call_entry
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A source record cannot be converted; the message names the file and record."""
 
 

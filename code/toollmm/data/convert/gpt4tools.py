@@ -139,7 +139,14 @@ def _eval_split(ctx: Context) -> str | None:
     return "unseen" if "unseen" in stem else ("seen" if "seen" in stem else None)
 
 
-@register("gpt4tools", options={"split": "eval split name (default: seen/unseen from the file name)"})
+@register(
+    "gpt4tools",
+    options={
+        "split": "eval split name (default: seen/unseen from the file name)",
+        "eval": "true: every record is an evaluation reference, also one with only id/instruction/output"
+        " (what GPT4Tools' eval/evaluate_result.py reads); default: records with Action/user_input",
+    },
+)
 def convert_gpt4tools(raw: dict, ctx: Context) -> list[dict]:
     """GPT4Tools training and validation/test records."""
     instruction, output = need(raw, "instruction", ctx), need(raw, "output", ctx)
@@ -167,7 +174,7 @@ def convert_gpt4tools(raw: dict, ctx: Context) -> list[dict]:
     meta = {"prompt": "gpt4tools", **({"react": style.to_meta()} if style.to_meta() else {})}
     meta.update(leftovers(raw, {"instruction", "input", "output", "id", *EVAL_KEYS}))
     evaluation = None
-    if any(k in raw for k in ("Action", "user_input")):
+    if any(k in raw for k in ("Action", "user_input")) or ctx.flag("eval"):
         evaluation = _eval_fields(raw, supervised, parts["user"], ctx, meta)
     rec = make_record(record_id(raw, ctx), ctx, msgs, tools=parts["tools"], eval=evaluation, meta=meta)
     back = to_source(rec)

@@ -13,6 +13,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from toollmm.errors import read_text
 from toollmm.tokens import MODALITIES
 
 from .base import (
@@ -41,8 +42,7 @@ ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output
 
 @lru_cache(maxsize=8)
 def _load_info(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(read_text(path))
 
 
 def dataset_description(ctx: Context) -> dict:

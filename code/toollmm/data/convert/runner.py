@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toollmm.errors import NotUtf8, iter_text_lines, read_text
+
 from .base import REGISTRY, Context, ConversionError
+from .media_check import MediaReport, Progress, bad_record_reason
+from .media_check import check_media as decode_media
 from .validation import validate
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,7 @@ class ConvertStats:
     renamed_ids: int = 0
     seconds: float = 0.0
     validate_seconds: float = 0.0
+    media: MediaReport | None = None  # --check-media
 
     @property
     def records_per_s(self) -> float:
@@ -47,6 +53,10 @@ class ConvertStats:
         ]
         for reason, n in self.skipped.most_common():
             lines.append(f"    {n} x {reason} (first: {self.examples[reason]})")
+        if self.media is not None:
+            m = self.media
+            lines.append(f"  media decoded {m.checked} ({len(m.bad)} bad) in {m.seconds:.1f} s")
+            lines += [f"    {line}" for line in m.lines()]
         if self.renamed_ids:
             lines.append(f"  {self.renamed_ids} duplicate id(s) renamed '<id>#<n>'")
         lines.append(
@@ -64,11 +74,12 @@ def _fail_reason(err: Exception, where: str) -> str:
 
 
 def iter_source(path: Path) -> Iterator[tuple[str, object]]:
-    """Yield ``(where, raw)`` for each record of a JSON array or JSONL file. A malformed JSONL line
-    yields ``(where, ConversionError)`` so the caller can skip it; a malformed JSON array raises."""
-    with open(path, encoding="utf-8") as f:
+    """Yield ``(where, raw)`` for each record of a JSON array or JSONL file. A malformed or non-UTF-8
+    JSONL line, or an array record holding bytes that are not UTF-8, yields ``(where, ConversionError)``
+    so the caller can raise or skip it; a malformed JSON array raises."""
+    with open(path, "rb") as f:
         head = f.readline()
-    first = head.strip()
+    first = head.decode("utf-8", errors="replace").strip()
     jsonl = path.suffix == ".jsonl"
     if not jsonl and first.startswith("{"):
         try:
@@ -76,30 +87,63 @@ def iter_source(path: Path) -> Iterator[tuple[str, object]]:
         except json.JSONDecodeError:
             jsonl = False
     if jsonl:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:line {n}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield (
-                        where,
-                        ConversionError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})"),
-                    )
+        for n, line in iter_text_lines(path):
+            where = f"{path}:line {n}"
+            if isinstance(line, NotUtf8):
+                where = f"{where} (byte offset {line.offset})"
+                yield where, ConversionError(f"{where}: not UTF-8 text")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield (
+                    where,
+                    ConversionError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})"),
+                )
         return
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="surrogateescape")  # bad bytes -> lone surrogates, found per record
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
     if not isinstance(data, list):
+        if _SURROGATE.search(text):
+            read_text(path)  # raises NotUtf8 naming line and byte offset
         raise ConversionError(
             f"{path}: expected a JSON array of records or JSONL, got a JSON {type(data).__name__}"
         )
     for i, raw in enumerate(data):
-        yield f"{path}:record {i}", raw
+        where = f"{path}:record {i}"
+        bad = _undecoded(raw, "")
+        if bad is not None:
+            where = f"{where} ({bad or 'the record'})"
+            yield where, ConversionError(f"{where}: not UTF-8 text")
+            continue
+        yield where, raw
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _undecoded(value: object, at: str) -> str | None:
+    """Where in a parsed value a string holds undecodable bytes (as surrogate escapes), else None."""
+    stack = [(value, at)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return at
+        elif isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                if _SURROGATE.search(k):
+                    return at
+                stack.append((x, f"{at}.{k}" if at else k))
+        elif isinstance(v, list):
+            stack.extend((x, f"{at}[{j}]") for j, x in reversed(list(enumerate(v))))
+    return None
 
 
 def convert_records(fmt: str, path: Path, ctx: Context, on_error: str, stats: ConvertStats) -> Iterator[dict]:
@@ -139,11 +183,17 @@ def convert_file(
     on_error: str = "raise",
     options: dict[str, str] | None = None,
     source: str | None = None,
+    check_media: bool = False,
+    media_workers: int = 0,
+    progress: Progress | None = None,
 ) -> ConvertStats:
     """Convert one source file into unified JSONL. Every written record passes the schema validator.
 
     ``on_error='raise'`` stops at the first bad record with an error naming file and record;
-    ``'skip'`` drops it and counts it per reason. Ids are made unique within the output."""
+    ``'skip'`` drops it and counts it per reason. Ids are made unique within the output.
+    ``check_media`` decodes every referenced medium (``media_workers`` processes; paths relative to
+    ``media_root``, else the input's folder): a bad one raises naming every bad file, or under ``'skip'``
+    drops the records that use it, counted per reason."""
     if fmt not in REGISTRY:
         raise ConversionError(f"unknown format {fmt!r}; known: {', '.join(sorted(REGISTRY))}")
     if on_error not in ("raise", "skip"):
@@ -191,6 +241,8 @@ def convert_file(
                     continue
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 stats.written += 1
+        if check_media:
+            _check_media(tmp, path, ctx.media_root or path.parent, on_error, stats, media_workers, progress)
         os.replace(tmp, out_path)
     finally:
         if tmp.exists():
@@ -198,3 +250,27 @@ def convert_file(
     stats.seconds = time.perf_counter() - t0
     log.info("converted %s: %d read, %d written", path, stats.read, stats.written)
     return stats
+
+
+def _check_media(
+    tmp: Path, path: Path, root: Path, on_error: str, stats: ConvertStats, workers, progress
+) -> None:
+    """Decode the media of the records in ``tmp``; raise naming every bad file, or drop their records."""
+    records = [json.loads(line) for line in tmp.read_text(encoding="utf-8").splitlines()]
+    report = stats.media = decode_media(records, root, workers, progress)
+    if not report.bad:
+        return
+    if on_error == "raise":
+        raise ConversionError(
+            f"{path}: --check-media: {len(report.bad)} of {report.checked} media files under {root} cannot "
+            "be decoded (--on-error skip drops their records):\n" + "\n".join(report.lines())
+        )
+    keep = []
+    for rec in records:
+        reason = bad_record_reason(rec, root, report)
+        if reason is None:
+            keep.append(rec)
+            continue
+        stats.skip(f"media: {reason}", f"{path}:{rec.get('meta', {}).get('origin', '?')} (id={rec['id']})")
+        stats.written -= 1
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
