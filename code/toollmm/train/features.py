@@ -131,8 +131,10 @@ class _Progress:
     """Rank 0's bar over the samples scanned, with encoded media/s (all ranks) and an ETA."""
 
     def __init__(self, total: int, rank: int, enabled: bool | None):
-        if enabled is None:
-            enabled = os.environ.get("TOOLLMM_NO_TQDM") != "1"
+        if enabled is None:  # a bar on a terminal only: in a log file it is a line of \r updates
+            from .tracking import console_is_terminal
+
+            enabled = os.environ.get("TOOLLMM_NO_TQDM") != "1" and console_is_terminal()
         self.bar = None
         self.t0 = time.perf_counter()
         self.encoded = 0
