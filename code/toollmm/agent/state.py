@@ -30,7 +30,9 @@ class RowResult:
     signals: list[SignalEvent]
     errors: list[str]
     warnings: list[str]
-    finish_reason: str  # eos | stop_string | max_new_tokens | tool_limit | runaway | tool_call | cancelled | error
+    finish_reason: (
+        str  # eos | stop_string | max_new_tokens | tool_limit | runaway | tool_call | cancelled | error
+    )
     timings: dict[str, float]
 
     def to_dict(self) -> dict:
