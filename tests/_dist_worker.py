@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from toollmm.paths import ensure_torch_extensions_dir
-from toollmm.train.ds import init_distributed, shutdown_distributed
+from toollmm.train.ds import init_distributed, rendezvous_port, shutdown_distributed
 
 
 def listening() -> list[list]:
@@ -46,7 +46,7 @@ def main(out: str, go: str, hold: str | None) -> None:
         "pid": os.getpid(),
         "world": world,
         "sum": t.item(),
-        "port": int(os.environ["MASTER_PORT"]),
+        "port": rendezvous_port(),
         "listening": listening(),
         "ifnames": {k: os.environ.get(k) for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")},
     }

@@ -172,7 +172,7 @@ def init_distributed() -> tuple[int, int, int]:
 
     from .rendezvous import init_process_group
 
-    global _OWN_PORT
+    global _OWN_PORT, _PORT
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
     problem = gpu_visible_but_unusable()
@@ -198,10 +198,21 @@ def init_distributed() -> tuple[int, int, int]:
             )
         init_process_group(backend, rank, world, local_rank, default_pg_timeout)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group
+        _PORT = int(os.environ["MASTER_PORT"])
+        if _OWN_PORT:
+            # our store holds that port for the life of this process: a child process (a notebook or a
+            # test launching scripts/train.sh) must not inherit it as a port to listen on
+            os.environ.pop("MASTER_PORT", None)
     return rank, local_rank, world
 
 
 _OWN_PORT = False
+_PORT: int | None = None
+
+
+def rendezvous_port() -> int | None:
+    """The port this process's rendezvous store uses (rank 0 listens on it), once the group is up."""
+    return _PORT
 
 
 def shutdown_distributed(barrier: bool = True) -> None:
