@@ -224,3 +224,35 @@ def test_tool_prints_never_reach_stdout(reg, capfd):
     assert reg.call("noisy", {}).result == "quiet result"
     out, err = capfd.readouterr()
     assert "NOISE" not in out and "NOISE from the tool" in err  # a --json stdout stays clean
+
+
+class _Payload:
+    """Unpickling this runs code (writes the marker file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("ran",))
+
+
+def test_the_tool_process_reads_json_only_never_unpickles(tmp_path):
+    import pickle
+    import sys
+
+    from toollmm.agent.sandbox import _BOOT, function_ref, resolve_function_ref
+
+    assert resolve_function_ref(function_ref(json_depth)) is json_depth
+    with pytest.raises(TypeError):
+        function_ref(lambda: None)
+    marker = tmp_path / "ran.txt"
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BOOT, str(write_fd)], stdin=subprocess.PIPE, pass_fds=(write_fd,)
+    )
+    os.close(write_fd)
+    proc.communicate(pickle.dumps(_Payload(str(marker))), timeout=120)
+    reply = json.loads(os.read(read_fd, 65536).split(b"\n")[0])
+    os.close(read_fd)
+    assert reply["status"] == "error" and "could not load the tool" in reply["payload"]
+    assert not marker.exists()

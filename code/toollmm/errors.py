@@ -97,9 +97,9 @@ def cli_errors(prog: str) -> Callable:
                 if "--verbose" in given:
                     traceback.print_exc(file=sys.stderr)
                 first, *rest = msg.splitlines() or [""]
-                print(f"{prog}: error: {first}", file=sys.stderr)
-                for line in rest:
-                    print(f"  {line}", file=sys.stderr)
+                # the entry point's own error line (a CLI boundary, not library logging: it must show
+                # even when logging is unconfigured or quietened)
+                sys.stderr.write("".join([f"{prog}: error: {first}\n", *(f"  {line}\n" for line in rest)]))
                 return 2
 
         return wrapped

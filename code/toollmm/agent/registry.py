@@ -20,7 +20,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from .sandbox import PathRefused, Workspace, run_isolated, to_text, truncate
+from .sandbox import PathRefused, Workspace, function_ref, run_isolated, to_text, truncate
 from .spec import Isolation, ToolResult, ToolSpec, schema_from_signature, tool, validator_for
 
 __all__ = ["Registry", "ToolResult", "ToolSpec", "schema_from_signature", "tool"]
@@ -124,9 +123,7 @@ class Registry:
             spec = dataclasses.replace(marked, backend=obj)
         if spec.backend is not None and spec.isolation == "subprocess":
             try:
-                pickle.dumps(spec.backend)
-                if getattr(spec.backend, "__module__", None) == "__main__":
-                    raise TypeError("defined in __main__, which a tool process cannot import")
+                function_ref(spec.backend)
             except Exception as e:
                 raise TypeError(
                     f"tool {spec.name!r}: a subprocess tool must be a module-level function of an importable "

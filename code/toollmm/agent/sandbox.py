@@ -14,10 +14,10 @@ own and trusted (it is isolated for robustness — hangs, crashes, leaks — not
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
-import pickle
 import select
 import signal
 import subprocess
@@ -112,11 +112,40 @@ def to_text(value: Any) -> str:
 _BOOT = "import sys; from toollmm.agent.sandbox import worker_main; worker_main(int(sys.argv[1]))"
 
 
+def function_ref(fn) -> str:
+    """``"module:qualname"`` of a module-level function that a fresh interpreter can import; TypeError
+    for closures, lambdas, methods of local classes and functions defined in ``__main__``."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        raise TypeError(f"{fn!r} is not a module-level function")
+    if module == "__main__":
+        raise TypeError("defined in __main__, which a tool process cannot import")
+    if resolve_function_ref(f"{module}:{qualname}") is not fn:
+        raise TypeError(f"{module}:{qualname} does not name {fn!r}")
+    return f"{module}:{qualname}"
+
+
+def resolve_function_ref(ref: str):
+    """The function a ``function_ref`` names (imports its module)."""
+    module, _, qualname = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def worker_main(reply_fd: int) -> None:
-    """Entry of the tool process: read ``(fn, kwargs, cwd, max_chars)`` (pickle) from stdin, run it,
+    """Entry of the tool process: read one JSON object ``{"fn": "module:qualname", "kwargs", "cwd",
+    "max_chars"}`` from stdin (no pickle: nothing but JSON crosses the pipe), run the named function,
     write one JSON line ``{"status", "payload"}`` to ``reply_fd``. Tool prints go to stderr."""
     try:
-        fn, kwargs, cwd, max_chars = pickle.loads(sys.stdin.buffer.read())
+        call = json.loads(sys.stdin.buffer.read())
+        fn, kwargs, cwd, max_chars = (
+            resolve_function_ref(call["fn"]),
+            call["kwargs"],
+            call["cwd"],
+            call["max_chars"],
+        )
     except BaseException as e:  # noqa: BLE001 - e.g. the tool's module cannot be imported here
         reply = {
             "status": "error",
@@ -179,7 +208,8 @@ def run_isolated(
     (``python -c``, not multiprocessing: the caller's ``__main__`` is never re-run), with the caller's
     ``sys.path``; after ``timeout_s`` the whole process group is killed."""
     try:
-        payload = pickle.dumps((fn, kwargs, os.fspath(cwd) if cwd else None, max_chars))
+        call = {"fn": function_ref(fn), "kwargs": kwargs, "cwd": os.fspath(cwd) if cwd else None}
+        payload = json.dumps({**call, "max_chars": max_chars}).encode()
     except Exception as e:
         return None, f"could not send the call to a tool process: {type(e).__name__}: {e}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
