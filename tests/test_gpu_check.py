@@ -50,3 +50,24 @@ def test_gpu_check_cpu_writes_every_section(tmp_path):
     assert report["sections"]["gemm"]["tflops"] > 0
     assert proc.returncode == (0 if report["invariants_pass"] else 1), proc.stdout
     assert report["invariants_pass"] == (not inv["failed"])
+
+
+def test_invariant_verdict_counts_only_kernels_the_config_accepts():
+    """flex_attention fails the packed case on an H200 (2.73 in bf16 logits); the config refuses it, so
+    it is reported without failing the check, while a failure of an accepted kernel still fails it."""
+    from toollmm.bench.gpu_check import accepted_kernels, verdict
+
+    accepted = accepted_kernels()
+    assert set(accepted) == {"sdpa", "eager", "flash_attention_2"}
+    ok = {"max_abs": 0.0, "pass": True}
+    bad = {"max_abs": 2.7, "pass": False}
+    flex_bad = {
+        "sdpa": {"packed_logits": ok},
+        "eager": {"packed_logits": ok},
+        "flex_attention": {"packed_logits": bad},
+    }
+    v = verdict(flex_bad, accepted)
+    assert v["pass"] and v["failed"] == ["flex_attention.packed_logits"]
+    sdpa_bad = dict(flex_bad, sdpa={"packed_logits": bad})
+    assert not verdict(sdpa_bad, accepted)["pass"]
+    assert not verdict(dict(flex_bad, eager={"error": "OSError: x"}), accepted)["pass"]
