@@ -3,12 +3,15 @@
     python code/prepare_data.py convert --format llava --input llava_v1_5_mix665k.json \\
         --output data/llava665k.jsonl --media-root /data/llava --on-error skip
     python code/prepare_data.py formats          # every format and its options
+    python code/prepare_data.py embed-captions --input data/t2x.jsonl --output data/t2x_emb.jsonl
+    python code/prepare_data.py shard --input data/llava.jsonl --output data/shards/llava --shard-size 1000
     python code/prepare_data.py demo --output data/demo [--small]
     python code/prepare_data.py demo-base --config config/demo.yaml --output outputs/demo/base
     python code/prepare_data.py encode --config config/demo.yaml --stage 1   # fill the feature cache
 
 Each subcommand is a small function that parses its arguments and calls the library
-(``toollmm.data.convert``); add one with ``@subcommand``.
+(``toollmm.data.convert``, ``toollmm.data.shards``, ``toollmm.data.captions``, ...); add one with
+``@subcommand``.
 """
 
 from __future__ import annotations
@@ -105,6 +108,87 @@ def run_formats(args: argparse.Namespace) -> int:
         print(f"{name:14s} {spec.doc}")
         for key, help_text in {**spec.options, **COMMON_OPTIONS}.items():
             print(f"{'':14s}   --opt {key}=...  {help_text}")
+    return 0
+
+
+def _configure_embed_captions(p: argparse.ArgumentParser) -> None:
+    from toollmm.config import add_config_args
+
+    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL")
+    p.add_argument(
+        "--output", required=True, type=cli_path, help="JSONL written with generate[].embedding keys set"
+    )
+    p.add_argument(
+        "--store",
+        default=repo_default(".cache/captions"),
+        type=cli_path,
+        help="caption-embedding store (default: the repo's .cache/captions)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call")
+    add_config_args(p)
+
+
+@subcommand("embed-captions", _configure_embed_captions)
+def run_embed_captions(args: argparse.Namespace, build_encoders=None) -> int:
+    """Compute decoder caption embeddings for text->X targets (cached, skipped when present)."""
+    # build_encoders(cfg) -> (encoders, decoder ids); default: the config's decoders
+    from toollmm.config import load_config
+    from toollmm.data.captions import CaptionStore, decoder_encoders, embed_captions_jsonl
+
+    cfg = load_config(config_files=args.config, overrides=args.overrides).config
+    encoders, ids = (build_encoders or decoder_encoders)(cfg)
+    store = CaptionStore(args.store)
+    counts = embed_captions_jsonl(args.input, args.output, encoders, ids, store, args.batch_size)
+    print(f"embed-captions: {args.input} -> {args.output} ({counts['computed']} computed, "
+          f"{counts['cached']} already stored in {args.store})")  # fmt: skip
+    return 0
+
+
+def _configure_shard(p: argparse.ArgumentParser) -> None:
+    p.description = "Write webdataset shards holding each record, its media bytes and caption embeddings."
+    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL (output of `convert`)")
+    p.add_argument("--output", required=True, type=cli_path, help="shard folder, e.g. data/shards/NAME/")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-bytes", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
+    p.add_argument(
+        "--media-root",
+        default=None,
+        type=cli_path,
+        help="folder media paths are relative to (default: input's folder)",
+    )
+    p.add_argument(
+        "--captions",
+        default=None,
+        type=cli_path,
+        help="caption-embedding store written by `embed-captions` (copied into shards)",
+    )
+    p.add_argument(
+        "--on-error", choices=["raise", "skip"], default="raise", help="bad record: stop, or skip and count"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
+
+
+@subcommand("shard", _configure_shard)
+def run_shard(args: argparse.Namespace) -> int:
+    """Unified JSONL + media -> webdataset tar shards with an index (records validated, bad ones named or
+    counted)."""
+    import json
+
+    from toollmm.data.captions import CaptionStore
+    from toollmm.data.shards import write_shards
+    from toollmm.data.sources import JsonlSource
+
+    store = CaptionStore(args.captions) if args.captions else None
+    src = JsonlSource(args.input, media_root=args.media_root, captions=store)
+    summary = write_shards(
+        src,
+        args.output,
+        args.shard_size,
+        shard_bytes=args.shard_bytes,
+        on_error=args.on_error,
+        overwrite=args.overwrite,
+    )
+    print(f"shard summary: {json.dumps(summary)}")
     return 0
 
 
@@ -244,11 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
         configure(p)
         p.set_defaults(run=run)
-    from toollmm.data.captions import add_embed_captions_args
-    from toollmm.data.shards import add_shard_args
-
-    add_shard_args(sub).set_defaults(run=lambda a: a.func(a))
-    add_embed_captions_args(sub).set_defaults(run=lambda a: a.func(a))
     for p in sub.choices.values():
         if "--verbose" not in p._option_string_actions:
             p.add_argument("--verbose", action="store_true", help="print the traceback of an error")

@@ -14,7 +14,7 @@ from toollmm.bench import flops, report
 from toollmm.bench.train_figs import batch_flops, sample_lengths
 from toollmm.bench.world import FULL, QUICK, encoder_dims_for
 from toollmm.config import EncoderDims, PreprocessConfig, load_config
-from toollmm.data.collate import RenderedSample, collate
+from toollmm.data.collate import SampleTensors, collate
 
 
 def test_llama_parameter_counts_match_transformers():
@@ -71,11 +71,11 @@ def test_encoder_sizing_keeps_the_huge_to_vicuna_ratio():
     assert 3.2e11 < flops.encoder_flops_per_input(huge, pre, "image") < 3.5e11
 
 
-def _sample(n: int, supervised: int, sid: str) -> RenderedSample:
+def _sample(n: int, supervised: int, sid: str) -> SampleTensors:
     ids = torch.arange(3, 3 + n)
     labels = torch.full((n,), IGNORE_INDEX)
     labels[n - supervised :] = ids[n - supervised :]
-    return RenderedSample(sid, ids, labels)
+    return SampleTensors(sid, ids, labels)
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -96,7 +96,7 @@ def test_sample_lengths_refuses_inconsistent_batches():
 
 
 def _bench() -> dict:
-    fc = {m: {"speedup": 1.1, "ideal_speedup": 1.2, "efficiency": 0.92} for m in report.MODALITIES}
+    fc = {m: {"speedup": 1.1, "ideal_speedup": 1.2, "efficiency": 0.92} for m in report.FIGURE_ORDER}
     return {
         "machine": {"cpu": "x", "threads": 2, "device": "cpu", "load_avg_before": [0.1, 0.2, 0.3]},
         "quick": True, "gemm_gflops": 80.0, "mfu_cpu": 0.7, "train_real_tokens_per_s": 500.0,

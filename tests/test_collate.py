@@ -9,13 +9,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from toollmm.batch import IGNORE_INDEX
-from toollmm.data.collate import RenderedSample, additive_mask, collate, pack_rows
+from toollmm.data.collate import SampleTensors, additive_mask, collate, pack_rows
 from toollmm.data.plan import group_batches, rng
 
 PAD, PH, SIG = 0, 60, 61  # pad, an image placeholder id, the first image signal id
 
 
-def sample(i: int, n: int, n_media: int = 0, signal_at: int | None = None, seed: int = 0) -> RenderedSample:
+def sample(i: int, n: int, n_media: int = 0, signal_at: int | None = None, seed: int = 0) -> SampleTensors:
     g = torch.Generator().manual_seed(seed * 1000 + i)
     ids = torch.randint(1, 59, (n,), generator=g)
     media = []
@@ -28,7 +28,7 @@ def sample(i: int, n: int, n_media: int = 0, signal_at: int | None = None, seed:
         signals.append(("image", signal_at, torch.full((3, 2), float(i))))
     labels = ids.clone()
     labels[: n // 3] = IGNORE_INDEX
-    return RenderedSample(
+    return SampleTensors(
         f"s{i}",
         ids,
         labels,

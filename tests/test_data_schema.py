@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from toollmm.data.schema import RecordError, check_record, ensure_valid, load_jsonl, validate_record
+from toollmm.data.records import RecordError, check_record, ensure_valid, load_jsonl, validate_record
 from toollmm.data.toolcall import tool_call_entry
 from toollmm.paths import DATA_DIR
 
@@ -163,7 +163,7 @@ def test_each_problem_is_caught_and_names_the_record(case):
 def test_eval_only_records_need_no_assistant_turn():
     r = base()
     r["messages"] = r["messages"][:2]
-    assert [p.reason for p in check_record(r)] == ["no_supervised_turn"]
+    assert [p.reason for p in check_record(r)] == ["empty_conversation"]
     r["eval"] = {"acceptable": ["count"]}
     assert check_record(r) == []
     with pytest.raises(RecordError, match=r"x:1: record 'r1': 1 <image> .* but 3 entries"):
@@ -180,7 +180,7 @@ def test_load_jsonl_raises_naming_file_line_and_id(tmp_path):
     assert next(it)["id"] == "r1"
     with pytest.raises(RecordError, match=rf"{re.escape(str(p))}:3: record 'broken': 1 <image>") as e:
         next(it)
-    assert e.value.record_id == "broken" and e.value.reason == "placeholders"
+    assert e.value.record_id == "broken" and e.value.reason == "media_mismatch"
 
 
 def test_load_jsonl_skip_counts_per_reason(tmp_path):
@@ -196,6 +196,11 @@ def test_load_jsonl_skip_counts_per_reason(tmp_path):
     records = load_jsonl(p, on_error="skip")
     assert [r["id"] for r in records] == ["r1", "r2"]
     assert records.read == 2
-    assert dict(records.skipped) == {"json": 1, "duplicate_id": 1, "placeholders": 1, "schema": 1}
+    assert dict(records.skipped) == {
+        "malformed_json": 1,
+        "duplicate_id": 1,
+        "media_mismatch": 1,
+        "invalid_record": 1,
+    }
     with pytest.raises(ValueError, match="on_error"):
         load_jsonl(p, on_error="ignore")

@@ -14,8 +14,7 @@ import pytest
 from toollmm.config import ConfigError
 from toollmm.configlib import load_yaml
 from toollmm.data.convert import ConversionError, convert_file
-from toollmm.data.records import BadSample
-from toollmm.data.schema import RecordError, load_jsonl
+from toollmm.data.records import BadSample, RecordError, load_jsonl
 from toollmm.data.sources import JsonlSource
 from toollmm.infer.requests import BatchError, read_batch
 from toollmm.paths import REPO_ROOT

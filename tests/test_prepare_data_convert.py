@@ -263,7 +263,7 @@ def test_throughput_on_replicated_samples(fmt, rel, tmp_path, capsys):
 def test_fast_validator_agrees_with_the_plain_schema(tmp_path):
     from jsonschema import Draft202012Validator
 
-    from toollmm.data.convert.validation import _jsonschema_problems
+    from toollmm.data.records import _schema_problems
     from toollmm.paths import DATA_DIR
 
     plain = Draft202012Validator(json.loads((DATA_DIR / "schema.json").read_text()))
@@ -286,4 +286,4 @@ def test_fast_validator_agrees_with_the_plain_schema(tmp_path):
         rec = json.loads(json.dumps(good))
         mutate(rec)
         assert plain.is_valid(rec) == (k == 0), f"mutation {k}"
-        assert (not _jsonschema_problems(rec)) == (k == 0), f"mutation {k}"
+        assert (not _schema_problems(rec)) == (k == 0), f"mutation {k}"

@@ -27,7 +27,6 @@ import yaml
 from toollmm.batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
 from toollmm.checkpoint import load_stage, read_manifest, save_stage
 from toollmm.config import (
-    MODALITIES,
     DecoderConfig,
     LoraSettings,
     OutputProjConfig,
@@ -40,6 +39,7 @@ from toollmm.model.delta import delta_tensors
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import REPO_ROOT, resolve
 from toollmm.tiny_world import TinyLlama, build_base_models
+from toollmm.tokens import MODALITIES
 
 TRAINED_3 = [
     "lora",

@@ -8,8 +8,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from toollmm.batch import IGNORE_INDEX
+from toollmm.data.records import RecordError, validate_record
 from toollmm.data.render import Renderer, media_tokens_from_config
-from toollmm.data.schema import RecordError, validate_record
 from toollmm.data.toolcall import tool_call_entry
 from toollmm.tokens import TokenContract
 

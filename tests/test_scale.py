@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toollmm.config import MODALITIES, ModelConfig, load_config
+from toollmm.config import ModelConfig, load_config
 from toollmm.model.delta import HEADER_SLACK, delta_size_bound
 from toollmm.model.llm import prepare_llm
 from toollmm.model.param_count import input_proj_count, lora_count, output_proj_count, token_rows_count
 from toollmm.model.toollmm_model import build_model
-from toollmm.tokens import TokenContract, TokenIds
+from toollmm.tokens import MODALITIES, TokenContract, TokenIds
 
 REAL_COND = {"image": (77, 768), "video": (77, 1024), "audio": (1, 512)}  # SD v1.5, ZeroScope v2, AudioLDM
 VICUNA_7B = dict(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import tarfile
 
@@ -11,11 +11,25 @@ import pytest
 import torch
 
 from _datastream import make_source, png_bytes, write_jsonl
-from toollmm.data.captions import CaptionStore, add_embed_captions_args, caption_key, embed_captions
+from toollmm.data.captions import CaptionStore, caption_key, embed_captions
 from toollmm.data.records import BadSample
 from toollmm.data.shardfmt import index_tar
-from toollmm.data.shards import ShardSource, add_shard_args, iter_samples, write_shards
+from toollmm.data.shards import ShardSource, iter_samples, write_shards
 from toollmm.data.sources import JsonlSource
+from toollmm.paths import REPO_ROOT
+
+
+def _prepare_data():
+    """``code/prepare_data.py`` (an entry point, not a package module), where the parsers live."""
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data_shards", REPO_ROOT / "code" / "prepare_data.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+prepare_data = _prepare_data()
 
 
 def fake_encode(texts):
@@ -93,15 +107,14 @@ def test_frame_list_video_and_index_spans(tmp_path):
 
 def test_cli_writes_and_refuses_to_overwrite(tmp_path):
     src = make_source(tmp_path / "src", 6)
-    parser = argparse.ArgumentParser()
-    add_shard_args(parser.add_subparsers(dest="cmd"))
+    parser = prepare_data.build_parser()
     argv = ["shard", "--input", str(src), "--output", str(tmp_path / "o"), "--shard-size", "4"]
     args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     assert len(ShardSource(tmp_path / "o")) == 6 and len(list((tmp_path / "o").glob("*.tar"))) == 2
     with pytest.raises(FileExistsError, match="--overwrite"):
-        args.func(parser.parse_args(argv))
-    assert args.func(parser.parse_args([*argv, "--overwrite", "--shard-size", "6"])) == 0
+        args.run(parser.parse_args(argv))
+    assert args.run(parser.parse_args([*argv, "--overwrite", "--shard-size", "6"])) == 0
     assert len(list((tmp_path / "o").glob("*.tar"))) == 1  # evenly divided: no empty trailing shard
 
 
@@ -121,17 +134,17 @@ def test_embed_captions_seam_caches_and_skips(tmp_path):
     def build_encoders(cfg):  # the decoders module provides DecoderPool.encode_captions here
         return {"image": lambda texts: calls.append(list(texts)) or fake_encode(texts)}, {"image": "fake-sd"}
 
-    parser = argparse.ArgumentParser()
-    add_embed_captions_args(parser.add_subparsers(), build_encoders)
+    parser = prepare_data.build_parser()
     argv = ["embed-captions", "--input", str(src), "--output", str(tmp_path / "out.jsonl")]
     argv += ["--store", str(tmp_path / "store")]
     args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert prepare_data.run_embed_captions(args, build_encoders) == 0
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     keys = [g["embedding"] for r in out for m in r["messages"] for g in m.get("generate", [])]
     assert len(keys) == 2 and len(calls) == 1 and len(calls[0]) == 2
     store = CaptionStore(tmp_path / "store")
     np.testing.assert_array_equal(store.get(keys[0]), fake_encode(calls[0][:1])[0].numpy())
-    assert args.func(parser.parse_args(argv)) == 0 and len(calls) == 1  # nothing recomputed
+    assert prepare_data.run_embed_captions(parser.parse_args(argv), build_encoders) == 0
+    assert len(calls) == 1  # nothing recomputed
     with pytest.raises(BadSample, match="bad_embedding: caption embedding 'nope'"):
         store.get("nope", "x.jsonl:1")

@@ -16,9 +16,9 @@ from typing import Literal
 from . import configlib
 from .configlib import ConfigError, opt
 from .paths import CONFIG_DIR, cli_config_file, resolve
+from .tokens import MODALITIES
 
 Modality = Literal["image", "video", "audio"]
-MODALITIES: tuple[str, ...] = ("image", "video", "audio")
 
 
 # ----------------------------------------------------------------------------------------- model

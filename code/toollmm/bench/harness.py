@@ -25,14 +25,15 @@ from . import report
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("image", "audio", "video")
+#: the order of the per-modality figures in reports (a display order, not the model's MODALITIES)
+FIGURE_ORDER = ("image", "audio", "video")
 
 
 def figure_names(sizes) -> list[str]:
     names = ["tokens", "mfu"]
     for _ in range(sizes.repeats):
         names += ["ours", "hf"]
-    return names + [f"cache_{m}" for m in MODALITIES] + ["loader", "inference", "serve"]
+    return names + [f"cache_{m}" for m in FIGURE_ORDER] + ["loader", "inference", "serve"]
 
 
 def run_figure(name: str, work: Path, sizes_name: str, out_dir: Path, env: dict) -> tuple[dict, float]:
@@ -108,7 +109,7 @@ def assemble(figs: dict[str, list[dict]], rss: dict[str, float], mach: dict, siz
         "real_token_fraction_naive": tokens["naive"],
         "feature_cache": {
             m: {k: figs[f"cache_{m}"][0][k] for k in ("speedup", "ideal_speedup", "efficiency")}
-            for m in MODALITIES
+            for m in FIGURE_ORDER
         },
         "loader_to_train_ratio": loader["loader_samples_per_s"] / loader["train_samples_per_s"],
         "inference_second_request_speedup": inf["speedup"],

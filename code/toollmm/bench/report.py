@@ -15,7 +15,8 @@ TARGETS = {
     "inference_second_request_speedup": 5.0,
     "serve_concurrent_speedup": 3.0,
 }
-MODALITIES = ("image", "audio", "video")
+#: the order of the per-modality figures in reports (a display order, not the model's MODALITIES)
+FIGURE_ORDER = ("image", "audio", "video")
 
 
 def mfu_key(bench: dict) -> str:
@@ -42,7 +43,7 @@ def required(bench: dict) -> list[str]:
         "serve.sequential_p50_s",
         "serve.sequential_p95_s",
     ]
-    for m in MODALITIES:
+    for m in FIGURE_ORDER:
         names += [f"feature_cache.{m}.{k}" for k in ("speedup", "ideal_speedup", "efficiency")]
     return names
 
@@ -159,7 +160,7 @@ def markdown(bench: dict) -> str:
         ),
         _row("real-token fraction, naive", bench["real_token_fraction_naive"], None, "pad to longest"),
     ]
-    for mod in MODALITIES:
+    for mod in FIGURE_ORDER:
         fc = bench["feature_cache"][mod]
         lines.append(
             _row(

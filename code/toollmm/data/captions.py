@@ -11,9 +11,9 @@ cond_dim]`` (the pipeline's own ``encode_prompt``), built by the decoders module
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import read_jsonl_objects
 from ..model.files import file_mode
-from ..paths import cli_path, repo_default, resolve
+from ..paths import resolve
 from .records import BadSample, load_caption
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def embed_captions(
     return records, {"computed": computed, "cached": cached}
 
 
-# ------------------------------------------------------------------------------------------ CLI seam
+# ------------------------------------------------------------------------------------ decoder seam
 def decoder_encoders(cfg) -> tuple[dict[str, EncodeCaptions], dict[str, str]]:
     """``encode_captions`` per enabled decoder (``toollmm.model.decoders.DecoderPool``) and each decoder's
     identity for the store key: its path plus the names and sizes of its text-encoder files."""
@@ -143,47 +144,22 @@ def decoder_encoders(cfg) -> tuple[dict[str, EncodeCaptions], dict[str, str]]:
     return {m: partial(pool.encode_captions, m) for m in pool.enabled()}, ids
 
 
-def add_embed_captions_args(subparsers, build_encoders=decoder_encoders) -> argparse.ArgumentParser:
-    """Register ``embed-captions`` on ``prepare_data.py``; ``build_encoders(cfg) -> (encoders, ids)``."""
-    from ..config import add_config_args
-
-    p = subparsers.add_parser(
-        "embed-captions",
-        help="compute decoder caption embeddings for text->X targets (cached, skipped when present)",
-    )
-    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL")
-    p.add_argument(
-        "--output", required=True, type=cli_path, help="JSONL written with generate[].embedding keys set"
-    )
-    p.add_argument(
-        "--store",
-        default=repo_default(".cache/captions"),
-        type=cli_path,
-        help="caption-embedding store (default: the repo's .cache/captions)",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call")
-    add_config_args(p)
-    p.set_defaults(func=main_embed_captions, build_encoders=build_encoders)
-    return p
-
-
-def main_embed_captions(args: argparse.Namespace) -> int:
-    import json
-
-    from ..config import load_config
-    from ..errors import read_jsonl_objects
-
-    cfg = load_config(config_files=args.config, overrides=args.overrides).config
-    encoders, ids = args.build_encoders(cfg)
-    src = resolve(args.input)
+def embed_captions_jsonl(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    encoders: Mapping[str, EncodeCaptions],
+    decoder_ids: Mapping[str, str],
+    store: CaptionStore,
+    batch_size: int = 32,
+) -> dict[str, int]:
+    """``embed_captions`` over a JSONL file of records; writes ``output`` (atomically) with every
+    captioned ``generate`` target's ``embedding`` key set. Returns ``{"computed": n, "cached": n}``."""
+    src = resolve(input)
     records = [rec for _, rec in read_jsonl_objects(src)]
-    records, counts = embed_captions(
-        records, encoders, ids, CaptionStore(resolve(args.store)), args.batch_size
-    )
-    out = resolve(args.output)
+    records, counts = embed_captions(records, encoders, decoder_ids, store, batch_size)
+    out = resolve(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, out)
-    log.info("embed-captions: %s -> %s (%s)", src, out, counts)
-    return 0
+    return counts

@@ -25,7 +25,7 @@ from ..batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
 
 
 @dataclass
-class RenderedSample:
+class SampleTensors:
     """One sample ready to batch (the output of ``toollmm.data.pipeline.SampleProcessor``)."""
 
     id: str
@@ -105,8 +105,8 @@ def padding_batch(pad_id: int, packed: bool = False) -> Batch:
     )
 
 
-def _media(rows: list[list[RenderedSample]]) -> dict[str, MediaInputs]:
-    per: dict[str, list[tuple[str, torch.Tensor, RenderedSample]]] = {}
+def _media(rows: list[list[SampleTensors]]) -> dict[str, MediaInputs]:
+    per: dict[str, list[tuple[str, torch.Tensor, SampleTensors]]] = {}
     for row in rows:
         for s in row:
             for m, items in s.media.items():
@@ -128,7 +128,7 @@ def _media(rows: list[list[RenderedSample]]) -> dict[str, MediaInputs]:
     return out
 
 
-def _signals(rows: list[list[RenderedSample]]) -> dict[str, SignalTargets]:
+def _signals(rows: list[list[SampleTensors]]) -> dict[str, SignalTargets]:
     per: dict[str, tuple[list, list, list]] = {}
     for r, row in enumerate(rows):
         offset = 0
@@ -148,7 +148,7 @@ def _signals(rows: list[list[RenderedSample]]) -> dict[str, SignalTargets]:
 
 
 def collate(
-    samples: list[RenderedSample], pad_id: int, packing: bool = False, max_length: int | None = None
+    samples: list[SampleTensors], pad_id: int, packing: bool = False, max_length: int | None = None
 ) -> Batch:
     """Batch ``samples`` (see the module docstring); ``max_length`` is the packed row capacity."""
     if not samples:

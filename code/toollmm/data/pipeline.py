@@ -1,16 +1,16 @@
-"""Sample -> RenderedSample: render, check length and supervision, decode media, attach caption targets.
+"""Sample -> SampleTensors: render, check length and supervision, decode media, attach caption targets.
 
 This is the one adapter between the stream and its neighbours, kept small on purpose:
 
-* ``render(record, where=...)``: Data A's ``Renderer.render`` (``toollmm.data.render``): ``input_ids`` and
+* ``render(record, where=...)``: ``Renderer.render`` (``toollmm.data.render``): ``input_ids`` and
   ``labels`` with every placeholder expanded to ``media_tokens[modality]`` ids, ``media`` [(modality, ref)]
   in order, ``signals`` [(start, modality, caption, embedding, train)] in ``generate`` order.
 * ``decode(modality, Media, where) -> ("pixels" | "features", tensor)``: :class:`MediaDecoder` wraps the
   encoder side (``toollmm.model.preprocess.load_media``, optional feature-cache lookup).
 
 Signal span ``j`` belongs to the record's ``generate`` target ``j``; a supervised span whose caption
-embedding is known (shard member or caption store) becomes a signal target. Renderer errors map to the
-stream's skip reasons.
+embedding is known (shard member or caption store) becomes a signal target. A renderer error keeps its
+reason (one vocabulary: ``toollmm.data.records.REASONS``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import torch
 
 from ..batch import IGNORE_INDEX
 from ..tokens import MODALITIES, TokenIds
-from .collate import RenderedSample
-from .records import BadSample, Media, Sample
+from .collate import SampleTensors
+from .records import BadSample, Media, RecordError, Sample
+from .render import RenderedRecord, Renderer, media_tokens_from_config
 
-RenderFn = Callable[
-    ..., "object"
-]  # (record, where=...) -> Data A's RenderedSample (ids, labels, media, signals)
+RenderFn = Callable[..., "RenderedRecord | None"]  # Renderer.render: (record, where=...) -> ids, labels, ...
 DecodeFn = Callable[[str, Media, str], tuple[str, torch.Tensor]]
 FeatureLookup = Callable[[str, "bytes | list[bytes]"], "torch.Tensor | None"]
 
@@ -77,17 +76,8 @@ def _runs(ids: torch.Tensor, token: int) -> list[tuple[int, int]]:
     return [(s, e - s) for s, e in zip(starts, ends)]
 
 
-#: Data A's RecordError reasons -> the stream's skip reasons
-_RENDER_REASONS = {
-    "json": "malformed_json",
-    "placeholders": "media_mismatch",
-    "no_supervised_turn": "empty_conversation",
-    "overlong": "overlong",
-}
-
-
 class SampleProcessor:
-    """Callable ``Sample -> RenderedSample`` raising :class:`BadSample` (picklable for DataLoader workers)."""
+    """Callable ``Sample -> SampleTensors`` raising :class:`BadSample` (picklable for DataLoader workers)."""
 
     def __init__(
         self,
@@ -100,16 +90,15 @@ class SampleProcessor:
         self.render, self.token_ids, self.decode = render, token_ids, decode
         self.media_tokens, self.max_length = dict(media_tokens), max_length
 
-    def __call__(self, sample: Sample) -> RenderedSample:
+    def __call__(self, sample: Sample) -> SampleTensors:
         where = sample.where
         try:
             r = self.render(sample.record, where=where)
-        except (ValueError, KeyError, TypeError) as e:  # RecordError / FormatError: the record cannot render
-            reason = _RENDER_REASONS.get(getattr(e, "reason", ""), "invalid_record")
-            detail = "; ".join(p.message for p in getattr(e, "problems", [])) or str(
-                e
-            )  # RecordError: no 2nd where
-            raise BadSample(reason, where, f"cannot render: {detail}") from None
+        except RecordError as e:  # the record cannot render (its reason is already a skip reason)
+            detail = "; ".join(p.message for p in e.problems)  # not str(e): it would name `where` twice
+            raise BadSample(e.reason, where, f"cannot render: {detail}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadSample("invalid_record", where, f"cannot render: {e}") from None
         if r is None:
             raise BadSample("overlong", where, "the renderer dropped it (over-long)")
         ids = torch.as_tensor(r.input_ids, dtype=torch.long)
@@ -142,7 +131,7 @@ class SampleProcessor:
                     )
                 kinds[m] = decoded[0][0]
                 media[m] = [t for _, t in decoded]
-        return RenderedSample(sample.id, ids, labels, media, kinds, self._signals(sample, r, ids), where)
+        return SampleTensors(sample.id, ids, labels, media, kinds, self._signals(sample, r, ids), where)
 
     def _signals(self, sample: Sample, r, ids: torch.Tensor) -> list:
         """Supervised signal spans with a known caption embedding; span ``j`` is generate target ``j``."""
@@ -159,41 +148,22 @@ class SampleProcessor:
         return out
 
 
-def media_tokens_for(model_cfg) -> dict[str, int]:
-    """Placeholder-run length per modality (``toollmm.batch``'s rule, implemented by Data A)."""
-    from .render import media_tokens_from_config
-
-    return media_tokens_from_config(model_cfg)
-
-
 def make_render_fn(cfg, tokenizer, media_tokens: dict[str, int] | None = None) -> Callable:
-    """Data A's ``Renderer`` for a full config; over-long samples raise into the stream's own policy
-    (``data.overlong``), except ``truncate`` (when Data A offers it), which the renderer applies."""
-    from ..tokens import TokenContract
-    from .render import Renderer
-
+    """``Renderer.from_config(cfg, ...).render``; over-long samples raise into the stream's own policy
+    (``data.overlong``), except ``truncate``, which the renderer applies."""
     overlong = "truncate" if cfg.data.overlong == "truncate" else "raise"
-    return Renderer(
-        tokenizer,
-        cfg.model.chat_template,
-        contract=TokenContract.from_config(cfg.model.tokens),
-        tool_format=cfg.model.tool_format,
-        system_prompt=cfg.model.system_prompt,
-        media_tokens=media_tokens or media_tokens_for(cfg.model),
-        max_length=cfg.data.max_length,
-        overlong=overlong,
-    ).render
+    return Renderer.from_config(cfg, tokenizer, media_tokens, overlong=overlong).render
 
 
 def make_processor(cfg, tokenizer, feature_lookup: FeatureLookup | None = None) -> SampleProcessor:
-    """The processor a training run uses: Data A's renderer for ``cfg``, the token ids of ``cfg``'s contract
+    """The processor a training run uses: the renderer for ``cfg``, the token ids of ``cfg``'s contract
     on ``tokenizer`` (which must already hold them), the encoder's preprocessing, optional cached features.
 
     ``TrainStream.from_config(cfg, make_processor(cfg, tok), pad_id=tok.pad_token_id or 0)`` is the whole
     data side of ``train.py``."""
     from ..tokens import TokenContract
 
-    media_tokens = media_tokens_for(cfg.model)
+    media_tokens = media_tokens_from_config(cfg.model)
     return SampleProcessor(
         make_render_fn(cfg, tokenizer, media_tokens),
         TokenContract.from_config(cfg.model.tokens).ids(tokenizer),

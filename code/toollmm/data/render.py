@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 from ..batch import IGNORE_INDEX
 from ..tokens import MODALITIES, TOOL_RESULT_END, TOOL_RESULT_START, TokenContract
-from .schema import MEDIA_KEYS, Problem, RecordError, check_record
+from .records import MEDIA_KEYS, Problem, RecordError, check_record
 from .templates import VICUNA_SYSTEM, ChatFormat, FormatError, Part, conversation_parts
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class SignalSpan(NamedTuple):
 
 
 @dataclass
-class RenderedSample:
+class RenderedRecord:
     id: str
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where not supervised; unshifted
@@ -93,9 +93,9 @@ class _EncodeState:
         m = r._placeholder.get(tid)
         if m is not None:
             if part.train:
-                raise self.fail("placeholders", f"<{m}> inside supervised text")
+                raise self.fail("media_mismatch", f"<{m}> inside supervised text")
             if self.used[m] >= len(self.media_lists[m]):
-                raise self.fail("placeholders", f"<{m}> #{self.used[m] + 1} has no `{MEDIA_KEYS[m]}` entry")
+                raise self.fail("media_mismatch", f"<{m}> #{self.used[m] + 1} has no `{MEDIA_KEYS[m]}` entry")
             self.media.append((m, self.media_lists[m][self.used[m]]))
             self.media_starts.append(len(self.ids))
             self.used[m] += 1
@@ -157,8 +157,15 @@ class Renderer:
         self.skipped: Counter[str] = Counter()
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, media_tokens: dict[str, int] | None = None) -> Renderer:
-        """From a full ``toollmm.config.Config`` (model.chat_template/tool_format/system_prompt/tokens, data.*)."""
+    def from_config(
+        cls,
+        cfg,
+        tokenizer,
+        media_tokens: dict[str, int] | None = None,
+        overlong: Overlong | None = None,
+    ) -> Renderer:
+        """From a full ``toollmm.config.Config`` (model.chat_template/tool_format/system_prompt/tokens, data.*);
+        ``overlong`` replaces ``data.overlong`` when given."""
         return cls(
             tokenizer,
             cfg.model.chat_template,
@@ -167,17 +174,17 @@ class Renderer:
             system_prompt=cfg.model.system_prompt,
             media_tokens=media_tokens or media_tokens_from_config(cfg.model),
             max_length=cfg.data.max_length,
-            overlong=cfg.data.overlong,
+            overlong=overlong or cfg.data.overlong,
         )
 
     # --------------------------------------------------------------------------------- public API
-    def render(self, record: dict, *, where: str | None = None) -> RenderedSample | None:
+    def render(self, record: dict, *, where: str | None = None) -> RenderedRecord | None:
         """Ids, labels, media and signals of a training record; None when skipped (counted in ``skipped``)."""
         where = where or str(record.get("source", "<record>"))
         parts = self._parts(record, where, add_generation_prompt=False)
         sample, turn_ends, media_starts = self._encode(parts, record, where)
         if sample.num_supervised == 0:
-            raise RecordError(where, sample.id, [Problem("no_supervised_turn", "nothing to supervise")])
+            raise RecordError(where, sample.id, [Problem("empty_conversation", "nothing to supervise")])
         if self.max_length is not None and len(sample) > self.max_length:
             sample = self._overlong(sample, turn_ends, media_starts, where)
             if sample is None:
@@ -194,7 +201,7 @@ class Renderer:
         videos: list | None = None,
         audios: list | None = None,
         record_id: str = "<prompt>",
-    ) -> RenderedSample:
+    ) -> RenderedRecord:
         """The prompt up to the assistant header (``... ASSISTANT:``), all labels masked. A conversation that
         ends with a tool message gets no header: the assistant turn continues after the tool result."""
         record = {"id": record_id, "source": "inference", "messages": messages}
@@ -234,7 +241,7 @@ class Renderer:
 
     def _encode(
         self, parts: list[Part], record: dict, where: str
-    ) -> tuple[RenderedSample, list[int], list[int]]:
+    ) -> tuple[RenderedRecord, list[int], list[int]]:
         rid = str(record.get("id", ""))
         text = "".join(p.text for p in parts)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -262,9 +269,9 @@ class Renderer:
         for m in MODALITIES:
             if st.used[m] != len(st.media_lists[m]):
                 raise st.fail(
-                    "placeholders", f"{st.used[m]} <{m}> in the text but {len(st.media_lists[m])} listed"
+                    "media_mismatch", f"{st.used[m]} <{m}> in the text but {len(st.media_lists[m])} listed"
                 )
-        sample = RenderedSample(rid, st.ids, st.labels, st.media, st.signals, str(record.get("source", "")))
+        sample = RenderedRecord(rid, st.ids, st.labels, st.media, st.signals, str(record.get("source", "")))
         return sample, st.turn_ends, st.media_starts
 
     def _check_straddle(self, parts, ends, k, offset, tid, text, st) -> None:
@@ -278,8 +285,8 @@ class Renderer:
             )
 
     def _overlong(
-        self, sample: RenderedSample, turn_ends: list[int], media_starts: list[int], where: str
-    ) -> RenderedSample | None:
+        self, sample: RenderedRecord, turn_ends: list[int], media_starts: list[int], where: str
+    ) -> RenderedRecord | None:
         n, limit = len(sample), self.max_length
         if self.overlong == "raise":
             raise RecordError(
@@ -297,7 +304,7 @@ class Renderer:
         if cut and any(x != IGNORE_INDEX for x in sample.labels[:cut]):
             kept_media = sum(1 for st in media_starts if st < cut)  # turn ends never fall inside a span
             self.truncated += 1
-            return RenderedSample(
+            return RenderedRecord(
                 sample.id,
                 sample.input_ids[:cut],
                 sample.labels[:cut],

@@ -24,9 +24,9 @@ from .records import (
     BadSample,
     Media,
     Sample,
+    ensure_trainable,
     load_caption,
     parse_record,
-    validate_record,
     where_of,
 )
 
@@ -85,7 +85,7 @@ def members_to_sample(members: dict[str, bytes], where: str, source: str = "") -
         raise BadSample("malformed_json", where, "no record.json member (not a toollmm shard?)")
     record = parse_record(members["record.json"], where)
     where = where_of(where, record)
-    validate_record(record, where)
+    ensure_trainable(record, where)
     manifest = parse_record(members.get("media.json", b"{}"), where + " media.json")
 
     def get(ext: str) -> bytes:
@@ -94,8 +94,8 @@ def members_to_sample(members: dict[str, bytes], where: str, source: str = "") -
         return members[ext]
 
     media: dict[str, list[Media]] = {}
-    for modality in ("image", "video", "audio"):
-        names = record.get(MEDIA_KEYS[modality]) or []
+    for modality, key in MEDIA_KEYS.items():
+        names = record.get(key) or []
         entries = manifest.get(modality, [])
         if len(entries) != len(names):
             raise BadSample("missing_media", where, f"{len(names)} {modality}s listed, {len(entries)} stored")

@@ -1,4 +1,4 @@
-"""webdataset tar shards of unified records: writer, random-access reader, ``prepare_data.py shard``.
+"""webdataset tar shards of unified records: writer and random-access reader (``prepare_data.py shard``).
 
 A shard folder holds ``shard-%06d.tar`` files (format: ``toollmm.data.shardfmt``), one ``.idx.npy`` per
 shard with the byte span of every sample, and ``index.json`` listing the shards, so a reader seeks straight
@@ -7,7 +7,6 @@ to sample ``i`` (shards without an index are scanned once). Any webdataset reade
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import read_text
-from ..paths import cli_path, resolve
+from ..paths import resolve
 from .captions import CaptionStore
 from .records import BadSample, Sample, generate_targets
 from .shardfmt import FeatureFn, index_tar, members_to_sample, read_span, sample_to_members
@@ -166,52 +165,3 @@ def write_shards(
         "wrote %d samples in %d shards to %s; skipped %s", written, len(shards), out, dict(skipped) or "none"
     )
     return summary
-
-
-def add_shard_args(subparsers) -> argparse.ArgumentParser:
-    """Register ``shard`` on ``prepare_data.py``'s subparsers (the lead wires this in)."""
-    p = subparsers.add_parser(
-        "shard",
-        help="unified JSONL + media -> webdataset tar shards with an index",
-        description="Write webdataset shards holding each record, its media bytes and caption embeddings.",
-    )
-    p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL (output of `convert`)")
-    p.add_argument("--output", required=True, type=cli_path, help="shard folder, e.g. data/shards/NAME/")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--shard-bytes", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
-    p.add_argument(
-        "--media-root",
-        default=None,
-        type=cli_path,
-        help="folder media paths are relative to (default: input's folder)",
-    )
-    p.add_argument(
-        "--captions",
-        default=None,
-        type=cli_path,
-        help="caption-embedding store written by `embed-captions` (copied into shards)",
-    )
-    p.add_argument(
-        "--on-error", choices=["raise", "skip"], default="raise", help="bad record: stop, or skip and count"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
-    p.set_defaults(func=main_shard)
-    return p
-
-
-def main_shard(args: argparse.Namespace) -> int:
-    """``prepare_data.py shard``: validate, read media, write shards; log the summary; exit code 0."""
-    from .sources import JsonlSource
-
-    store = CaptionStore(resolve(args.captions)) if args.captions else None
-    src = JsonlSource(args.input, media_root=args.media_root, captions=store)
-    summary = write_shards(
-        src,
-        args.output,
-        args.shard_size,
-        shard_bytes=args.shard_bytes,
-        on_error=args.on_error,
-        overwrite=args.overwrite,
-    )
-    log.info("shard summary: %s", json.dumps(summary))
-    return 0

@@ -22,9 +22,9 @@ from .records import (
     BadSample,
     Media,
     Sample,
+    ensure_trainable,
     generate_targets,
     parse_record,
-    validate_record,
     where_of,
 )
 
@@ -124,7 +124,7 @@ class JsonlSource:
         where = f"{self.path}:{int(self.lines[i])}"
         record = parse_record(f.readline(), where, offset=int(self.offsets[i]))
         where = where_of(where, record)
-        validate_record(record, where)
+        ensure_trainable(record, where)
         media = read_media(record, self.media_root, where)
         return Sample(record, where, self.name, media, store_captions(record, self.captions, where))
 

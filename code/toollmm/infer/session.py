@@ -13,9 +13,8 @@ from pathlib import Path
 
 from ..agent.state import RowResult
 from ..data.react import parse_react
+from ..data.records import MEDIA_KEYS
 from ..tokens import PLACEHOLDER, PLACEHOLDER_RE
-
-MEDIA_KEYS = {"image": "images", "video": "videos", "audio": "audios"}
 
 
 def with_placeholders(text: str, media: Sequence[tuple[str, str]]) -> str:

@@ -41,8 +41,8 @@ import torch
 
 from toollmm.errors import UserError
 
-from ..config import MODALITIES
 from ..safefiles import naming_refused_pickles, save_safetensors_file
+from ..tokens import MODALITIES
 from .files import respect_umask
 from .toollmm_model import ToolLMM
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import Batch, MediaInputs
-from ..data.collate import RenderedSample, collate
+from ..data.collate import SampleTensors, collate
 
 #: sample lengths of the packed case (several rows at ``PACKED_CAPACITY``, one sample per row alone too)
 PACKED_LENGTHS = (13, 9, 6, 11, 5, 8, 3)
@@ -46,7 +46,7 @@ def ordinary_ids(model) -> torch.Tensor:
 
 def random_sample(
     model, n: int, gen: torch.Generator, pool: torch.Tensor, with_image: bool, name: str
-) -> RenderedSample:
+) -> SampleTensors:
     """``n`` tokens: BOS-like first token, ordinary tokens, and (``with_image``) one image placeholder run."""
     ids = pool[torch.randint(len(pool), (n,), generator=gen)]
     media: dict[str, list[torch.Tensor]] = {}
@@ -54,17 +54,17 @@ def random_sample(
     if with_image and n > k + 2:
         ids[2 : 2 + k] = model.bundle.token_ids.placeholder["image"]
         media["image"] = [torch.randn(1, model.input_proj.in_dim, generator=gen)]
-    return RenderedSample(
+    return SampleTensors(
         name, ids, torch.full_like(ids, -100), media, {m: "features" for m in media}, where=name
     )
 
 
-def _alone(model, s: RenderedSample, device, dtype) -> torch.Tensor:
+def _alone(model, s: SampleTensors, device, dtype) -> torch.Tensor:
     b = collate([s], pad_id=0).to(device, dtype)
     return model.run_llm(b, hidden_states=False).logits[0].float()
 
 
-def packed_case(model, seed: int = 0) -> tuple[list[RenderedSample], Batch]:
+def packed_case(model, seed: int = 0) -> tuple[list[SampleTensors], Batch]:
     """The packed case's samples and their batch (the real collator; several rows, padding)."""
     gen = torch.Generator().manual_seed(seed)
     pool = ordinary_ids(model)
@@ -101,7 +101,7 @@ def _append_diffs(model, gen, pool, device, dtype, appends) -> dict[str, float]:
     tails = [pool[torch.randint(len(pool), (sum(appends),), generator=gen)] for _ in prefix]
     full = []
     for s, tail in zip(prefix, tails):
-        whole = RenderedSample(
+        whole = SampleTensors(
             s.id, torch.cat([s.input_ids, tail]), torch.cat([s.labels, tail * 0 - 100]), s.media, s.media_kind
         )
         out = model.run_llm(collate([whole], pad_id=0).to(device, dtype))

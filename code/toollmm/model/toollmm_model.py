@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..batch import Batch, MediaInputs
-from ..config import MODALITIES, ModelConfig, OptimConfig
+from ..config import ModelConfig, OptimConfig
+from ..tokens import MODALITIES
 from .decoders import condition_shape
 from .llm import LLMBundle, build_llm
 from .losses import (

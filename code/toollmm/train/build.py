@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import check_bases, load_into, read_manifest
+from ..data.records import MEDIA_KEYS
 from ..data.sources import is_shard_folder
 from ..errors import NotUtf8, iter_text_lines
 from ..paths import resolve
@@ -138,7 +139,7 @@ def has_media(cfg, probe: int = 200) -> bool:
 
 
 def _mentions_media(rec) -> bool:
-    return isinstance(rec, dict) and any(rec.get(k) for k in ("images", "videos", "audios"))
+    return isinstance(rec, dict) and any(rec.get(k) for k in MEDIA_KEYS.values())
 
 
 def _shards_have_media(src_cfg, probe: int) -> bool:

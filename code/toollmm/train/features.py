@@ -26,6 +26,7 @@ from ..data.records import BadSample
 from ..data.sources import open_source
 from ..model.feature_cache import FeatureCache
 from ..model.preprocess import MediaError
+from ..tokens import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class EncoderInfo:
 
     @classmethod
     def of(cls, encoder) -> EncoderInfo:
-        per = {m: encoder.outputs_per_input(m) for m in ("image", "video", "audio")}
+        per = {m: encoder.outputs_per_input(m) for m in MODALITIES}
         return cls(encoder.identity, encoder.output, encoder.preprocess, int(encoder.out_dim), per)
 
     @classmethod

@@ -16,7 +16,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MEDIA_KEYS = {"images": "image", "videos": "video", "audios": "audio"}
+from ..records import MEDIA_KEYS
+
 Progress = Callable[[int, int, int], None]  # (checked, total, bad)
 
 
@@ -49,7 +50,7 @@ def media_of(record: dict, root: Path) -> list[tuple[str, str | tuple[str, ...]]
         return p if os.path.isabs(p) else str(root / p)
 
     out = []
-    for key, modality in MEDIA_KEYS.items():
+    for modality, key in MEDIA_KEYS.items():
         for item in record.get(key) or []:
             out.append((modality, tuple(map(absolute, item)) if isinstance(item, list) else absolute(item)))
     return out

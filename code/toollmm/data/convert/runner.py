@@ -14,10 +14,10 @@ from pathlib import Path
 
 from toollmm.errors import NotUtf8, iter_text_lines, read_text
 
+from ..records import validate_record
 from .base import REGISTRY, Context, ConversionError
 from .media_check import MediaReport, Progress, bad_record_reason
 from .media_check import check_media as decode_media
-from .validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def convert_file(
                     rec["id"] = f"{rec['id']}#{seen[rec['id']]}"
                     stats.renamed_ids += 1
                 tv = time.perf_counter()
-                problems = validate(rec)
+                problems = validate_record(rec, where="")
                 stats.validate_seconds += time.perf_counter() - tv
                 if problems:
                     if on_error == "raise":
