@@ -84,7 +84,7 @@ class Runtime:
         step_model=None,
         load_s: float = 0.0,
     ):
-        from .agent.registry import Registry
+        from .agent.toolsets import registry_from_config
         from .data.render import Renderer
         from .infer.media import MediaSink, SignalDecoder
         from .infer.tools import bind_runtime_tools
@@ -108,7 +108,7 @@ class Runtime:
 
         ws = workspace if workspace is not None else (inf.workspace or self.output_dir)
         ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)  # made when a tool runs
-        self.registry = registry if registry is not None else Registry.from_config(inf, ws)
+        self.registry = registry if registry is not None else registry_from_config(inf, ws)
         self._signal_hook = signal_hook if signal_hook is not None else self.decoder
         self.set_step_model(step_model if step_model is not None else ToolLMMStepModel(self.model))
         self.tools_bound = bind_runtime_tools(self)
