@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         raise UserError(problem)
     import toollmm
-    from toollmm.inference_api import INFERENCE_YAML
+    from toollmm.infer.runtime import INFERENCE_YAML
 
     files = [INFERENCE_YAML, *args.config]
     try:

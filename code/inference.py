@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     import toollmm
     from toollmm.console import quiet_library_progress
     from toollmm.infer.requests import read_batch
-    from toollmm.inference_api import INFERENCE_YAML
+    from toollmm.infer.runtime import INFERENCE_YAML
 
     overrides = list(args.overrides)
     if tool_names(args):

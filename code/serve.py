@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import toollmm
-    from toollmm.inference_api import INFERENCE_YAML
+    from toollmm.infer.runtime import INFERENCE_YAML
     from toollmm.serve.app import Server, serve
 
     files = [INFERENCE_YAML, *args.config]
