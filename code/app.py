@@ -22,9 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from toollmm.config import add_config_args  # noqa: E402
+from _cli import add_bind_args, add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg  # noqa: E402
 from toollmm.errors import UserError, as_user_error, cli_errors  # noqa: E402
-from toollmm.paths import cli_checkpoint, cli_path  # noqa: E402
 
 TITLE = "toollmm: chat, tools and any-to-any generation"
 
@@ -102,18 +101,10 @@ def build_app(runtime):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port")
-    p.add_argument(
-        "--output-dir",
-        default=None,
-        type=cli_path,
-        help="media folder (default outputs/inference/<timestamp>/)",
-    )
-    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    add_checkpoint_arg(p)
+    add_bind_args(p, port=7860)
+    add_output_dir_arg(p)
+    add_verbose_arg(p)
     add_config_args(p, example="inference.temperature=0.7")
     return p.parse_args(argv)
 
@@ -159,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         raise UserError(problem)
     import toollmm
-    from toollmm.inference_api import INFERENCE_YAML
+    from toollmm.infer.runtime import INFERENCE_YAML
 
     files = [INFERENCE_YAML, *args.config]
     try:

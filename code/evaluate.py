@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from _cli import Subcommands, add_checkpoint_arg
 from toollmm.errors import cli_errors
 from toollmm.eval import (
     BENCHMARKS,
@@ -42,24 +43,13 @@ from toollmm.eval import (
     run_benchmark,
     score_files,
 )
-from toollmm.paths import cli_checkpoint, cli_path, repo_default
+from toollmm.paths import cli_path, repo_default
 
-SUBCOMMANDS: dict[
-    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-] = {}
+#: ``evaluate.py <name>``: ``@subcommand(name, configure)`` on ``run(args) -> exit code``
+subcommand = Subcommands()
 
 #: ``(checkpoint, benchmark) -> Generator``; tests and tools may replace it (see ``main``)
 GeneratorFactory = Callable[[str, str], Generator]
-
-
-def subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Register ``run(args) -> exit code`` as ``evaluate.py <name>`` with its argument setup."""
-
-    def deco(run: Callable[[argparse.Namespace], int]):
-        SUBCOMMANDS[name] = (configure, run)
-        return run
-
-    return deco
 
 
 def load_generator(checkpoint: str, benchmark: str, output_dir: str | Path | None = None) -> Generator:
@@ -142,9 +132,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _configure_run(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument(
-        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
-    )
+    add_checkpoint_arg(p)
     p.add_argument(
         "--data", required=True, nargs="+", type=cli_path, help="the benchmark's reference file(s)"
     )
@@ -204,9 +192,7 @@ def run_run(args: argparse.Namespace) -> int:
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     from toollmm.eval.demo import TASKS
 
-    p.add_argument(
-        "--checkpoint", required=True, type=cli_path, help="a demo stage folder, e.g. outputs/demo/stage_1"
-    )
+    add_checkpoint_arg(p, hub=False, help="a demo stage folder, e.g. outputs/demo/stage_1")
     p.add_argument(
         "--data",
         default=repo_default("data/demo"),
@@ -281,12 +267,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (configure, run) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
-        configure(p)
-        p.set_defaults(run=run)
-        p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    subcommand.add_to(parser)
     return parser
 
 

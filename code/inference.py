@@ -25,9 +25,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from toollmm.config import add_config_args
+from _cli import add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg
 from toollmm.errors import UserError, as_user_error, cli_errors
-from toollmm.paths import cli_checkpoint, cli_path
+from toollmm.paths import cli_path
 
 MEDIA_FLAGS = ("image", "video", "audio")
 CHAT_HELP = (
@@ -46,18 +46,11 @@ class AddMedia(argparse.Action):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="inference.py", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
-    )
+    add_checkpoint_arg(p)
     p.add_argument("--prompt", default=None, help="the user message (media placeholders optional)")
     for m in MEDIA_FLAGS:
         p.add_argument(f"--{m}", action=AddMedia, metavar="P", help=f"{m} input (repeatable, in order)")
-    p.add_argument(
-        "--output-dir",
-        default=None,
-        type=cli_path,
-        help="media folder (default outputs/inference/<timestamp>/)",
-    )
+    add_output_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object per turn")
     p.add_argument("--chat", action="store_true", help="multi-turn chat on stdin")
     p.add_argument("--tools", default=None, help="comma-separated tool names to enable (default: all)")
@@ -71,9 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=8, help="--batch: requests per generate call")
     p.add_argument("--resume", action="store_true", help="--batch: continue a killed batch from OUT.partial")
-    p.add_argument(
-        "--verbose", action="store_true", help="log the library's progress (INFO); tracebacks for errors"
-    )
+    add_verbose_arg(p, help="log the library's progress (INFO); tracebacks for errors")
     add_config_args(p, example="inference.temperature=0.7")
     p.set_defaults(media=[])
     args = p.parse_args(argv)
@@ -275,7 +266,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     import toollmm
     from toollmm.console import quiet_library_progress
     from toollmm.infer.requests import read_batch
-    from toollmm.inference_api import INFERENCE_YAML
+    from toollmm.infer.runtime import INFERENCE_YAML
 
     overrides = list(args.overrides)
     if tool_names(args):

@@ -19,26 +19,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 
+from _cli import Subcommands
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
 from toollmm.errors import cli_errors
 from toollmm.paths import cli_config_file, cli_path, repo_default
 
-SUBCOMMANDS: dict[
-    str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-] = {}
-
-
-def subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Register ``run(args) -> exit code`` as ``prepare_data.py <name>`` with its argument setup."""
-
-    def deco(run: Callable[[argparse.Namespace], int]):
-        SUBCOMMANDS[name] = (configure, run)
-        return run
-
-    return deco
+#: ``prepare_data.py <name>``: ``@subcommand(name, configure)`` on ``run(args) -> exit code``
+subcommand = Subcommands()
 
 
 def _parse_opts(pairs: list[str]) -> dict[str, str]:
@@ -323,14 +312,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (configure, run) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=(run.__doc__ or "").strip() or None)
-        configure(p)
-        p.set_defaults(run=run)
-    for p in sub.choices.values():
-        if "--verbose" not in p._option_string_actions:
-            p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    subcommand.add_to(parser)
     return parser
 
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from _cli import add_checkpoint_arg, add_verbose_arg
 from toollmm.errors import cli_errors
 from toollmm.hub import ReleaseError, build_release, upload
 from toollmm.hub_bases import ROLES
@@ -34,12 +35,10 @@ def _base_id(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="release.py", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, type=cli_path, help="stage folder (e.g. outputs/<run>/stage_3)"
-    )
+    add_checkpoint_arg(p, hub=False, help="stage folder (e.g. outputs/<run>/stage_3)")
     p.add_argument("--repo-id", required=True, help="Hub model repo, OWNER/NAME")
     p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    add_verbose_arg(p)
     p.add_argument(
         "--dry-run", action="store_true", help="write and check the folder, list it, upload nothing"
     )

@@ -19,18 +19,15 @@ import os
 import sys
 from pathlib import Path
 
-from toollmm.config import add_config_args
+from _cli import add_bind_args, add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg
 from toollmm.errors import UserError, as_user_error, cli_errors
-from toollmm.paths import cli_checkpoint, cli_path
+from toollmm.paths import cli_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", required=True, type=cli_checkpoint, help="stage folder, released folder or Hub id"
-    )
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    add_checkpoint_arg(p)
+    add_bind_args(p, port=8000)
     p.add_argument(
         "--api-key",
         default=os.environ.get("TOOLLMM_API_KEY"),
@@ -39,12 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: from --checkpoint)"
     )
-    p.add_argument(
-        "--output-dir",
-        default=None,
-        type=cli_path,
-        help="media folder (default outputs/inference/<timestamp>/)",
-    )
+    add_output_dir_arg(p)
     p.add_argument(
         "--media-root",
         default=None,
@@ -56,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run the checkpoint's own tools server-side (sandboxed registry) instead of returning tool_calls",
     )
-    p.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    add_verbose_arg(p)
     add_config_args(p)
     return p.parse_args(argv)
 
@@ -74,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import toollmm
-    from toollmm.inference_api import INFERENCE_YAML
+    from toollmm.infer.runtime import INFERENCE_YAML
     from toollmm.serve.app import Server, serve
 
     files = [INFERENCE_YAML, *args.config]

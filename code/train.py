@@ -20,7 +20,8 @@ import argparse
 import os
 import sys
 
-from toollmm.config import add_config_args, load_config
+from _cli import add_config_args, add_verbose_arg
+from toollmm.config import load_config
 from toollmm.errors import cli_errors
 
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue from the stage's newest resume checkpoint (none yet: start from step 0)",
     )
-    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    add_verbose_arg(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     add_config_args(parser)
     return parser.parse_args(argv)

@@ -135,7 +135,7 @@ class Steered:
 
 def steer(rt, rules: list[tuple[str, str]]):
     """Make runtime ``rt`` follow ``rules`` (see ``Steered``); returns ``rt``."""
-    from toollmm.model.step import ToolLMMStepModel
+    from toollmm.infer.step import ToolLMMStepModel
 
     rt.set_step_model(Steered(ToolLMMStepModel(rt.model), rt.tokenizer, rules))
     return rt

@@ -18,6 +18,7 @@ from toollmm.agent.toolsets import (
     gpt4tools_header,
     load_toolset,
     mllmtool_specs_from_records,
+    registry_from_config,
     render_gpt4tools_prompt,
     render_tool_block,
     render_tool_names,
@@ -114,7 +115,7 @@ def test_viotgpt_and_mllmtool_sample_names_resolve(reg):
     for a in actions:
         assert reg.get(a) is not None and reg.get(a).source == "viotgpt", a
     assert reg.get("Crowd Counting").name == "Count People in the Video"  # test-file name -> code name
-    only = Registry.from_config(
+    only = registry_from_config(
         InferenceConfig(tool_sets=["viotgpt"], tools=["Crowd Counting"]), reg.workspace.root
     )
     assert "no backend" in only.call("Count People in the Video", {"video_path": "video/a.mp4"}).error
@@ -176,13 +177,13 @@ def test_user_tools_by_decorator_and_by_config_import(tmp_path):
     cfg = InferenceConfig(
         tool_sets=["builtin"], tool_imports=["test_agent_registry:add_ints"], tools=["add_ints"]
     )
-    reg2 = Registry.from_config(cfg, tmp_path)
+    reg2 = registry_from_config(cfg, tmp_path)
     assert reg2.call("add_ints", {"a": 1}).result == "2"
     assert "not enabled" in reg2.call("caption", {"path": "x.png"}).error
     with pytest.raises(ImportError, match="no attribute 'missing'"):
         Registry(tmp_path).import_path("test_agent_registry:missing")
     with pytest.raises(ValueError, match="unknown tools"):
-        Registry.from_config(InferenceConfig(tool_sets=["builtin"], tools=["nope"]), tmp_path)
+        registry_from_config(InferenceConfig(tool_sets=["builtin"], tools=["nope"]), tmp_path)
 
     @reg.tool(description="closure", isolation="inprocess")
     def shout(text: str) -> str:

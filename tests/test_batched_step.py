@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import toollmm
-from toollmm.inference_api import Request
-from toollmm.model.batched_step import BatchedStepModel
-from toollmm.model.step import ToolLMMStepModel
+from toollmm.infer.batched_step import BatchedStepModel
+from toollmm.infer.requests import Request
+from toollmm.infer.step import ToolLMMStepModel
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

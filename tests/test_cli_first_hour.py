@@ -21,7 +21,7 @@ from test_inference_cli import Loader
 from test_inference_cli import cli as inference_cli
 from toollmm.checkpoint import stage_config
 from toollmm.config import ConfigError, load_config
-from toollmm.inference_api import INFERENCE_YAML
+from toollmm.infer.runtime import INFERENCE_YAML
 from toollmm.paths import REPO_ROOT
 
 

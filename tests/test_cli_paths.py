@@ -75,7 +75,7 @@ def test_output_dir_and_batch_paths_are_taken_from_the_cwd(tiny_stage_dir, cwd, 
 
 
 def test_text_only_request_creates_no_output_folder(tiny_stage_dir, cwd, capsys, monkeypatch):
-    import toollmm.inference_api as api
+    import toollmm.infer.runtime as api
 
     monkeypatch.setattr(api, "OUTPUTS_DIR", cwd / "outputs")  # where the default <time>/ folder would go
     argv = ["--checkpoint", str(tiny_stage_dir), "--prompt", "hello", "--json"]

@@ -38,7 +38,7 @@ def test_gpu_check_cpu_writes_every_section(tmp_path):
     want = {"packed_logits", "prefill_logits"} | {
         f"append_{n}_{w}" for n in (1, 2, 7) for w in ("logits", "hidden")
     }
-    for kernel in ("sdpa", "eager"):  # both hold on CPU in fp32 (toollmm.model.kernel_check)
+    for kernel in ("sdpa", "eager"):  # both hold on CPU in fp32 (toollmm.infer.kernel_check)
         assert set(inv[kernel]) == want, inv[kernel]
         assert all(c["pass"] and c["max_abs"] <= 1e-4 for c in inv[kernel].values()), inv[kernel]
     for stage in ("stage_1", "stage_2", "stage_3"):

@@ -12,7 +12,7 @@ import pytest
 
 import toollmm
 from inference_fixtures import call_text, steer
-from toollmm.inference_api import Request
+from toollmm.infer.requests import Request
 from toollmm.paths import REPO_ROOT
 
 FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"

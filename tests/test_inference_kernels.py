@@ -19,7 +19,7 @@ import toollmm
 from inference_fixtures import call_text
 from toollmm.agent.protocol import StepOutput
 from toollmm.infer.requests import prompt_request
-from toollmm.model.step import ToolLMMStepModel
+from toollmm.infer.step import ToolLMMStepModel
 
 KERNELS = ("sdpa", "eager")
 

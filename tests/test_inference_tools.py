@@ -11,13 +11,13 @@ import pytest
 
 from toollmm.agent.builtin import bind_model_hooks
 from toollmm.agent.registry import Registry
-from toollmm.agent.toolsets import KNOWN_SETS, load_toolset
+from toollmm.agent.toolsets import KNOWN_SETS, load_toolset, registry_from_config
 from toollmm.config import InferenceConfig
 from toollmm.data.demo.tools import TOOL_NAMES, tool_conversation
 
 
 def registry(tmp_path, sets) -> Registry:
-    return Registry.from_config(InferenceConfig(tool_sets=list(sets)), tmp_path / "ws")
+    return registry_from_config(InferenceConfig(tool_sets=list(sets)), tmp_path / "ws")
 
 
 @pytest.mark.parametrize("split", ["train", "heldout"])

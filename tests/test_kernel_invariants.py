@@ -3,7 +3,7 @@
 For each ``model.llm.attn_implementation`` (read from the config's type, so a new kernel cannot skip this
 file): a packed batch of several rows gives each sample's logits alone, and prefill + appends of 1, 2 and 7
 tokens through the real decode step model's KV cache give one full forward's logits and last hidden states
-(``toollmm.model.kernel_check.kernel_invariants``, the function the GPU check runs in bf16). flash-attn
+(``toollmm.infer.kernel_check.kernel_invariants``, the function the GPU check runs in bf16). flash-attn
 cannot run on CPU: its two kernel functions are replaced by a plain-torch reference
 (``tests/_flash_reference.py``) and the arguments they receive are checked too.
 """
@@ -18,8 +18,8 @@ import torch
 import _flash_reference
 from model_fixtures import build_tiny, write_tiny_llama
 from toollmm.config import LLMConfig
+from toollmm.infer.kernel_check import APPENDS, kernel_invariants, packed_case
 from toollmm.model import packed_attention
-from toollmm.model.kernel_check import APPENDS, kernel_invariants, packed_case
 
 KERNELS = typing.get_args(typing.get_type_hints(LLMConfig)["attn_implementation"])
 TOL = 2e-5  # float32 on CPU; the cases that were wrong differ by 0.1 .. 3
@@ -97,7 +97,7 @@ def test_flash_attention_2_gets_sample_boundaries_of_every_row(llm_dir, monkeypa
 
 def test_flash_attention_2_cache_appends_use_bottom_right_causal_kernel(llm_dir, monkeypatch):
     """Decode-time calls: the dense kernel with every cached key and the appended queries, causal."""
-    from toollmm.model.step import ToolLMMStepModel
+    from toollmm.infer.step import ToolLMMStepModel
 
     model, ref = build(llm_dir, "flash_attention_2", monkeypatch)
     step = ToolLMMStepModel(model)
@@ -128,7 +128,7 @@ def test_packed_spans_are_found_once_per_batch(llm_dir, monkeypatch):
 
 
 def test_max_abs_diff_never_reads_nan_as_agreement():
-    from toollmm.model.kernel_check import max_abs_diff
+    from toollmm.infer.kernel_check import max_abs_diff
 
     a = torch.tensor([1.0, 2.0])
     assert max_abs_diff(a, a + 0.5) == 0.5

@@ -31,8 +31,8 @@ from inference_fixtures import IMAGE_SPAN, Steered, call_text
 from toollmm.agent.engine import RowOptions
 from toollmm.agent.protocol import StepOutput
 from toollmm.agent.scripted import ScriptedModel
-from toollmm.model.batched_step import BatchedStepModel
-from toollmm.model.step import ToolLMMStepModel
+from toollmm.infer.batched_step import BatchedStepModel
+from toollmm.infer.step import ToolLMMStepModel
 from toollmm.paths import REPO_ROOT
 from toollmm.serve.app import Server, build_app
 
@@ -409,7 +409,7 @@ def test_batched_decode_tokens_do_not_depend_on_batch_mates(tiny_stage_dir, tmp_
     rt = toollmm.load(
         tiny_stage_dir, output_dir=tmp_path, overrides=[f"model.llm.attn_implementation={attn}"]
     )
-    from toollmm.inference_api import Request
+    from toollmm.infer.requests import Request
 
     texts = ["describe a quiet morning by the lake"] + [f"another prompt {i} " * (i + 1) for i in range(7)]
     prompts = [rt.prompt(Request(messages=[{"role": "user", "content": t}])) for t in texts]
@@ -431,7 +431,7 @@ def test_row_options_seed_banned_prefix_and_stop(tiny_stage_dir, tmp_path):
     never sampled; a prefix is taken as the row's first tokens (a forced tool call is parsed)."""
     rt = toollmm.load(tiny_stage_dir, output_dir=tmp_path)
     rt.set_step_model(BatchedStepModel(rt.model))
-    from toollmm.inference_api import Request
+    from toollmm.infer.requests import Request
 
     p = rt.prompt(Request(messages=[{"role": "user", "content": "say something"}]))
     q = rt.prompt(Request(messages=[{"role": "user", "content": "say something else entirely"}]))

@@ -129,10 +129,10 @@ def test_failed_upload_names_the_repo_and_folder(tmp_path, monkeypatch):
 
 def test_deep_arguments_to_a_tool_are_a_clear_error_not_an_internal_one(tmp_path):
     """10^5-deep arguments handed to ``Registry.call`` (the inference config's real registry)."""
-    from toollmm.agent.registry import Registry
+    from toollmm.agent.toolsets import registry_from_config
     from toollmm.config import load_config
 
-    reg = Registry.from_config(load_config().config.inference, workspace=tmp_path)
+    reg = registry_from_config(load_config().config.inference, workspace=tmp_path)
     deep: dict = {}
     cur = deep
     for _ in range(100_000):

@@ -11,6 +11,6 @@ __all__ = ["__version__", "load"]
 
 def load(path, **kwargs):
     """Load a stage folder, a released folder or a Hub id (see toollmm.checkpoint)."""
-    from .inference_api import load as _load
+    from .infer.runtime import load as _load
 
     return _load(path, **kwargs)

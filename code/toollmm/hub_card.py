@@ -182,7 +182,7 @@ def toollmm_snippet(repo_id: str) -> str:
     return f'''```python
 # toollmm: text, tools and media in; text, tool results and media out
 import toollmm
-from toollmm.inference_api import Request
+from toollmm.infer.requests import Request
 
 REPO = "{repo_id}"  # or a local copy of this folder
 runtime = toollmm.load(REPO)  # add overrides=["model.llm.path=/my/copy", ...] for local base copies

@@ -1,7 +1,8 @@
 """The tool agent: registry, declared tool sets, sandboxed execution and the decode state machine.
 
 * ``registry``  — ``ToolSpec``, ``ToolResult``, ``Registry`` (validate + run, never raises), ``@tool``
-* ``toolsets``  — GPT4Tools / VIoTGPT / MLLM-Tool declarations (exact upstream names) and prompt rendering
+* ``toolsets``  — GPT4Tools / VIoTGPT / MLLM-Tool declarations (exact upstream names), prompt rendering,
+  ``registry_from_config`` (a session's registry from the config)
 * ``builtin``   — model-side tools (bound later by the inference layer) and the PIL edge-detection backend
 * ``sandbox``   — workspace confinement of file arguments; killable subprocess runs with a timeout
 * ``calls``     — JSON tool-call and ReAct step parsing that never raises on model text

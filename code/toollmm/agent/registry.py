@@ -75,28 +75,6 @@ class Registry:
         self._alias: dict[str, str] = {}
         self._validators: dict[str, Draft202012Validator] = {}
 
-    @classmethod
-    def from_config(cls, cfg, workspace: str | Path | Workspace | None = None) -> Registry:
-        """From an ``InferenceConfig``: limits, declared sets, user imports, enabled names."""
-        from .toolsets import declare_sets
-
-        reg = cls(
-            workspace if workspace is not None else cfg.workspace,
-            timeout_s=cfg.tool_timeout_s,
-            max_output_chars=cfg.tool_max_output_chars,
-            max_arg_chars=cfg.tool_max_arg_chars,
-            enabled=list(cfg.tools),
-        )
-        declare_sets(reg, cfg.tool_sets)
-        for dotted in cfg.tool_imports:
-            reg.import_path(dotted)
-        unknown = sorted(n for n in (reg.enabled or ()) if reg.get(n) is None)
-        if unknown:
-            raise ValueError(reg.unknown_names_message(unknown, cfg.tool_sets))
-        if reg.enabled is not None:  # aliases (e.g. VIoT-Tool test-file names) enable the real tool
-            reg.enabled = {reg.get(n).name for n in reg.enabled}
-        return reg
-
     def unknown_names_message(self, unknown: list[str], tool_sets: list[str]) -> str:
         """``inference.tools`` (``--tools``) named tools that are not registered: say which, the closest
         registered names, and the valid ones."""

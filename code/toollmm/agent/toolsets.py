@@ -12,6 +12,9 @@ Of the upstream tools only "Edge Detection On Image" has a real CPU backend here
 (``builtin.edge_detection``, PIL); every other one answers "declared but has no backend" until someone
 attaches one. Sets are declared in order and the first declaration of a name wins (the demo set's
 ``generate_image`` and the builtin one share a name: list ``demo`` first for the demo model).
+
+``registry_from_config`` builds a session's registry from the config (sets, ``inference.tool_imports``,
+enabled names); it lives here, above ``registry``, so that the registry never imports the sets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .registry import Registry, ToolSpec
+from .sandbox import Workspace
 
 TOOLSET_DIR = Path(__file__).resolve().parent / "toolsets"
 SETS = ("builtin", "gpt4tools", "gpt4tools_magicbrush", "viotgpt", "mllmtool")  # declared, upstream names
@@ -129,6 +133,26 @@ def declare_sets(registry: Registry, names: Iterable[str]) -> None:
             if spec.name not in registry:
                 registry.add(spec)
     attach_cpu_backends(registry)
+
+
+def registry_from_config(cfg, workspace: str | Path | Workspace | None = None) -> Registry:
+    """A session's registry from an ``InferenceConfig``: limits, declared sets, user imports, enabled names."""
+    reg = Registry(
+        workspace if workspace is not None else cfg.workspace,
+        timeout_s=cfg.tool_timeout_s,
+        max_output_chars=cfg.tool_max_output_chars,
+        max_arg_chars=cfg.tool_max_arg_chars,
+        enabled=list(cfg.tools),
+    )
+    declare_sets(reg, cfg.tool_sets)
+    for dotted in cfg.tool_imports:
+        reg.import_path(dotted)
+    unknown = sorted(n for n in (reg.enabled or ()) if reg.get(n) is None)
+    if unknown:
+        raise ValueError(reg.unknown_names_message(unknown, cfg.tool_sets))
+    if reg.enabled is not None:  # aliases (e.g. VIoT-Tool test-file names) enable the real tool
+        reg.enabled = {reg.get(n).name for n in reg.enabled}
+    return reg
 
 
 def mllmtool_specs_from_records(records: Iterable[dict]) -> list[ToolSpec]:

@@ -191,11 +191,11 @@ def verdict(results: dict, accepted: tuple[str, ...]) -> dict:
 
 
 def section_invariants(work: Path, cpu: bool) -> dict:
-    """``toollmm.model.kernel_check.kernel_invariants`` (packed rows vs each sample alone; prefill + appends
+    """``toollmm.infer.kernel_check.kernel_invariants`` (packed rows vs each sample alone; prefill + appends
     of 1, 2 and 7 tokens through the step model's cache vs one full forward) on a ToolLMM per kernel; each
     case's max abs difference against ``TOL``."""
     from ..config import load_config
-    from ..model.kernel_check import kernel_invariants
+    from ..infer.kernel_check import kernel_invariants
 
     m = mode(cpu)
     device, dtype = device_dtype(cpu)

@@ -59,7 +59,7 @@ def _overrides(new_tokens: int) -> list[str]:
 def infer_once(stage_dir: str, request: str, new_tokens: int) -> dict:
     """Load and answer one request (the body of the cold process)."""
     import toollmm
-    from toollmm.inference_api import Request
+    from toollmm.infer.requests import Request
 
     t0 = time.perf_counter()
     rt = toollmm.load(stage_dir, overrides=_overrides(new_tokens))
@@ -96,7 +96,7 @@ def inference(world: World) -> dict:
     import torch
 
     import toollmm
-    from toollmm.inference_api import Request
+    from toollmm.infer.requests import Request
 
     n = world.sizes.new_tokens
     stage_dir, request = prepare(world)

@@ -6,7 +6,7 @@ never saw? Everything goes through the one loader (``toollmm.load``) and the one
   attribute value the caption names (each value's words, whole-word) against the truth, chance =
   1 / distinct held-out values.
 * ``t2x`` (stage 2): teacher-forced held-out text->X records; the hidden states of the signal span go
-  through ``toollmm.model.step.project_signal`` (as at inference) and are compared with the caption's
+  through ``toollmm.infer.step.project_signal`` (as at inference) and are compared with the caption's
   conditioning computed by the decoder's own text encoder (``DecoderPool.encode_captions``).
   ``l2`` = NExT-GPT's alignment distance (Euclidean per conditioning token, mean), ``mean_predictor`` =
   the same distance for always predicting the mean TRAINING caption conditioning, ``retrieval_top1`` =
@@ -73,7 +73,7 @@ def _reference(rec: dict, path: Path) -> dict:
 
 def _prompt_request(rec: dict, data_dir: Path):
     """The record up to (not including) its first assistant message, as a generation request."""
-    from ..inference_api import Request
+    from ..infer.requests import Request
 
     req = Request.from_record(rec, media_root=data_dir)
     first = next((i for i, m in enumerate(rec["messages"]) if m["role"] == "assistant"), None)
@@ -144,7 +144,7 @@ def _distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def projected_signals(model, renderer, recs: list[dict], where: str) -> torch.Tensor:
     """Teacher-forced: each record's first signal span -> ``project_signal`` -> ``[N, n_query, cond_dim]``."""
     from ..batch import Batch
-    from ..model.step import project_signal
+    from ..infer.step import project_signal
 
     device = next(model.parameters()).device
     outs = []

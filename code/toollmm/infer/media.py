@@ -1,7 +1,7 @@
 """Generated media: where files go (``MediaSink``) and how a signal span becomes one (``SignalDecoder``).
 
 ``SignalDecoder`` is the decode engine's signal hook: a complete ``[IMG0]..[IMGn]`` span's last-layer
-hidden states go through the output projection (``toollmm.model.step.project_signal``, exactly as in
+hidden states go through the output projection (``toollmm.infer.step.project_signal``, exactly as in
 training) into the modality's diffusers pipeline from a ``DecoderPool`` — built once, lazily, reused —
 with the precomputed empty-prompt ``negative_prompt_embeds`` for guidance. The same pool backs the
 built-in ``generate_<modality>(prompt)`` tools, conditioned by the pipeline's own text encoder.
@@ -20,7 +20,7 @@ import torch
 
 from ..model.decoders import DecoderError, DecoderPool
 from ..model.media_out import SUFFIX
-from ..model.step import project_signal
+from .step import project_signal
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Requests from user input: a prompt with media, or one line of a ``--batch`` JSONL file.
+"""``Request`` (one conversation to continue), and requests from user input: a prompt with media, or
+one line of a ``--batch`` JSONL file.
 
 A batch line is either a unified record (``messages`` + ``images`` / ``videos`` / ``audios``; cut after its
 last user message, so held-out records with reference answers work as prompts) or the short form
@@ -11,11 +12,63 @@ file, the line and the key, and all bad lines (the first 20) are reported before
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from toollmm.errors import NotUtf8, UserError, iter_text_lines
 
-from .session import MEDIA_KEYS, with_placeholders
+from ..data.records import MEDIA_KEYS
+from ..tokens import PLACEHOLDER, PLACEHOLDER_RE
+
+
+def with_placeholders(text: str, media: Sequence[tuple[str, str]]) -> str:
+    """``text`` with one placeholder per medium put in front (in order) when it has none of its own."""
+    if not media or PLACEHOLDER_RE.search(text or ""):
+        return text or ""
+    head = "".join(PLACEHOLDER[m] for m, _ in media)
+    return f"{head}\n{text}" if text else head
+
+
+def split_media(media: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """``[(modality, path)]`` -> ``{"images": [...], "videos": [...], "audios": [...]}`` (order kept)."""
+    out: dict[str, list[str]] = {k: [] for k in MEDIA_KEYS.values()}
+    for modality, path in media:
+        if modality not in MEDIA_KEYS:
+            raise ValueError(f"unknown media modality {modality!r} (known: {sorted(MEDIA_KEYS)})")
+        out[MEDIA_KEYS[modality]].append(str(path))
+    return out
+
+
+@dataclass
+class Request:
+    """One conversation to continue: HF chat messages + media lists (paths, in placeholder order)."""
+
+    messages: list[dict]
+    images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
+    audios: list = field(default_factory=list)
+    tools: list | None = None
+    id: str = ""
+
+    @classmethod
+    def from_record(cls, record: dict, media_root: str | Path | None = None) -> Request:
+        root = Path(media_root) if media_root else None
+
+        def fix(x):
+            if isinstance(x, list):
+                return [fix(y) for y in x]
+            return str(root / x) if root is not None and not Path(x).is_absolute() else x
+
+        return cls(
+            messages=record["messages"],
+            images=[fix(x) for x in record.get("images") or []],
+            videos=[fix(x) for x in record.get("videos") or []],
+            audios=[fix(x) for x in record.get("audios") or []],
+            tools=record.get("tools"),
+            id=str(record.get("id", "")),
+        )
+
 
 MODALITY_OF_KEY = {v: k for k, v in MEDIA_KEYS.items()}
 
@@ -26,9 +79,6 @@ class BatchError(UserError, ValueError):
 
 def prompt_request(text: str, media=(), tools: list | None = None, id: str = ""):
     """``Request`` for one prompt and ``[(modality, path)]`` (placeholders put in front if none)."""
-    from ..inference_api import Request
-    from .session import split_media
-
     msgs = [{"role": "user", "content": with_placeholders(text, media)}]
     return Request(messages=msgs, tools=tools, id=id, **split_media(media))
 
@@ -85,8 +135,6 @@ def _unknown_keys(obj: dict) -> list[str]:
 
 def request_from_obj(obj, root: Path, where: str, default_id: str):
     """One batch line (already parsed) -> ``Request``; unknown keys are an error (never ignored)."""
-    from ..inference_api import Request
-
     if not isinstance(obj, dict):
         raise BatchError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     unknown = _unknown_keys(obj)

@@ -13,26 +13,7 @@ from pathlib import Path
 
 from ..agent.state import RowResult
 from ..data.react import parse_react
-from ..data.records import MEDIA_KEYS
-from ..tokens import PLACEHOLDER, PLACEHOLDER_RE
-
-
-def with_placeholders(text: str, media: Sequence[tuple[str, str]]) -> str:
-    """``text`` with one placeholder per medium put in front (in order) when it has none of its own."""
-    if not media or PLACEHOLDER_RE.search(text or ""):
-        return text or ""
-    head = "".join(PLACEHOLDER[m] for m, _ in media)
-    return f"{head}\n{text}" if text else head
-
-
-def split_media(media: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    """``[(modality, path)]`` -> ``{"images": [...], "videos": [...], "audios": [...]}`` (order kept)."""
-    out: dict[str, list[str]] = {k: [] for k in MEDIA_KEYS.values()}
-    for modality, path in media:
-        if modality not in MEDIA_KEYS:
-            raise ValueError(f"unknown media modality {modality!r} (known: {sorted(MEDIA_KEYS)})")
-        out[MEDIA_KEYS[modality]].append(str(path))
-    return out
+from .requests import MEDIA_KEYS, Request, split_media, with_placeholders
 
 
 def assistant_messages(row: RowResult, react: bool) -> list[dict]:
@@ -80,8 +61,6 @@ class ChatSession:
         on_text: Callable[[int, str], None] | None = None,
     ) -> dict:
         """One user turn (text and ``[(modality, path)]``) -> the turn's output dict; history grows."""
-        from ..inference_api import Request
-
         user = {"role": "user", "content": with_placeholders(text, media)}
         new = split_media(media)
         req = Request(

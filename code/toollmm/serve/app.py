@@ -70,8 +70,8 @@ class Server:
         batched_decode: bool | None = None,
         max_request_mb: float | None = None,
     ):
-        from ..model.batched_step import BatchedStepModel
-        from ..model.step import ToolLMMStepModel
+        from ..infer.batched_step import BatchedStepModel
+        from ..infer.step import ToolLMMStepModel
         from ..paths import resolve
 
         self.rt = runtime
@@ -128,7 +128,7 @@ class Server:
             store.cleanup()
 
     def _prepare(self, body, store: MediaStore) -> tuple[ChatRequest, list[int], dict, RowOptions]:
-        from ..inference_api import Request
+        from ..infer.requests import Request
         from ..model.preprocess import load_media
         from ..tokens import MODALITIES
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.toolcall import parse_tool_call_json
-from ..infer.session import with_placeholders
+from ..infer.requests import with_placeholders
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MEDIA_PARTS = {"image_url": "image", "video_url": "video", "input_audio": "audio"}

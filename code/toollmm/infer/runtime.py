@@ -19,17 +19,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .batch import MediaInputs
-from .checkpoint import LoadedStage, load_stage
-from .infer.output import TextStream, error_output, output_dict, row_media
-from .infer.session import MEDIA_KEYS, ChatSession
-from .paths import CONFIG_DIR, OUTPUTS_DIR, resolve
-from .tokens import MODALITIES
+from ..batch import MediaInputs
+from ..checkpoint import LoadedStage, load_stage
+from ..paths import CONFIG_DIR, OUTPUTS_DIR, resolve
+from ..tokens import MODALITIES
+from .output import TextStream, error_output, output_dict, row_media
+from .requests import MEDIA_KEYS, Request
+from .session import ChatSession
 
 log = logging.getLogger(__name__)
 INFERENCE_YAML = CONFIG_DIR / "inference.yaml"
@@ -38,36 +38,6 @@ INFERENCE_YAML = CONFIG_DIR / "inference.yaml"
 def default_output_dir() -> Path:
     """``outputs/inference/<timestamp>/`` under the repo root."""
     return OUTPUTS_DIR / "inference" / time.strftime("%Y%m%d-%H%M%S")
-
-
-@dataclass
-class Request:
-    """One conversation to continue: HF chat messages + media lists (paths, in placeholder order)."""
-
-    messages: list[dict]
-    images: list = field(default_factory=list)
-    videos: list = field(default_factory=list)
-    audios: list = field(default_factory=list)
-    tools: list | None = None
-    id: str = ""
-
-    @classmethod
-    def from_record(cls, record: dict, media_root: str | Path | None = None) -> Request:
-        root = Path(media_root) if media_root else None
-
-        def fix(x):
-            if isinstance(x, list):
-                return [fix(y) for y in x]
-            return str(root / x) if root is not None and not Path(x).is_absolute() else x
-
-        return cls(
-            messages=record["messages"],
-            images=[fix(x) for x in record.get("images") or []],
-            videos=[fix(x) for x in record.get("videos") or []],
-            audios=[fix(x) for x in record.get("audios") or []],
-            tools=record.get("tools"),
-            id=str(record.get("id", "")),
-        )
 
 
 class Runtime:
@@ -84,12 +54,12 @@ class Runtime:
         step_model=None,
         load_s: float = 0.0,
     ):
-        from .agent.registry import Registry
-        from .data.render import Renderer
-        from .infer.media import MediaSink, SignalDecoder
-        from .infer.tools import bind_runtime_tools
-        from .model.decoders import DecoderPool
-        from .model.step import ToolLMMStepModel
+        from ..agent.toolsets import registry_from_config
+        from ..data.render import Renderer
+        from ..model.decoders import DecoderPool
+        from .media import MediaSink, SignalDecoder
+        from .step import ToolLMMStepModel
+        from .tools import bind_runtime_tools
 
         self.stage, self.model, self.cfg = stage, stage.model, stage.config
         self.tokenizer = stage.tokenizer
@@ -104,11 +74,11 @@ class Runtime:
         self.decoder = (
             SignalDecoder(self.model, self.decoders, self.sink) if self.decoders.enabled() else None
         )
-        from .agent.sandbox import Workspace
+        from ..agent.sandbox import Workspace
 
         ws = workspace if workspace is not None else (inf.workspace or self.output_dir)
         ws = ws if isinstance(ws, Workspace) else Workspace(ws, create=False)  # made when a tool runs
-        self.registry = registry if registry is not None else Registry.from_config(inf, ws)
+        self.registry = registry if registry is not None else registry_from_config(inf, ws)
         self._signal_hook = signal_hook if signal_hook is not None else self.decoder
         self.set_step_model(step_model if step_model is not None else ToolLMMStepModel(self.model))
         self.tools_bound = bind_runtime_tools(self)
@@ -116,7 +86,7 @@ class Runtime:
 
     def set_step_model(self, step_model) -> None:
         """Drive ``step_model`` (a ``StepModel``: the composed model, or a wrapper of it) from now on."""
-        from .agent.engine import Engine
+        from ..agent.engine import Engine
 
         self.step_model = step_model
         self._engine_args = dict(
@@ -146,7 +116,7 @@ class Runtime:
     # ------------------------------------------------------------------------------ preparing requests
     def media_inputs(self, req: Request) -> dict[str, MediaInputs]:
         """Preprocess every medium of ``req`` (the model encodes them; its encoder is frozen)."""
-        from .model.preprocess import load_media
+        from ..model.preprocess import load_media
 
         out = {}
         for m in MODALITIES:
@@ -263,11 +233,11 @@ class Runtime:
     @torch.no_grad()
     def ask_about(self, path: str | Path, question: str | None = None) -> str:
         """What the model itself says about a media file (caption, or answer to ``question``)."""
-        from .agent.engine import Engine
-        from .agent.registry import Registry
-        from .infer.media import modality_of
-        from .infer.requests import prompt_request
-        from .infer.tools import CAPTION_PROMPTS
+        from ..agent.engine import Engine
+        from ..agent.registry import Registry
+        from .media import modality_of
+        from .requests import prompt_request
+        from .tools import CAPTION_PROMPTS
 
         modality = modality_of(path)
         req = prompt_request(question or CAPTION_PROMPTS[modality], [(modality, str(path))])

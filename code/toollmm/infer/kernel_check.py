@@ -6,7 +6,7 @@
 * ``packed``: a packed batch of several rows (the real collator, ``collate(packing=True)``: restarted
   ``position_ids``, block-diagonal mask, padding) against each sample run alone (logits of every token);
 * ``append_<n>``: prefill + appends of ``n`` tokens through the KV cache of the real decode step model
-  (:class:`~toollmm.model.step.ToolLMMStepModel`, two rows appending ragged chunks in the same step)
+  (:class:`~toollmm.infer.step.ToolLMMStepModel`, two rows appending ragged chunks in the same step)
   against one full forward (the logits after each append and the last hidden state of every appended token).
 
 The tests assert it on CPU in float32 for every kernel the config accepts; ``scripts/gpu_check.sh`` calls the
