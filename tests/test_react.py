@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.data.convert import convert_file
-from toollmm.data.convert.gpt4tools import to_source
-from toollmm.data.convert.viot import normalize_tool
-from toollmm.data.react import (
+from toollmm.core.react import (
     ReactStyle,
     format_messages,
     format_react_call,
@@ -21,6 +18,9 @@ from toollmm.data.react import (
     parse_react,
     text_to_messages,
 )
+from toollmm.data.convert import convert_file
+from toollmm.data.convert.gpt4tools import to_source
+from toollmm.data.convert.viot import normalize_tool
 
 FIX = Path(__file__).parent / "fixtures"
 GPT4TOOLS = ["samples/gpt4tools/gpt4tools_71k.json", "samples/gpt4tools/gpt4tools_val_seen.json"]
