@@ -15,10 +15,10 @@ import time
 
 from transformers import AutoTokenizer
 
+from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.chat_template import install_chat_template
 from toollmm.data.records import check_record
 from toollmm.data.render import Renderer
-from toollmm.data.toolcall import tool_call_entry
 from toollmm.tokenizer_build import build_sentencepiece_tokenizer
 from toollmm.tokens import TokenContract
 

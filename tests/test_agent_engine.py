@@ -96,7 +96,11 @@ def test_good_call_forces_the_result_and_generation_continues(tok, ids, reg, max
             "absolute paths",
         ),
         ('{"name": "shout", "arguments": {"text": 5}}</tool_call>', "5 is not of type 'string'"),
-        ('{"name": "shout", "arguments": ' + "[" * 20 + "]" * 20 + "}</tool_call>", "nested too deeply"),
+        (
+            '{"name": "shout", "arguments": ' + '{"a": ' * 20 + "1" + "}" * 20 + "}</tool_call>",
+            "nested too deeply",
+        ),
+        ('{"name": "shout", "arguments": ' + "[" * 20 + "]" * 20 + "}</tool_call>", "must be a JSON object"),
         (
             '{"name": "Predict Depth On Image", "arguments": {"image_path": "a.png"}}</tool_call>',
             "no backend",

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.agent.calls import json_depth, parse_tool_call, react_action
 from toollmm.agent.registry import Registry, tool
 from toollmm.agent.sandbox import PathRefused, Workspace
 from toollmm.agent.toolsets import SETS, declare_sets
+from toollmm.core.react import react_action
+from toollmm.core.toolcall import json_depth, parse_tool_call
 
 
 # ---- user tools (module level, so the spawned child can import them) ---------------------------------
@@ -209,12 +210,12 @@ def test_call_parser_never_raises_on_model_text():
         "x" * 100_000,
     ]
     for t in texts:
-        p = parse_tool_call(t, max_chars=16384, max_depth=8)
-        assert p.error and p.arguments is None, t[:40]
-    code = parse_tool_call("{\"name\": \"__import__('os').system('touch /tmp/pwned')\"}")
-    assert code.ok and code.arguments == {}  # just a (bad) name: looked up, never evaluated
-    ok = parse_tool_call('{"type": "function", "function": {"name": "f", "arguments": "{\\"a\\": 1}"}}')
-    assert ok.ok and ok.name == "f" and ok.arguments == {"a": 1}
+        call, err = parse_tool_call(t)
+        assert err and call is None, t[:40]
+    code, err = parse_tool_call("{\"name\": \"__import__('os').system('touch /tmp/pwned')\"}")
+    assert err is None and code["arguments"] == {}  # just a (bad) name: looked up, never evaluated
+    ok, err = parse_tool_call('{"type": "function", "function": {"name": "f", "arguments": "{\\"a\\": 1}"}}')
+    assert err is None and ok == {"name": "f", "arguments": {"a": 1}}
     assert not Path("/tmp/pwned").exists()
     assert react_action("Action: X\nAction Input: a, b\nObservation:").tool_input == "a, b"
     assert react_action("Action:\nAction Input: a") is None and react_action("no action here") is None

@@ -15,7 +15,7 @@ from PIL import Image
 
 import toollmm
 from inference_fixtures import IMAGE_SPAN, steer
-from toollmm.data.toolcall import canonical_json
+from toollmm.core.toolcall import canonical_json
 from toollmm.infer.requests import Request
 
 CALL = canonical_json({"name": "calculator", "arguments": {"a": 120, "b": 35, "op": "add"}})

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
+from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.records import RecordError, check_record, ensure_valid, load_jsonl, validate_record
-from toollmm.data.toolcall import tool_call_entry
 from toollmm.paths import DATA_DIR
 
 

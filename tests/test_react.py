@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.data.convert import convert_file
-from toollmm.data.convert.gpt4tools import to_source
-from toollmm.data.convert.viot import normalize_tool
-from toollmm.data.react import (
+from toollmm.core.react import (
+    REACT_STOP_RE,
+    ReactAction,
     ReactStyle,
     format_messages,
     format_react_call,
@@ -19,8 +18,13 @@ from toollmm.data.react import (
     format_react_observation,
     format_react_step,
     parse_react,
+    react_action,
+    react_calls,
     text_to_messages,
 )
+from toollmm.data.convert import convert_file
+from toollmm.data.convert.gpt4tools import to_source
+from toollmm.data.convert.viot import normalize_tool
 
 FIX = Path(__file__).parent / "fixtures"
 GPT4TOOLS = ["samples/gpt4tools/gpt4tools_71k.json", "samples/gpt4tools/gpt4tools_val_seen.json"]
@@ -180,6 +184,23 @@ def test_parse_never_raises_on_truncated_or_mangled_text():
     for text in samples:
         p = parse_react(text)
         assert isinstance(p.problems, list)
+
+
+def test_model_text_without_a_thought_line_is_read_but_is_not_data():
+    """Model text: the engine and the scorers read the step (langchain's rule); data: a problem."""
+    text = 'Action: A\nAction Input:  "in put" \nObservation:'
+    p = parse_react(text)
+    assert [(s.action, s.action_input) for s in p.steps] == [("A", ' "in put" ')]
+    assert any("without a 'Thought:' line" in q for q in p.problems)
+    assert react_action(text) == ReactAction("A", "in put") and react_calls(text) == [
+        ReactAction("A", "in put")
+    ]
+    with pytest.raises(ValueError, match="not ReAct text"):
+        text_to_messages(text + " out\n")
+    # the step ends at an "Observation:" line of its own; an indented one is text, not a stop
+    assert REACT_STOP_RE.search("Action: A\nAction Input: i\nObservation:")
+    assert not REACT_STOP_RE.search("Action: A\nAction Input: i\n  Observation:")
+    assert react_action("Thought: t\nAction: A\nObservation:") is None  # no Action Input: nothing to run
 
 
 def test_text_to_messages_names_the_text_it_cannot_represent():

@@ -8,9 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from toollmm.batch import IGNORE_INDEX
+from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.records import RecordError, validate_record
 from toollmm.data.render import Renderer, media_tokens_from_config
-from toollmm.data.toolcall import tool_call_entry
 from toollmm.tokens import TokenContract
 
 SYSTEM = "You are helpful."
@@ -229,7 +229,7 @@ def test_react_format_reproduces_the_source_text_and_masks_observations(tok):
 
 
 def test_react_helpers_agree_with_the_converters_module():
-    react = pytest.importorskip("toollmm.data.react")
+    react = pytest.importorskip("toollmm.core.react")
     from toollmm.data import templates as t
 
     assert t.react_call_text("A", "x, y", None) == react.format_react_call("A", "x, y", None)

@@ -8,10 +8,11 @@ import re
 
 import pytest
 
-from toollmm.data.toolcall import (
+from toollmm.core.toolcall import (
+    MAX_CALL_CHARS,
     canonical_call,
     canonical_json,
-    parse_tool_call_json,
+    parse_tool_call,
     tool_call_entry,
 )
 
@@ -43,15 +44,15 @@ def test_canonical_call_rejects_bad_input(name, args, match):
 
 def test_parse_round_trips_canonical_text_and_accepts_common_variants():
     call = canonical_call("count_objects", {"kind": "circle", "image": "a.png"})
-    assert parse_tool_call_json(canonical_json(call)) == (call, None)
+    assert parse_tool_call(canonical_json(call)) == (call, None)
     spaced = ' \n{ "name" : "count_objects", "arguments": {"image": "a.png", "kind": "circle"} }\n'
-    assert parse_tool_call_json(spaced) == (call, None)
+    assert parse_tool_call(spaced) == (call, None)
     # arguments written as a JSON string (OpenAI style) or left out
     as_string = json.dumps(
         {"name": "count_objects", "arguments": json.dumps({"kind": "circle", "image": "a.png"})}
     )
-    assert parse_tool_call_json(as_string) == (call, None)
-    assert parse_tool_call_json('{"name": "unknown"}') == ({"name": "unknown", "arguments": {}}, None)
+    assert parse_tool_call(as_string) == (call, None)
+    assert parse_tool_call('{"name": "unknown"}') == ({"name": "unknown", "arguments": {}}, None)
 
 
 @pytest.mark.parametrize(
@@ -68,12 +69,12 @@ def test_parse_round_trips_canonical_text_and_accepts_common_variants():
         ('{"name": "x", "arguments": {}, "id": 3}', "unexpected keys"),
         ('{"name": "x", "arguments": {"v": NaN}}', "NaN"),
         (None, "must be a string"),
-        ("[" * 100_001, "characters"),
-        ("[" * 50_000, "unparseable|not valid JSON"),  # deep nesting: RecursionError is reported, not raised
+        ("[" * (MAX_CALL_CHARS + 1), "characters"),
+        ("[" * 50_000, "nested too deeply"),  # deep nesting is reported before json.loads, not raised
     ],
 )
 def test_parse_reports_instead_of_raising(text, reason):
-    call, err = parse_tool_call_json(text)
+    call, err = parse_tool_call(text)
     assert call is None and err is not None
     assert re.search(reason, err), err
 
@@ -83,7 +84,7 @@ def test_parse_never_raises_on_random_model_output():
     alphabet = '{}[]":,\\ \nabcnamearguments0123456789.-eE<>/tool_call'
     for _ in range(2000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
-        call, err = parse_tool_call_json(text)
+        call, err = parse_tool_call(text)
         assert (call is None) != (err is None)
         if call is not None:  # whatever parses is canonical and re-parses to itself
-            assert parse_tool_call_json(canonical_json(call)) == (call, None)
+            assert parse_tool_call(canonical_json(call)) == (call, None)

@@ -386,7 +386,9 @@ class InferenceConfig:
     tool_max_output_chars: int = opt(4000, "tool output longer than this is truncated (with a note)")
     tool_max_arg_chars: int = opt(8192, "serialised tool arguments longer than this are refused")
     tool_max_call_tokens: int = opt(1024, "a <tool_call> longer than this many tokens is abandoned")
-    tool_max_json_depth: int = opt(8, "tool-call JSON nested deeper than this is refused before parsing")
+    tool_max_json_depth: int = opt(
+        8, "tool calls nested deeper than this (the call object is level 1) are refused, nothing is run"
+    )
     max_repeated_calls: int = opt(
         2, "identical calls (same tool and arguments) allowed per turn; more stops the turn"
     )

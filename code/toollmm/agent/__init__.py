@@ -5,7 +5,7 @@
   ``registry_from_config`` (a session's registry from the config)
 * ``builtin``   — model-side tools (bound later by the inference layer) and the PIL edge-detection backend
 * ``sandbox``   — workspace confinement of file arguments; killable subprocess runs with a timeout
-* ``calls``     — JSON tool-call and ReAct step parsing that never raises on model text
+* ``engine`` reads calls with ``toollmm.core.toolcall`` and ``toollmm.core.react`` (the scorers' parsers)
 * ``engine``    — ``Engine``: batched decode with forced tool results and signal-span hooks
 * ``protocol``  — ``StepModel`` / ``StepOutput``: what a model implements to be driven by the engine
 * ``scripted``  — ``ScriptedModel``: a model that writes chosen token sequences (tests, demos)

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from ..config import InferenceConfig
+from ..core.react import REACT_STOP_RE, react_action
+from ..core.toolcall import UNREAD, parse_tool_call
 from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START, TokenContract
-from .calls import REACT_STOP_RE, parse_tool_call, react_action
 from .forcing import ForcedText
 from .protocol import SignalHook, StepModel
 from .registry import Registry, ToolResult
@@ -301,19 +302,15 @@ class Engine:
             row.mode = "text"
             row.pending.append((self.t[TOOL_CALL_END], None))
             msg = f"tool call longer than {self.cfg.tool_max_call_tokens} tokens; abandoned"
-            self._attempt(row, lambda: ToolResult("?", None, None, msg, 0.0), t0)
+            self._attempt(row, lambda: ToolResult(UNREAD, None, None, msg, 0.0), t0)
         return out
 
     def _json_call(self, row: RowState) -> ToolResult | None:
         text = self.tok.decode(row.call_ids)
-        parsed = parse_tool_call(
-            text, max_chars=self.cfg.tool_max_arg_chars * 2, max_depth=self.cfg.tool_max_json_depth
-        )
-        if not parsed.ok:
-            return ToolResult(
-                parsed.name or "?", truncate(text, 300), None, f"malformed tool call: {parsed.error}", 0.0
-            )
-        return self._run_tool(row, parsed.name, parsed.arguments, text_input=False)
+        call, err = parse_tool_call(text)  # the scorers read the same text with the same parser
+        if call is None:
+            return ToolResult(UNREAD, truncate(text, 300), None, f"malformed tool call: {err}", 0.0)
+        return self._run_tool(row, call["name"], call["arguments"], text_input=False)
 
     def _react_check(self, row: RowState, t0: float) -> None:
         seg = row.gen[row.segment_start :]
@@ -325,7 +322,7 @@ class Engine:
         action = react_action(text)
         if action is None:
             msg = "could not read an 'Action:' line and an 'Action Input:' line before 'Observation:'"
-            self._attempt(row, lambda: ToolResult("?", truncate(text[-300:], 300), None, msg, 0.0), t0)
+            self._attempt(row, lambda: ToolResult(UNREAD, truncate(text[-300:], 300), None, msg, 0.0), t0)
         else:
             self._attempt(
                 row, lambda: self._run_tool(row, action.tool, action.tool_input, text_input=True), t0

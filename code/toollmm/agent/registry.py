@@ -27,16 +27,13 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from ..core.toolcall import MAX_CALL_DEPTH
 from .sandbox import PathRefused, Workspace, function_ref, run_isolated, to_text, truncate
 from .spec import Isolation, ToolResult, ToolSpec, schema_from_signature, tool, validator_for
 
 __all__ = ["Registry", "ToolResult", "ToolSpec", "schema_from_signature", "tool"]
 
 log = logging.getLogger(__name__)
-
-
-#: deepest argument nesting a call may have (checked without recursion, before anything walks it)
-MAX_ARG_DEPTH = 32
 
 
 def nesting_depth(value: Any, limit: int) -> int:
@@ -62,6 +59,7 @@ class Registry:
         timeout_s: float = 30.0,
         max_output_chars: int = 4000,
         max_arg_chars: int = 8192,
+        max_arg_depth: int = 8,
         enabled: list[str] | None = None,
     ):
         self.workspace = (
@@ -70,6 +68,9 @@ class Registry:
         self.timeout_s = timeout_s
         self.max_output_chars = max_output_chars
         self.max_arg_chars = max_arg_chars
+        #: deepest nesting of ``[name, arguments]`` (= the call's JSON depth) a call may have (checked
+        #: without recursion, before anything walks it); never above what parses at all
+        self.max_arg_depth = min(max_arg_depth, MAX_CALL_DEPTH)
         self.enabled = set(enabled) if enabled else None
         self._tools: dict[str, ToolSpec] = {}
         self._alias: dict[str, str] = {}
@@ -181,8 +182,8 @@ class Registry:
         """Validate and run one call; never raises."""
         t0 = time.perf_counter()
         shown = arguments if _shown is None else _shown
-        if nesting_depth([name, arguments], MAX_ARG_DEPTH) > MAX_ARG_DEPTH:  # before anything walks them
-            error = f"arguments nested too deeply (more than {MAX_ARG_DEPTH} levels); nothing was run"
+        if nesting_depth([name, arguments], self.max_arg_depth) > self.max_arg_depth:  # before any walk
+            error = f"arguments nested too deeply (more than {self.max_arg_depth} levels); nothing was run"
             label = truncate(name, 200) if isinstance(name, str) else "(unnamed)"
             return ToolResult(label, "(too deep to show)", None, error, round(time.perf_counter() - t0, 4))
         spec = self.get(name)

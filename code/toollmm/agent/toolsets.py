@@ -142,6 +142,7 @@ def registry_from_config(cfg, workspace: str | Path | Workspace | None = None) -
         timeout_s=cfg.tool_timeout_s,
         max_output_chars=cfg.tool_max_output_chars,
         max_arg_chars=cfg.tool_max_arg_chars,
+        max_arg_depth=cfg.tool_max_json_depth,
         enabled=list(cfg.tools),
     )
     declare_sets(reg, cfg.tool_sets)

@@ -24,10 +24,10 @@ from typing import Any
 
 from toollmm.errors import UserError
 
+from ..core.react import DEFAULT_CALL_THOUGHT as REACT_YES  # noqa: F401  (re-exported for the Jinja template)
+from ..core.react import DEFAULT_FINAL_THOUGHT as REACT_NO  # noqa: F401
+from ..core.toolcall import canonical_json
 from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
-from .react import DEFAULT_CALL_THOUGHT as REACT_YES  # noqa: F401  (re-exported for the Jinja template)
-from .react import DEFAULT_FINAL_THOUGHT as REACT_NO  # noqa: F401
-from .toolcall import canonical_json
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -109,13 +109,13 @@ class Part:
 
 
 # ------------------------------------------------------------------------------------------- ReAct
-# The ReAct text of one step comes from toollmm.data.react (the converters' module, which parses source
+# The ReAct text of one step comes from toollmm.core.react (the converters' module, which parses source
 # text into messages and proves the round trip byte-exact): one definition for parsing and rendering.
-from .react import ReactStyle  # noqa: E402
-from .react import call_input as react_call_input  # noqa: E402
-from .react import format_react_call as react_call_text  # noqa: E402
-from .react import format_react_final as react_final_text  # noqa: E402
-from .react import format_react_observation as react_observation_text  # noqa: E402
+from ..core.react import ReactStyle  # noqa: E402
+from ..core.react import call_input as react_call_input  # noqa: E402
+from ..core.react import format_react_call as react_call_text  # noqa: E402
+from ..core.react import format_react_final as react_final_text  # noqa: E402
+from ..core.react import format_react_observation as react_observation_text  # noqa: E402
 
 
 def uses_tools(messages: list[dict[str, Any]], tools: list | None) -> bool:

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import re
 
-from toollmm.data.convert.gpt4tools import to_source
-from toollmm.data.react import (
+from toollmm.core.react import (
     DEFAULT_CALL_THOUGHT,
     DEFAULT_FINAL_THOUGHT,
     format_react_final,
     format_react_step,
 )
+from toollmm.data.convert.gpt4tools import to_source
 
 from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark
 from .metrics import bleu1, mean
-from .toolcalls import calls_from_prediction
+from .toolcalls import batch_calls, calls_from_prediction
 
 KEYS = ("SR_t", "SR_act", "SR_args", "SR", "IoU")
 THOUGHT_RE = re.compile(r"Thought: Do I need to use a tool\? (.*)")
@@ -141,7 +141,7 @@ def prediction_text(pred: dict, instruction: str) -> str:
     text = pred.get("text") if isinstance(pred.get("text"), str) else ""
     if "Thought:" in text:
         return strip_prompt(text, instruction).strip()
-    results = [c.get("result") if isinstance(c, dict) else None for c in pred.get("tool_calls") or []]
+    results = [c.get("result") for c in batch_calls(pred)]  # the entries calls_from_prediction reads
     parts = [
         format_react_step(name, raw, (results[i] if i < len(results) else None) or "", DEFAULT_CALL_THOUGHT)
         for i, (name, raw) in enumerate(calls_from_prediction(pred))

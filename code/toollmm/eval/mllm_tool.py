@@ -25,7 +25,7 @@ import re
 
 from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark, user_query
 from .metrics import fraction
-from .toolcalls import first_tool_call
+from .toolcalls import batch_calls, first_tool_call
 
 KEYS = ("accuracy", "hallucination_rate", "format_accuracy")
 UNKNOWN = "unknown"
@@ -74,10 +74,8 @@ def predicted_id(pred: dict | None) -> str | None:
         return None
     if "response" in pred:
         return parse_answer(pred["response"])
-    for c in pred.get("tool_calls") or []:
-        c = c.get("function", c) if isinstance(c, dict) else c
-        if isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"].strip():
-            return c["name"]
+    for c in batch_calls(pred):
+        return c["name"]
     return parse_answer(pred.get("text"))
 
 

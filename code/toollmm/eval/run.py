@@ -26,17 +26,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toollmm.data.react import (
+from toollmm.core.react import (
     DEFAULT_CALL_THOUGHT,
     DEFAULT_FINAL_THOUGHT,
+    action_of,
     format_react_call,
     format_react_final,
     format_react_observation,
-    parse_react,
+    read_react,
 )
 
 from .common import EvalError, Reference
-from .toolcalls import first_tool_call, input_text
+from .toolcalls import batch_calls, first_tool_call, input_text
 from .viot import UPLOAD
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,12 @@ def read_step(out: dict) -> Step:
     comes first (it keeps the model's thought and raw Action Input), then ``tool_calls``, then
     ``<tool_call>`` spans; anything else is an answer."""
     text = out.get("text") if isinstance(out.get("text"), str) else ""
-    parse = parse_react(text)
-    if parse.steps:
-        s = parse.steps[0]
-        return Step(s.thought or DEFAULT_CALL_THOUGHT, s.action.strip(), s.action_input.strip())
-    for c in out.get("tool_calls") or []:
-        c = c.get("function", c) if isinstance(c, dict) else None
-        if isinstance(c, dict) and isinstance(c.get("name"), str):
-            return Step(DEFAULT_CALL_THOUGHT, c["name"], input_text(c.get("arguments", {})))
+    parse = read_react(text)
+    action = action_of(parse.steps[0]) if parse.steps else None
+    if action is not None:
+        return Step(parse.steps[0].thought or DEFAULT_CALL_THOUGHT, action.tool, action.tool_input)
+    for c in batch_calls(out):
+        return Step(DEFAULT_CALL_THOUGHT, c["name"], input_text(c.get("arguments", {})))
     call, _ = first_tool_call(text)
     if call is not None:
         return Step(DEFAULT_CALL_THOUGHT, call["name"], input_text(call["arguments"]))

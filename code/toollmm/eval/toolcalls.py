@@ -1,12 +1,14 @@
 """Tool calls as evaluation reads them: canonical JSON equality, calls out of any prediction format.
 
-``canonical_json`` is THE text of a call (owned by ``toollmm.data.toolcall``: name first, argument keys
+``canonical_json`` is THE text of a call (owned by ``toollmm.core.toolcall``: name first, argument keys
 sorted at every level, no spaces, non-ASCII kept). Two calls are the same call when their canonical JSON is the same string; the
 scorers and the demo's metrics compare calls only through :func:`same_call`.
 
 A prediction's calls come from one of: the inference ``--batch`` output (``tool_calls: [{name, arguments,
-result, error, duration_s}]``), ``<tool_call>{json}</tool_call>`` spans in raw model text, or ReAct text.
-Nothing here raises on model output.
+result, error, duration_s}]``, without the entries the engine could not read: :func:`batch_calls`),
+``<tool_call>{json}</tool_call>`` spans in raw model text, or ReAct text. Text is read by the parsers the
+decode engine uses (``toollmm.core.toolcall.parse_tool_call``, ``toollmm.core.react``), so a call counts as
+parsed here exactly when the engine would run it. Nothing here raises on model output.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import json
 import re
 from typing import Any
 
-from toollmm.data.react import call_input, parse_react
-from toollmm.data.toolcall import canonical_json, parse_tool_call_json
+from toollmm.core.react import call_input, react_calls
+from toollmm.core.toolcall import UNREAD, canonical_json, parse_tool_call
 from toollmm.tokens import TOOL_CALL_END, TOOL_CALL_START
 
 __all__ = [
     "TOOL_CALL_SPAN",
+    "batch_calls",
     "calls_from_prediction",
     "canonical_json",
     "first_tool_call",
     "input_text",
-    "parse_tool_call_json",
+    "parse_tool_call",
     "same_call",
 ]
 
@@ -58,25 +61,33 @@ def first_tool_call(text: str) -> tuple[dict | None, str | None]:
     m = TOOL_CALL_SPAN.search(text or "")
     if m is None:
         return None, None
-    return parse_tool_call_json(m.group(1))
+    return parse_tool_call(m.group(1))
+
+
+def batch_calls(pred: dict) -> list[dict]:
+    """The calls of a prediction's ``tool_calls`` list as ``{"name", "arguments"}`` dicts (a
+    ``{"function": ...}`` entry unwrapped), without the entries the engine could not read (name
+    ``UNREAD``: the text did not parse, so there is no call) or that name no tool."""
+    out = []
+    for c in pred.get("tool_calls") or []:
+        if isinstance(c, dict) and isinstance(c.get("function"), dict):
+            c = c["function"]
+        if isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"].strip() not in ("", UNREAD):
+            out.append(c)
+    return out
 
 
 def calls_from_prediction(pred: dict) -> list[tuple[str, str]]:
     """``[(name, action input text)]`` of a prediction in the inference ``--batch`` format: its
     ``tool_calls``; else the ``<tool_call>`` spans of its text; else the ReAct steps of its text."""
-    out: list[tuple[str, str]] = []
-    for c in pred.get("tool_calls") or []:
-        if isinstance(c, dict) and isinstance(c.get("function"), dict):
-            c = c["function"]
-        if isinstance(c, dict) and isinstance(c.get("name"), str):
-            out.append((c["name"], input_text(c.get("arguments", {}))))
+    out = [(c["name"], input_text(c.get("arguments", {}))) for c in batch_calls(pred)]
     if out:
         return out
     text = pred.get("text") if isinstance(pred.get("text"), str) else ""
     for m in TOOL_CALL_SPAN.finditer(text):
-        call, _ = parse_tool_call_json(m.group(1))
+        call, _ = parse_tool_call(m.group(1))
         if call is not None:
             out.append((call["name"], input_text(call["arguments"])))
     if out:
         return out
-    return [(s.action.strip(), s.action_input.strip()) for s in parse_react(text).steps]
+    return [(a.tool, a.tool_input) for a in react_calls(text)]

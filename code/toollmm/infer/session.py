@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..agent.state import RowResult
-from ..data.react import parse_react
+from ..core.react import read_react
+from ..core.toolcall import UNREAD
 from .requests import MEDIA_KEYS, Request, split_media, with_placeholders
 
 
@@ -23,14 +24,14 @@ def assistant_messages(row: RowResult, react: bool) -> list[dict]:
         args = r.arguments
         if isinstance(args, str):  # a ReAct call keeps its raw Action Input
             args = {"input": args}
-        if r.name == "?" or not isinstance(args, dict):
+        if r.name == UNREAD or not isinstance(args, dict):
             continue  # malformed: nothing the renderer could write back
         call = {"type": "function", "function": {"name": r.name, "arguments": args}}
         msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
         msgs.append({"role": "tool", "name": r.name, "content": r.observation()})
     text = row.text.strip()
     if react:
-        final = parse_react(row.text).final
+        final = read_react(row.text).final
         text = final.answer.strip() if final is not None else ("" if msgs else text)
     answer: dict = {"role": "assistant", "content": text}
     generated = [

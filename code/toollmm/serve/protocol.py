@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.toolcall import parse_tool_call_json
+from ..core.toolcall import call_from_value
 from ..infer.requests import with_placeholders
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -286,7 +286,7 @@ def _tool_calls(calls: Any, where: str, ids: dict[str, str]) -> list[dict]:
             raise bad(cw, 'must be {"type": "function", "function": {"name", "arguments"}}')
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
-            parsed, err = parse_tool_call_json(json.dumps({"name": fn["name"], "arguments": args or "{}"}))
+            parsed, err = call_from_value({"name": fn["name"], "arguments": args})
             if parsed is None:
                 raise bad(f"{cw}.function.arguments", f"must be a JSON object ({err})")
             args = parsed["arguments"]

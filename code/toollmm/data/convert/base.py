@@ -16,7 +16,7 @@ from pathlib import Path
 from toollmm.errors import UserError
 from toollmm.tokens import PLACEHOLDER, PLACEHOLDER_RE
 
-from ..toolcall import tool_call_entry
+from ...core.toolcall import tool_call_entry
 
 
 class ConversionError(UserError, ValueError):
@@ -126,7 +126,7 @@ def make_record(rid: str, ctx: Context, messages: list[dict], **extra) -> dict:
 
 
 def tool_call(name: str, arguments: dict | None = None) -> dict:
-    """One call in the schema's HF form (checked by toollmm.data.toolcall)."""
+    """One call in the schema's HF form (checked by toollmm.core.toolcall)."""
     return tool_call_entry(name, dict(arguments or {}))
 
 

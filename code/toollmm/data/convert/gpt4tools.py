@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 
-from ..react import ReactStyle, concat_styles, format_messages, text_to_messages
+from ...core.react import ReactStyle, concat_styles, format_messages, text_to_messages
 from .base import Context, leftovers, make_record, need, record_id, register, tool_spec
 
 TOOLS_HEAD = "\nTOOLS:\n------\n\nGPT4Tools has access to the following tools:\n\n"

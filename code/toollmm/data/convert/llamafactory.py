@@ -13,6 +13,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from toollmm.core.toolcall import call_from_value
 from toollmm.errors import read_text
 from toollmm.tokens import MODALITIES
 
@@ -70,17 +71,10 @@ def _call_from(value: str, ctx: Context) -> list[dict]:
     calls = data if isinstance(data, list) else [data]
     out = []
     for c in calls:
-        if not isinstance(c, dict) or "name" not in c:
-            raise ctx.fail(f"function_call without a name: {value[:80]!r}")
-        args = c.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError as e:
-                raise ctx.fail(f"function_call arguments are not JSON: {e.msg}") from e
-        if not isinstance(args, dict):
-            raise ctx.fail(f"function_call arguments must be an object, got {type(args).__name__}")
-        out.append(tool_call(c["name"], args))
+        call, err = call_from_value(c)  # the rules every tool call is read by (toollmm.core.toolcall)
+        if call is None:
+            raise ctx.fail(f"function_call {value[:80]!r}: {err}")
+        out.append(tool_call(call["name"], call["arguments"]))
     return out
 
 

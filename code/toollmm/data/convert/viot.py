@@ -21,7 +21,7 @@ import copy
 
 from toollmm.tokens import PLACEHOLDER
 
-from ..react import DEFAULT_CALL_THOUGHT, ReactStyle, concat_styles, text_to_messages
+from ...core.react import DEFAULT_CALL_THOUGHT, ReactStyle, concat_styles, text_to_messages
 from .base import (
     Context,
     check_media,

@@ -22,7 +22,14 @@ prompts, ``"\\n"`` in its validation outputs), what follows the last block (``"\
 normalised (VIoT aliases). With its style, :func:`format_messages` reproduces the source text exactly.
 
 The renderer calls :func:`format_react_call`, :func:`format_react_observation` and
-:func:`format_react_final` (names are stable); evaluation calls :func:`parse_react`, which never raises.
+:func:`format_react_final` (names are stable). :func:`parse_react` is THE ReAct parser (it never raises):
+the converters read source text with it (strictly: :func:`text_to_messages` proves the round trip), and
+model output is read with it by everyone: the decode engine runs the call of a step ending at
+``Observation:`` (:func:`react_action`), the scorers and the chat history read :func:`read_react`. Rules
+for model text: a step is ``Thought: ...`` (optional in model text, listed as a problem) then ``Action:``
+and ``Action Input:`` lines at the start of a line; the Action Input runs to the ``Observation:`` line;
+surrounding whitespace is not part of a name or an input, and the tool receives the input without
+surrounding double quotes (langchain's conversational agent, which GPT4Tools and VIoTGPT run).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ DEFAULT_CALL_THOUGHT = "Do I need to use a tool? Yes"
 DEFAULT_FINAL_THOUGHT = "Do I need to use a tool? No"
 FINAL_ANSWER_PREFIX = "Final Answer: "
 
-_BLOCK_START = re.compile(r"^Thought:", re.MULTILINE)
+_BLOCK_START = re.compile(r"^(?:Thought:|Action:)", re.MULTILINE)
+#: the model stops writing and the tool runs when its step ends with this line
+REACT_STOP_RE = re.compile(r"(?:^|\n)Observation:[ \t]*$")  # $ also matches before a final newline
 _WS = re.compile(r"[ \t\r\n]*")
 
 
@@ -164,6 +173,7 @@ class ReactStep:
     action_input: str
     observation: str | None = None
     sep: str = " "
+    has_input: bool = True  # False: an 'Action:' without an 'Action Input:' line (nothing to run)
 
 
 @dataclass
@@ -206,7 +216,7 @@ def _parse_call(k: int, lines: list[str], thought: str, last: bool, out: ReactPa
     action = _split_field(lines[1], "Action:") or ""
     if len(lines) < 3 or _split_field(lines[2], "Action Input:") is None:
         out.problems.append(f"block {k}: 'Action:' without 'Action Input:'")
-        return ReactStep(thought, action.strip(), "\n".join(lines[2:]))
+        return ReactStep(thought, action.strip(), "\n".join(lines[2:]), has_input=False)
     rest = "\n".join(lines[2:])[len("Action Input:") :]
     rest = rest[1:] if rest.startswith(" ") else rest
     cut = rest.find("\nObservation:")
@@ -227,15 +237,31 @@ def _parse_call(k: int, lines: list[str], thought: str, last: bool, out: ReactPa
     return step
 
 
+def _block_starts(text: str) -> list[int]:
+    """Where blocks start: each ``Thought:`` line, and an ``Action:`` line not right after one."""
+    starts: list[int] = []
+    for m in _BLOCK_START.finditer(text):
+        if text.startswith("Action:", m.start()):
+            prev = text.rfind("\n", 0, max(m.start() - 1, 0)) + 1 if m.start() else 0
+            if m.start() and text.startswith("Thought:", prev):
+                continue  # the Action line of a Thought block
+        starts.append(m.start())
+    return starts
+
+
 def parse_react(text: str) -> ReactParse:
     """Parse ReAct text into steps and an optional final answer. Never raises: problems are listed.
 
-    Blocks start at lines beginning with ``Thought:``. A call block's observation runs to the next block;
+    Blocks start at lines beginning with ``Thought:`` (or ``Action:`` when no Thought line precedes it,
+    a problem). A call block's observation runs to the next block;
     its leading whitespace is the separator. The final block's answer runs to the end of the text minus
     trailing newlines (kept as ``end``); a ``Final Answer: `` prefix is split off into ``prefix``.
     """
     out = ReactParse()
-    starts = [m.start() for m in _BLOCK_START.finditer(text)]
+    if not isinstance(text, str):
+        out.problems.append(f"ReAct text must be a string, got {type(text).__name__}")
+        return out
+    starts = _block_starts(text)
     if not starts:
         out.problems.append("no 'Thought:' block")
         return out
@@ -246,6 +272,9 @@ def parse_react(text: str) -> ReactParse:
         last = k == len(bounds) - 1
         block = text[a:b] if last else text[a : b - 1]  # drop the newline before the next block
         lines = block.split("\n")
+        if lines[0].startswith("Action:"):  # model text may leave the Thought out
+            out.problems.append(f"block {k}: 'Action:' without a 'Thought:' line")
+            lines = ["", *lines]
         thought = _split_field(lines[0], "Thought:") or ""
         if out.final is not None:
             out.problems.append(f"block {k}: text after the final answer")
@@ -348,3 +377,46 @@ def concat_styles(*styles: ReactStyle) -> ReactStyle:
         names.update(s.names)
     last = styles[-1]
     return ReactStyle(tuple(seps) if seps else " ", last.end, last.final_prefix, names)
+
+
+# ------------------------------------------------------------------------------------ model output
+def read_react(text: str) -> ReactParse:
+    """Model output as ReAct: :func:`parse_react` of the text without its leading whitespace (a
+    generation may start with the space that follows the prompt). Never raises."""
+    return parse_react(text.lstrip(" \t\r\n") if isinstance(text, str) else text)
+
+
+@dataclass
+class ReactAction:
+    """A call as the tool receives it: the Action name and its Action Input, stripped of surrounding
+    whitespace (and, for the input, of surrounding double quotes)."""
+
+    tool: str
+    tool_input: str
+
+
+def action_of(step: ReactStep) -> ReactAction | None:
+    """The call of a parsed step, or None when it names no tool."""
+    tool = step.action.strip()
+    if not tool or not step.has_input:
+        return None
+    return ReactAction(tool, step.action_input.strip().strip('"').strip())
+
+
+def react_calls(text: str) -> list[ReactAction]:
+    """Every call of ReAct model text (what the engine ran, step by step, when it wrote it)."""
+    return [a for a in (action_of(s) for s in read_react(text).steps) if a is not None]
+
+
+def react_action(segment: str) -> ReactAction | None:
+    """The call of one model step that ends with an ``Observation:`` line (the text since the last
+    observation): what the engine runs. None when the step has no readable Action / Action Input."""
+    if not isinstance(segment, str) or not REACT_STOP_RE.search(segment):
+        return None
+    parse = read_react(segment)
+    if not parse.steps or parse.final is not None:
+        return None
+    last = parse.steps[-1]
+    if last.observation is not None:
+        return None
+    return action_of(last)
