@@ -11,8 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model_fixtures import BatchMaker, build_tiny, mixed_samples, write_tiny_llama
-from toollmm.config import LLMConfig, LoraSettings, OptimConfig, TokenConfig
-from toollmm.model.delta import (
+from toollmm.checkpoint.delta import (
     ADAPTER_DIR,
     DELTA_FILE,
     DeltaError,
@@ -21,6 +20,7 @@ from toollmm.model.delta import (
     load_delta,
     save_delta,
 )
+from toollmm.config import LLMConfig, LoraSettings, OptimConfig, TokenConfig
 from toollmm.model.llm import load_causal_lm, prepare_llm
 
 STAGE3 = [

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from toollmm.checkpoint.delta import HEADER_SLACK, delta_size_bound
 from toollmm.config import ModelConfig, load_config
-from toollmm.model.delta import HEADER_SLACK, delta_size_bound
 from toollmm.model.llm import prepare_llm
 from toollmm.model.param_count import input_proj_count, lora_count, output_proj_count, token_rows_count
 from toollmm.model.toollmm_model import build_model

@@ -14,7 +14,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from safetensors.torch import load_file
 
 from _train_world import read_jsonl
-from toollmm.checkpoint import load_into, load_stage, stage_config
+from toollmm.checkpoint.stage import load_into, load_stage, stage_config
 from toollmm.config import load_config
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import REPO_ROOT

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .batch import MediaInputs
-from .checkpoint import LoadedStage, load_stage
+from .checkpoint.stage import LoadedStage, load_stage
 from .infer.output import TextStream, error_output, output_dict, row_media
 from .infer.session import MEDIA_KEYS, ChatSession
 from .paths import CONFIG_DIR, OUTPUTS_DIR, resolve

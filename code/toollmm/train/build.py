@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from ..checkpoint import check_bases, load_into, read_manifest
+from ..checkpoint.stage import check_bases, load_into, read_manifest
 from ..data.records import MEDIA_KEYS
 from ..data.sources import is_shard_folder
 from ..errors import NotUtf8, iter_text_lines

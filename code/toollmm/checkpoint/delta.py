@@ -41,10 +41,10 @@ import torch
 
 from toollmm.errors import UserError
 
+from ..model.files import respect_umask
+from ..model.toollmm_model import ToolLMM
 from ..safefiles import naming_refused_pickles, save_safetensors_file
 from ..tokens import MODALITIES
-from .files import respect_umask
-from .toollmm_model import ToolLMM
 
 log = logging.getLogger(__name__)
 
