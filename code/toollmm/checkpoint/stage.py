@@ -152,7 +152,7 @@ def save_stage(model, cfg: Config, stage_dir: str | os.PathLike, extra: dict | N
         "format": FORMAT,
         "stage": cfg.run.stage,
         "run": cfg.run.name,
-        "parts": sorted(model.delta_parts | {"token_rows"}),
+        "parts": sorted(model.delta_parts),
         "token_ids": model.bundle.token_ids.to_dict(),
         "base_models": base_models(cfg),
         "files": file_hashes(out),

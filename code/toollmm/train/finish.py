@@ -44,7 +44,7 @@ def saved_parameters(model, cfg) -> list[torch.nn.Parameter]:
 
     if cfg.train.export_llm or "llm" in model.delta_parts:
         return list(model.parameters())
-    tensors = delta_tensors(model, model.delta_parts | {"token_rows"})
+    tensors = delta_tensors(model, model.delta_parts)
     lora = [p for n, p in model.llm.named_parameters() if "lora_" in n]
     unique = {id(p): p for p in [*tensors.values(), *lora]}
     return list(unique.values())
