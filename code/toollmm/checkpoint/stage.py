@@ -206,14 +206,15 @@ def stage_config(
     stage_dir: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
 ) -> Config:
     """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
-    then dotted overrides (e.g. inference settings). ``model.allow_base_mismatch`` is never taken from
-    the saved config: only a layer given here allows a base mismatch."""
+    then dotted overrides (e.g. inference settings), with nothing pinned (:func:`load_stage_config`; the
+    layering itself is ``toollmm.config.load_config``'s, the one implementation). ``model.allow_base_mismatch``
+    is never taken from the saved config: only a layer given here allows a base mismatch."""
     return load_stage_config(stage_dir, overrides, config_files, pinned=()).config
 
 
 def _saved_tree(d: Path) -> dict:
     """The folder's saved config.yaml, less what a checkpoint may not decide for the user."""
-    tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+    tree = configlib.load_yaml(d / "config.yaml")  # read as every config layer is (errors name the file)
     saved_imports = (tree.get("inference") or {}).pop("tool_imports", None)
     if saved_imports:  # which code to import is the user's choice, never the checkpoint's
         log.warning(
