@@ -45,6 +45,7 @@ from ..checkpoint.bases import (
     known_base,
     tree_get,
 )
+from ..checkpoint.bases import WEIGHT_SUFFIXES as BASE_WEIGHT_SUFFIXES
 from ..checkpoint.stage import MANIFEST, file_hashes, read_manifest
 from ..errors import UserError
 from ..model.files import respect_umask
@@ -57,7 +58,7 @@ DELTA_PREFIXES = ("token_rows.", "input_proj.", "output_proj.")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: file names that base models ship their weights under (never in a release outside merged/)
 BASE_WEIGHT_NAMES = ("model", "pytorch_model", "diffusion_pytorch_model", "imagebind")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+WEIGHT_SUFFIXES = (*BASE_WEIGHT_SUFFIXES, ".gguf")  # .gguf: never a base we hash, never in a release
 
 
 class ReleaseError(UserError, ValueError):
