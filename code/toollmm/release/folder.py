@@ -260,7 +260,7 @@ def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dic
 
 
 def write_merged(stage_dir: Path, out: Path, dtype: str = "auto") -> Path:
-    """The LLM with LoRA merged and the new token rows written into its matrices (checkpoint.export_llm),
+    """The LLM with LoRA merged and the new token rows written into its matrices (checkpoint.stage.export_llm),
     saved in ``dtype`` ('auto' = the base LLM's own dtype from its config.json, else float32)."""
     import torch
 
