@@ -47,7 +47,6 @@ from toollmm.errors import UserError
 from ..model.files import respect_umask
 from ..model.toollmm_model import PARTS, ToolLMM
 from ..safefiles import naming_refused_pickles, save_safetensors_file
-from ..tokens import MODALITIES
 
 log = logging.getLogger(__name__)
 
