@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     files = [INFERENCE_YAML, *args.config]
     try:
         if args.print_config:
-            from toollmm.checkpoint import describe_stage_config
+            from toollmm.checkpoint.stage import describe_stage_config
 
             print(describe_stage_config(args.checkpoint, args.overrides, files))
             return 0

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     files = [INFERENCE_YAML, *args.config]
     try:
         if args.print_config:
-            from toollmm.checkpoint import describe_stage_config
+            from toollmm.checkpoint.stage import describe_stage_config
 
             print(describe_stage_config(args.checkpoint, overrides, files))
             return 0

@@ -3,7 +3,7 @@
     python code/release.py --checkpoint outputs/demo/stage_3 --repo-id me/toollmm-demo --dry-run --out /tmp/rel
     python code/release.py --checkpoint outputs/run/stage_3 --repo-id me/toollmm-7b --private [--merge]
 
-Writes the release folder (default ``<checkpoint>/release``; see ``toollmm.hub``), checks it (no base
+Writes the release folder (default ``<checkpoint>/release``; see ``toollmm.release``), checks it (no base
 weights, no empty tensors, no empty adapter), prints every file it holds, and unless ``--dry-run`` uploads
 it with huggingface_hub (``create_repo`` + ``upload_folder``; the repo's files then equal the folder's).
 The token is huggingface_hub's (``hf auth login`` or ``HF_TOKEN``); it is never printed or written.
@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 from _cli import add_checkpoint_arg, add_verbose_arg
+from toollmm.checkpoint.bases import ROLES
 from toollmm.errors import cli_errors
-from toollmm.hub import ReleaseError, build_release, upload
-from toollmm.hub_bases import ROLES
-from toollmm.hub_card import human_size
 from toollmm.paths import cli_path, resolve
+from toollmm.release.card import human_size
+from toollmm.release.folder import ReleaseError, build_release
+from toollmm.release.upload import upload
 
 
 def _base_id(text: str) -> tuple[str, str]:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         validate_repo_id(args.repo_id)
     except HFValidationError as e:
         raise ReleaseError(f"--repo-id {args.repo_id!r}: {e}") from None
+    from toollmm.eval.tables import eval_tables
+
     ckpt = resolve(args.checkpoint)
     out = resolve(args.out) if args.out else Path(ckpt) / "release"
     release = build_release(
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets=args.dataset,
         merge=args.merge,
         merge_dtype=args.merge_dtype,
+        evaluation=eval_tables(ckpt),  # the card's Evaluation section: <checkpoint>/eval/*.json
     )
     _print_listing(release, args.dry_run, args.private)
     if not args.dry_run:

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     files = [INFERENCE_YAML, *args.config]
     try:
         if args.print_config:
-            from toollmm.checkpoint import stage_config
+            from toollmm.checkpoint.stage import stage_config
             from toollmm.config import to_yaml
             from toollmm.paths import resolve
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(loaded.describe())
         return 0
     announce(loaded.config)
-    from toollmm.checkpoint import BaseMismatchError
+    from toollmm.checkpoint.stage import BaseMismatchError
     from toollmm.console import quiet_library_progress
     from toollmm.train.lock import StageLockedError
     from toollmm.train.loop import run_stage

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from toollmm.agent.protocol import StepOutput
 from toollmm.agent.scripted import ScriptedModel
-from toollmm.checkpoint import save_stage
+from toollmm.checkpoint.stage import save_stage
 from toollmm.config import load_config
 from toollmm.tiny_world import TinyLlama, write_encoder, write_llm
 

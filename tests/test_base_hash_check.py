@@ -15,7 +15,8 @@ import yaml
 import toollmm
 from _train_world import run_train
 from inference_fixtures import TINY_LLM, build_tiny_stage, tiny_overrides
-from toollmm.checkpoint import BaseMismatchError, _hash_tree, load_stage, read_manifest
+from toollmm.checkpoint.bases import hash_tree
+from toollmm.checkpoint.stage import BaseMismatchError, load_stage, read_manifest
 from toollmm.config import load_config
 from toollmm.tiny_world import write_llm
 
@@ -36,8 +37,8 @@ def hashing_records(caplog) -> list[str]:
 def test_stage_loaded_on_another_llm_is_refused_naming_both_hashes(world):
     stage, llm_b = world["stage"], world["llm_b"]
     trained = read_manifest(stage)["base_models"]["llm"]["sha256"]
-    other = _hash_tree(llm_b)
-    assert trained == _hash_tree(world["llm_a"]) != other
+    other = hash_tree(llm_b)
+    assert trained == hash_tree(world["llm_a"]) != other
     with pytest.raises(BaseMismatchError) as e:
         load_stage(stage, overrides=[f"model.llm.path={llm_b}"])
     msg = str(e.value)
@@ -54,7 +55,7 @@ def test_override_loads_with_a_warning(world, caplog):
     loaded = load_stage(stage, overrides=[f"model.llm.path={llm_b}", "model.allow_base_mismatch=true"])
     assert loaded.config.model.llm.path == str(llm_b)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(_hash_tree(llm_b) in w and "allow_base_mismatch" in w for w in warned), warned
+    assert any(hash_tree(llm_b) in w and "allow_base_mismatch" in w for w in warned), warned
 
 
 def test_permission_is_not_inherited_from_a_saved_config(world, tmp_path):
@@ -63,7 +64,7 @@ def test_permission_is_not_inherited_from_a_saved_config(world, tmp_path):
     tree = yaml.safe_load((copy / "config.yaml").read_text())
     tree["model"]["allow_base_mismatch"] = True
     (copy / "config.yaml").write_text(yaml.safe_dump(tree))
-    with pytest.raises(BaseMismatchError, match=_hash_tree(world["llm_b"])):
+    with pytest.raises(BaseMismatchError, match=hash_tree(world["llm_b"])):
         load_stage(copy, overrides=[f"model.llm.path={world['llm_b']}"], verify=False)
 
 
@@ -94,7 +95,7 @@ def test_training_init_from_a_stage_of_another_base_is_refused(world, tmp_path):
     over += [f"model.llm.path={world['llm_b']}", f"train.init_from={world['stage']}"]
     over += [f"run.output_root={tmp_path}", "run.name=r"]
     loaded = load_config(stage=3, config_files=["config/presets/encoder_tiny.yaml"], overrides=over)
-    with pytest.raises(BaseMismatchError, match=_hash_tree(world["llm_b"])):
+    with pytest.raises(BaseMismatchError, match=hash_tree(world["llm_b"])):
         run_stage(loaded)
     assert sorted(p.name for p in (tmp_path / "r" / "stage_3").iterdir()) == ["train.lock"]
     log = tmp_path / "train.log"  # the entry point: one line naming both hashes, exit 2
@@ -102,6 +103,6 @@ def test_training_init_from_a_stage_of_another_base_is_refused(world, tmp_path):
     text = log.read_text()
     assert code == 2 and "Traceback" not in text, text[-3000:]
     assert (
-        _hash_tree(world["llm_b"]) in text
+        hash_tree(world["llm_b"]) in text
         and read_manifest(world["stage"])["base_models"]["llm"]["sha256"] in text
     )

@@ -11,8 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model_fixtures import BatchMaker, build_tiny, mixed_samples, write_tiny_llama
-from toollmm.config import LLMConfig, LoraSettings, OptimConfig, TokenConfig
-from toollmm.model.delta import (
+from toollmm.checkpoint.delta import (
     ADAPTER_DIR,
     DELTA_FILE,
     DeltaError,
@@ -21,6 +20,7 @@ from toollmm.model.delta import (
     load_delta,
     save_delta,
 )
+from toollmm.config import LLMConfig, LoraSettings, OptimConfig, TokenConfig
 from toollmm.model.llm import load_causal_lm, prepare_llm
 
 STAGE3 = [
@@ -119,7 +119,7 @@ def test_delta_round_trip_is_exact_and_partial_deltas_list_expected_missing(trai
     save_delta(stage1, tmp_path / "stage_1")
     assert not (tmp_path / "stage_1" / ADAPTER_DIR).exists()
     report = load_delta(fresh, tmp_path / "stage_1")
-    assert report.parts == ["input_proj", "token_rows"]
+    assert report.parts == ["input_proj"]  # every token row is in every delta; not a part of its own
     assert any(k.startswith("output_proj.audio.") for k in report.expected_missing)
     assert any("lora_A" in k for k in report.expected_missing)
     assert torch.equal(fresh.input_proj.net.weight, stage1.input_proj.net.weight)
@@ -135,6 +135,35 @@ def _rewrite(src, dst, edit):
     save_file(tensors, str(dst / DELTA_FILE), metadata=meta)
     (dst / ADAPTER_DIR).symlink_to(src / ADAPTER_DIR)
     return dst
+
+
+def test_delta_files_with_the_old_part_names_still_load(trained, llm_dir, tmp_path):
+    """Deltas written before the part vocabulary was one (parts ``[..., "token_rows"]``, the same keys)
+    load exactly as before; what they recorded is read as today's names."""
+    model, batch, out = trained
+
+    def old_names(tensors, meta):
+        return {
+            **meta,
+            "parts": json.dumps(
+                sorted((set(model.delta_parts) - {"token_rows.signal", "token_rows.tool"}) | {"token_rows"})
+            ),
+        }
+
+    old = _rewrite(out, tmp_path / "old", old_names)
+    with safe_open(str(old / DELTA_FILE), "pt") as f:
+        assert "token_rows" in json.loads(f.metadata()["parts"])
+    fresh = build_tiny(llm_dir, seed=99).eval()
+    report = load_delta(fresh, old)
+    assert "token_rows" not in report.parts and report.expected_missing == []
+    assert "token_rows" not in fresh.delta_parts
+    with torch.no_grad():
+        want, got = model(batch), fresh(batch)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    save_delta(fresh, tmp_path / "again")  # and a model loaded from it saves with today's names
+    with safe_open(str(tmp_path / "again" / DELTA_FILE), "pt") as f:
+        assert "token_rows" not in json.loads(f.metadata()["parts"])
 
 
 def test_strict_load_refuses_and_names_the_key(trained, llm_dir, tmp_path):
@@ -175,7 +204,7 @@ def test_llm_part_for_the_demo_stand_in_lm(llm_dir, tmp_path):
     batch = _train(model, ["llm", "input_proj"])
     save_delta(model, tmp_path / "demo")
     fresh = build_tiny(llm_dir, lora=False, seed=4)
-    assert load_delta(fresh, tmp_path / "demo").parts == ["input_proj", "llm", "token_rows"]
+    assert load_delta(fresh, tmp_path / "demo").parts == ["input_proj", "llm"]
     with torch.no_grad():
         # the LM and the input projection came from the delta (output projections were not trained)
         assert torch.equal(fresh.eval()(batch)["lm"], model.eval()(batch)["lm"])

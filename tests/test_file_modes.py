@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toollmm.checkpoint import export_llm, load_stage
+from toollmm.checkpoint.delta import save_delta
+from toollmm.checkpoint.stage import export_llm, load_stage
 from toollmm.data.captions import CaptionStore
-from toollmm.model.delta import save_delta
 from toollmm.model.files import atomic_write_bytes, current_umask, file_mode
 
 

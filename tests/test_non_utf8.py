@@ -131,7 +131,7 @@ def test_batch_caption_and_config_files(tmp_path):
 
 
 def test_stage_manifest_and_shard_index(tmp_path):
-    from toollmm.checkpoint import MANIFEST, StageError, read_manifest
+    from toollmm.checkpoint.stage import MANIFEST, StageError, read_manifest
     from toollmm.data.shards import ShardSource
 
     (tmp_path / MANIFEST).write_bytes(b'{"format": "' + BAD + b'"}')

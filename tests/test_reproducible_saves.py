@@ -16,7 +16,7 @@ from _media import write_image
 from _repro_worker import save_all
 from _train_world import child_env
 from model_fixtures import build_tiny, write_tiny_llama
-from toollmm.model.delta import load_delta
+from toollmm.checkpoint.delta import load_delta
 
 TESTS = Path(__file__).resolve().parent
 

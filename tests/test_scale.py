@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from toollmm.checkpoint.delta import HEADER_SLACK, delta_size_bound
 from toollmm.config import ModelConfig, load_config
-from toollmm.model.delta import HEADER_SLACK, delta_size_bound
 from toollmm.model.llm import prepare_llm
 from toollmm.model.param_count import input_proj_count, lora_count, output_proj_count, token_rows_count
 from toollmm.model.toollmm_model import build_model
@@ -91,7 +91,13 @@ def test_vicuna7b_shapes(meta_model):
 
 def test_vicuna7b_stage3_delta_bound(meta_model):
     _, model = meta_model
-    parts = ["input_proj", "lora", "token_rows", *(f"output_proj.{m}" for m in MODALITIES)]
+    parts = [
+        "input_proj",
+        "lora",
+        "token_rows.signal",
+        "token_rows.tool",
+        *(f"output_proj.{m}" for m in MODALITIES),
+    ]
     n = STATED[3] + 3 * 2 * 4096  # + the frozen placeholder rows, saved so reloads are exact
     assert delta_size_bound(model, parts) == 4 * n + HEADER_SLACK  # fp32 here; 2 bytes/param in bf16
     assert 2 * n < 2 * 32000 * 4096 * 2  # bf16 delta < NExT-GPT's two bf16 embedding-matrix copies

@@ -11,7 +11,7 @@ from model_fixtures import ENC_DIM, BatchMaker, build_tiny, mixed_samples, write
 from toollmm.batch import MediaInputs
 from toollmm.config import OptimConfig, load_config
 from toollmm.model.losses import prepare_attention_mask
-from toollmm.model.toollmm_model import TRAINABLE_NAMES
+from toollmm.model.toollmm_model import PARTS
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_optimiser_steps_change_exactly_the_stage_trainable_set(stage, llm_dir):
         opt.zero_grad()
     changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable, (sorted(changed - trainable)[:5], sorted(trainable - changed)[:5])
-    groups = m.named_groups()
+    groups = m.named_parts()
     assert trainable == {n for name in names for n, _ in groups[name]}
 
 
@@ -165,7 +165,7 @@ def test_trainable_vocabulary_and_param_groups(model, llm_dir):
     assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
     with pytest.raises(ValueError, match="group_lr.*'lorra'"):
         model.param_groups(OptimConfig(group_lr={"lorra": 1.0}))
-    assert "llm" in TRAINABLE_NAMES
+    assert "llm" in PARTS
     counts = model.trainable_parameters(["llm"])  # the demo's stand-in LM: everything in the LLM
     assert counts["llm"] == sum(p.numel() for p in model.llm.parameters())
 

@@ -14,7 +14,7 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from safetensors.torch import load_file
 
 from _train_world import read_jsonl
-from toollmm.checkpoint import load_into, load_stage, stage_config
+from toollmm.checkpoint.stage import load_into, load_stage, stage_config
 from toollmm.config import load_config
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import REPO_ROOT
@@ -79,7 +79,7 @@ def test_each_stage_trains_exactly_its_trainable_set(chain, stage):
     result = chain[stage]
     trained, initial = result["model"], result["initial"]
     names = result["loaded"].config.train.trainable
-    groups = trained.named_groups()
+    groups = trained.named_parts()
     trainable = {n for name in names for n, _ in groups[name]}
     before = dict(initial.named_parameters())
     changed = set()
@@ -127,7 +127,7 @@ def test_stage_folders_are_cumulative(chain, train_world):
     recorded = stage_config(train_world.stage_dir("chain", 3)).train.init_from  # `previous`, resolved
     assert recorded == str(train_world.stage_dir("chain", 2))
     parts = json.loads((train_world.stage_dir("frozen_in", 3) / "stage.json").read_text())["parts"]
-    assert {"input_proj", "lora", "output_proj.image", "token_rows"} <= set(parts)
+    assert {"input_proj", "lora", "output_proj.image", "token_rows.signal", "token_rows.tool"} <= set(parts)
     loaded = load_stage(train_world.stage_dir("frozen_in", 3))  # THE loader reads it strictly
     assert torch.equal(loaded.model.input_proj.net.weight, s1["input_proj.net.weight"])
 

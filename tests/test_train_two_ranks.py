@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from _train_world import free_port, read_jsonl, run_logged
 from toollmm.batch import Batch
-from toollmm.checkpoint import load_stage, stage_config
+from toollmm.checkpoint.stage import load_stage, stage_config
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import DSCONFIG_DIR, REPO_ROOT
 from toollmm.train.build import seed_all

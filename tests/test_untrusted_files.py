@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from model_fixtures import build_tiny, write_tiny_llama
+from toollmm.checkpoint.delta import load_delta, save_delta
 from toollmm.config import DecoderConfig, LLMConfig, load_config
 from toollmm.data.captions import CaptionStore
 from toollmm.data.records import BadSample
 from toollmm.model.decoders import DecoderPool
-from toollmm.model.delta import load_delta, save_delta
 from toollmm.model.encoder import CheckpointError, build_encoder, load_imagebind_checkpoint
 from toollmm.model.feature_cache import FeatureCache
 from toollmm.model.llm import load_causal_lm
@@ -227,7 +227,7 @@ def test_a_checkpoint_config_cannot_choose_tool_code(tmp_path, caplog):
     import yaml
 
     from toollmm import configlib
-    from toollmm.checkpoint import stage_config
+    from toollmm.checkpoint.stage import stage_config
 
     tree = configlib.to_dict(load_config().config)
     tree["inference"]["tool_imports"] = ["evil_module:tool"]

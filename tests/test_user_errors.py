@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.checkpoint import MANIFEST, _file_hashes
+from toollmm.checkpoint.stage import MANIFEST, file_hashes
 from toollmm.paths import REPO_ROOT
 
 
@@ -45,7 +45,7 @@ def tampered(tiny_stage_dir, tmp_path) -> Path:
 
 def reseal(d: Path) -> None:
     m = json.loads((d / MANIFEST).read_text())
-    m["files"] = _file_hashes(d)
+    m["files"] = file_hashes(d)
     (d / MANIFEST).write_text(json.dumps(m))
 
 
@@ -86,7 +86,7 @@ def test_malicious_adapter_bin_is_refused_naming_it(tiny_stage_dir, tmp_path, ca
 def test_malicious_llm_bin_is_refused_naming_it(tiny_stage_dir, tmp_path):
     """The base LLM folder holds a ``pytorch_model.bin`` with a payload: a user error naming the folder
     (transformers refuses the pickle; nothing runs)."""
-    from toollmm.checkpoint import stage_config
+    from toollmm.checkpoint.stage import stage_config
     from toollmm.errors import UserError
     from toollmm.model.llm import load_causal_lm
 
@@ -114,7 +114,8 @@ def test_failed_upload_names_the_repo_and_folder(tmp_path, monkeypatch):
     from toollmm.errors import UserError, user_message
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; this one needs a socket
-    from toollmm.hub import ReleaseError, upload
+    from toollmm.release.folder import ReleaseError
+    from toollmm.release.upload import upload
 
     folder = tmp_path / "rel"
     folder.mkdir()

@@ -25,7 +25,7 @@ TRAINABLE = ["lora", "input_proj", "token_rows.signal", "token_rows.tool"]
 def prepare(world: World) -> tuple[Path, Path]:
     """A stage folder of the bench model (untrained delta: timing does not depend on the values) and the
     request file."""
-    from ..checkpoint import save_stage
+    from ..checkpoint.stage import save_stage
     from ..model.toollmm_model import build_model
 
     stage_dir = world.work / f"infer_stage_{world.sizes.name}"

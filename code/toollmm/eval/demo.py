@@ -277,7 +277,7 @@ def evaluate_stage(
     """Load ``checkpoint`` with ``toollmm.load`` and compute the held-out metrics of ``tasks``."""
     import toollmm
 
-    from ..checkpoint import read_manifest, stage_config
+    from ..checkpoint.stage import read_manifest, stage_config
     from ..train.build import seed_all
 
     bad = [t for t in tasks if t not in TASKS]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..batch import MediaInputs
-from ..checkpoint import LoadedStage, load_stage
+from ..checkpoint.stage import LoadedStage, load_stage
 from ..paths import CONFIG_DIR, OUTPUTS_DIR, resolve
 from ..tokens import MODALITIES
 from .output import TextStream, error_output, output_dict, row_media

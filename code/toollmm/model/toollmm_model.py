@@ -33,17 +33,19 @@ from .projections import InputProjection, OutputProjection
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_NAMES = (
+#: THE vocabulary of the model's trainable parts, one set of names for everything that speaks of them:
+#: ``train.trainable`` and ``train.optim.group_lr``, the ``parts`` a delta file and a stage manifest record
+#: (``toollmm.checkpoint.delta``) and the release card. ``token_rows.<group>`` are the new rows of one
+#: token group (embedding and untied lm_head rows); a delta holds every new token row whatever its parts.
+PARTS = (
     "input_proj",
-    "output_proj.image",
-    "output_proj.video",
-    "output_proj.audio",
+    *(f"output_proj.{m}" for m in MODALITIES),
     "lora",
     "token_rows.signal",
     "token_rows.tool",
     "llm",
 )
-#: param_groups assigns a parameter to the first trainable name (in this order) that holds it
+#: param_groups assigns a parameter to the first part (in this order) that holds it
 _GROUP_PRECEDENCE = (
     ("lora", "token_rows.signal", "token_rows.tool", "input_proj")
     + tuple(f"output_proj.{m}" for m in MODALITIES)
@@ -70,8 +72,8 @@ class ToolLMM(nn.Module):
             encoder.eval()
         self.requires_grad_(False)  # nothing trains until trainable_parameters() says so
         self.loss_weights = loss_weights if loss_weights is not None else {"lm": 1.0, "align": 1.0}
-        self.trainable_names: list[str] = []
-        self.delta_parts: set[str] = set()  # parts trained or loaded so far: what a delta must hold
+        self.trainable_names: list[str] = []  # the PARTS training now
+        self.delta_parts: set[str] = set()  # PARTS trained or loaded so far: what a delta must hold
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -254,8 +256,8 @@ class ToolLMM(nn.Module):
         return l2_alignment(pred, target.to(pred.device))
 
     # --------------------------------------------------------------------------- trainability
-    def named_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Trainable-name vocabulary -> the (qualified name, parameter) pairs it covers."""
+    def named_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Each of :data:`PARTS` -> the (qualified name, parameter) pairs it covers."""
         llm_named = list(self.llm.named_parameters(prefix="llm"))
         rows = {id(p): g for r in self.bundle.rows.values() for g, p in r.rows.items()}
         groups = {"input_proj": list(self.input_proj.named_parameters(prefix="input_proj"))}
@@ -270,12 +272,17 @@ class ToolLMM(nn.Module):
         groups["llm"] = llm_named
         return groups
 
+    def available_parts(self) -> list[str]:
+        """The :data:`PARTS` this model holds (``llm`` is always there but only saved when trained)."""
+        out = ["input_proj", *(f"output_proj.{m}" for m in MODALITIES if m in self.output_proj)]
+        return out + (["lora"] if self.bundle.lora else []) + ["token_rows.signal", "token_rows.tool"]
+
     def trainable_parameters(self, names: list[str]) -> dict[str, int]:
         """Make exactly the parameters named by ``names`` trainable (everything else frozen); returns
         the parameter count per name."""
-        bad = [n for n in names if n not in TRAINABLE_NAMES]
+        bad = [n for n in names if n not in PARTS]
         if bad:
-            raise ValueError(f"train.trainable: unknown name(s) {bad}; vocabulary: {list(TRAINABLE_NAMES)}")
+            raise ValueError(f"train.trainable: unknown name(s) {bad}; vocabulary: {list(PARTS)}")
         if "lora" in names and not self.bundle.lora:
             raise ValueError("train.trainable lists `lora` but model.llm.lora.enabled is false")
         missing = [
@@ -286,13 +293,13 @@ class ToolLMM(nn.Module):
                 f"train.trainable lists {missing} but the model has no such output projection "
                 "(model.decoders.<m>.path is null or model.output_proj.<m>.enabled is false)"
             )
-        groups = self.named_groups()
+        groups = self.named_parts()
         self.requires_grad_(False)
         for n in names:
             for _, p in groups[n]:
                 p.requires_grad_(True)
         self.trainable_names = list(dict.fromkeys(names))
-        self.delta_parts |= {delta_part(n) for n in names}
+        self.delta_parts |= set(names)
         counts = {n: sum(p.numel() for _, p in groups[n]) for n in self.trainable_names}
         log.info("trainable parameters: %s", counts)
         return counts
@@ -300,12 +307,10 @@ class ToolLMM(nn.Module):
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """Optimiser groups: one learning rate per trainable name (``optim.group_lr``, else ``optim.lr``),
         no weight decay on norms, biases (any 1-D parameter) and token rows."""
-        bad = [k for k in optim.group_lr if k not in TRAINABLE_NAMES]
+        bad = [k for k in optim.group_lr if k not in PARTS]
         if bad:
-            raise ValueError(
-                f"train.optim.group_lr: unknown name(s) {bad}; vocabulary: {list(TRAINABLE_NAMES)}"
-            )
-        groups = self.named_groups()
+            raise ValueError(f"train.optim.group_lr: unknown name(s) {bad}; vocabulary: {list(PARTS)}")
+        groups = self.named_parts()
         row_ids = {id(p) for r in self.bundle.rows.values() for p in r.rows.values()}
         seen: set[int] = set()
         out: list[dict] = []
@@ -324,11 +329,6 @@ class ToolLMM(nn.Module):
                 if params:
                     out.append({"name": name + suffix, "params": params, "lr": lr, "weight_decay": wd})
         return out
-
-
-def delta_part(trainable_name: str) -> str:
-    """The delta part that stores a trainable name's parameters (all token rows are one part)."""
-    return "token_rows" if trainable_name.startswith("token_rows.") else trainable_name
 
 
 def build_model(

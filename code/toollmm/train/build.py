@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from ..checkpoint import check_bases, load_into, read_manifest
+from ..checkpoint.stage import check_bases, load_into, read_manifest
 from ..data.records import MEDIA_KEYS
 from ..data.sources import is_shard_folder
 from ..errors import NotUtf8, iter_text_lines
@@ -45,7 +45,7 @@ def resolve_init_from(cfg, stage_dir) -> None:
 
 def check_init_from_bases(cfg, rank: int) -> None:
     """``train.init_from`` must have been trained on the base models this run uses
-    (:func:`toollmm.checkpoint.check_bases`; ``model.allow_base_mismatch=true`` warns instead). Checked
+    (:func:`toollmm.checkpoint.stage.check_bases`; ``model.allow_base_mismatch=true`` warns instead). Checked
     before anything expensive runs, by rank 0 alone (hashes memoised); every rank hears the verdict, so
     a refusal stops them all rather than leaving some waiting in a collective."""
     if not cfg.train.init_from:

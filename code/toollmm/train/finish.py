@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_stage
+from ..checkpoint.stage import save_stage
 from ..paths import resolve
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def save_loadable(engine, model, cfg, stage_dir: Path, rank: int, extra: dict) -
         if rank == 0:
             save_stage(model, cfg, stage_dir, extra)
             if cfg.train.export_llm:
-                from ..checkpoint import export_llm
+                from ..checkpoint.stage import export_llm
 
                 export_llm(model, resolve(cfg.train.export_llm))
     if torch.distributed.is_initialized():
@@ -40,11 +40,11 @@ def save_loadable(engine, model, cfg, stage_dir: Path, rank: int, extra: dict) -
 def saved_parameters(model, cfg) -> list[torch.nn.Parameter]:
     """The parameters a stage folder reads: the delta's tensors and the LoRA adapter (everything for
     an LLM export)."""
-    from ..model.delta import delta_tensors
+    from ..checkpoint.delta import delta_tensors
 
     if cfg.train.export_llm or "llm" in model.delta_parts:
         return list(model.parameters())
-    tensors = delta_tensors(model, model.delta_parts | {"token_rows"})
+    tensors = delta_tensors(model, model.delta_parts)
     lora = [p for n, p in model.llm.named_parameters() if "lora_" in n]
     unique = {id(p): p for p in [*tensors.values(), *lora]}
     return list(unique.values())

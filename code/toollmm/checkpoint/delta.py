@@ -7,7 +7,8 @@ Layout of a delta folder (format ``toollmm-delta/1``)::
                                  adapter_model.safetensors, LoRA A/B only); present iff "lora" in parts
                                  (a release keeps these two files at its root instead: ``adapter_dir``)
 
-Keys of ``delta.safetensors``::
+``parts`` are names of the model's one vocabulary of trainable parts (``toollmm.model.toollmm_model.PARTS``,
+the names of ``train.trainable``). Keys of ``delta.safetensors``::
 
     token_rows.embed.{placeholder,signal,tool}   [n_group, H]  new input-embedding rows (always saved)
     token_rows.head.{placeholder,signal,tool}    [n_group, H]  new lm_head rows (untied heads only)
@@ -16,8 +17,10 @@ Keys of ``delta.safetensors``::
     llm.<param>                                  part "llm" (the demo's fully trained stand-in LM only)
 
 Parts are cumulative: a stage saves what it trained plus what it loaded (``ToolLMM.delta_parts``);
-token rows are always saved (43 x H numbers per matrix by default) because even untrained new lm_head rows
-shape the LM's softmax. The base vocabulary is never saved (NExT-GPT saved 2 x 131M embedding numbers),
+every new token row is saved whatever the parts (43 x H numbers per matrix by default; parts
+``token_rows.signal`` / ``token_rows.tool`` only record that those rows were trained) because even
+untrained new lm_head rows shape the LM's softmax. Files written before the vocabulary was one list
+the part ``token_rows`` (all rows, always present): it is still read, as "no part" (:data:`LEGACY_PARTS`). The base vocabulary is never saved (NExT-GPT saved 2 x 131M embedding numbers),
 and peft is told ``save_embedding_layers=False`` (its "auto" mode would save the resized matrices).
 
 Size bound (without the "llm" part), checked by the tests: the two weight files together hold at most
@@ -41,17 +44,17 @@ import torch
 
 from toollmm.errors import UserError
 
+from ..model.files import respect_umask
+from ..model.toollmm_model import PARTS, ToolLMM
 from ..safefiles import naming_refused_pickles, save_safetensors_file
-from ..tokens import MODALITIES
-from .files import respect_umask
-from .toollmm_model import ToolLMM
 
 log = logging.getLogger(__name__)
 
 FORMAT = "toollmm-delta/1"
 DELTA_FILE = "delta.safetensors"
 ADAPTER_DIR = "adapter"
-DELTA_PARTS = ("input_proj", *(f"output_proj.{m}" for m in MODALITIES), "lora", "token_rows", "llm")
+#: part names of older delta files and stage manifests, read as: nothing beyond the always-saved rows
+LEGACY_PARTS = ("token_rows",)
 HEADER_SLACK = 64 * 1024
 
 
@@ -65,49 +68,53 @@ class DeltaLoadReport:
     expected_missing: list[str]  # model keys of parts the file does not hold (they keep their init)
 
 
-def possible_parts(model: ToolLMM) -> list[str]:
-    """Delta parts this model can hold (``llm`` only when asked for explicitly)."""
-    out = ["input_proj", *(f"output_proj.{m}" for m in model.output_proj), "token_rows"]
-    return out + (["lora"] if model.bundle.lora else [])
+def row_tensors(model: ToolLMM) -> dict[str, torch.Tensor]:
+    """Every new token row, by its key in ``delta.safetensors`` (saved in every delta)."""
+    rows = model.bundle.rows
+    sd = {f"token_rows.embed.{g}": p for g, p in rows["embed"].rows.items()}
+    if not model.bundle.tied:
+        sd.update({f"token_rows.head.{g}": p for g, p in rows["head"].rows.items()})
+    return sd
 
 
-def delta_tensors(model: ToolLMM, parts) -> dict[str, torch.Tensor]:
-    """The model-side tensors of ``delta.safetensors`` for ``parts`` (LoRA lives in the adapter folder)."""
+def part_tensors(model: ToolLMM, parts) -> dict[str, torch.Tensor]:
+    """The tensors of ``delta.safetensors`` that ``parts`` add to the token rows (LoRA lives in the
+    adapter folder; ``token_rows.*`` parts add nothing: their rows are always saved)."""
     sd: dict[str, torch.Tensor] = {}
-    if "token_rows" in parts:
-        rows = model.bundle.rows
-        sd.update({f"token_rows.embed.{g}": p for g, p in rows["embed"].rows.items()})
-        if not model.bundle.tied:
-            sd.update({f"token_rows.head.{g}": p for g, p in rows["head"].rows.items()})
     if "input_proj" in parts:
         sd.update(dict(model.input_proj.named_parameters(prefix="input_proj")))
     for m, proj in model.output_proj.items():
         if f"output_proj.{m}" in parts:
             sd.update(dict(proj.named_parameters(prefix=f"output_proj.{m}")))
     if "llm" in parts:  # everything else in the LLM (token rows stay under their own keys)
-        seen = {id(t) for t in sd.values()}
+        seen = {id(t) for t in row_tensors(model).values()}
         sd.update({n: p for n, p in model.llm.named_parameters(prefix="llm") if id(p) not in seen})
     return sd
 
 
+def delta_tensors(model: ToolLMM, parts) -> dict[str, torch.Tensor]:
+    """The model-side tensors of ``delta.safetensors`` for ``parts``: every token row + the parts'."""
+    return {**row_tensors(model), **part_tensors(model, parts)}
+
+
 def _check_parts(model: ToolLMM, parts, where: str) -> list[str]:
-    parts = sorted(set(parts))
-    bad = [p for p in parts if p not in DELTA_PARTS]
+    parts = sorted(set(parts) - set(LEGACY_PARTS))
+    bad = [p for p in parts if p not in PARTS]
     if bad:
-        raise DeltaError(f"{where}: unknown delta part(s) {bad}; known: {list(DELTA_PARTS)}")
-    absent = [p for p in parts if p not in possible_parts(model) and p != "llm"]
+        raise DeltaError(f"{where}: unknown delta part(s) {bad}; known: {list(PARTS)}")
+    absent = [p for p in parts if p not in model.available_parts() and p != "llm"]
     if absent:
         raise DeltaError(
-            f"{where}: part(s) {absent} do not exist in this model (parts: {possible_parts(model)})"
+            f"{where}: part(s) {absent} do not exist in this model (parts: {model.available_parts()})"
         )
     return parts
 
 
 def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
-    """Write the delta of ``model`` (default parts: ``model.delta_parts`` + token rows) to ``out_dir``."""
+    """Write the delta of ``model`` (default parts: ``model.delta_parts``; every token row) to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = _check_parts(model, set(model.delta_parts if parts is None else parts) | {"token_rows"}, str(out))
+    parts = _check_parts(model, model.delta_parts if parts is None else parts, str(out))
     tensors = {k: v.detach().contiguous().cpu() for k, v in delta_tensors(model, parts).items()}
     meta = {
         "format": FORMAT,
@@ -134,7 +141,7 @@ def save_delta(model: ToolLMM, out_dir: str | os.PathLike, parts=None) -> Path:
 
 def delta_size_bound(model: ToolLMM, parts) -> int:
     """Upper bound in bytes of the weight files of a delta without the ``llm`` part (see module doc)."""
-    tensors = delta_tensors(model, set(parts) | {"token_rows"})
+    tensors = delta_tensors(model, parts)
     n = sum(t.numel() * t.element_size() for t in tensors.values())
     if "lora" in parts:
         n += sum(p.numel() * p.element_size() for name, p in model.llm.named_parameters() if "lora_" in name)
@@ -197,8 +204,8 @@ def load_delta(model: ToolLMM, delta_dir: str | os.PathLike) -> DeltaLoadReport:
     if "lora" in parts:
         _load_lora(model, adapter_dir(d))
     model.delta_parts |= set(parts)
-    not_saved = [p for p in possible_parts(model) if p not in parts]
-    expected_missing = sorted(delta_tensors(model, not_saved))
+    not_saved = [p for p in model.available_parts() if p not in parts]
+    expected_missing = sorted(part_tensors(model, not_saved))
     if "lora" in not_saved:
         expected_missing += sorted(n for n, _ in model.llm.named_parameters() if "lora_" in n)
     log.info(

@@ -17,7 +17,6 @@ save interrupted between files is refused, never half-loaded) and loads the delt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,16 +28,17 @@ import yaml
 
 from toollmm.errors import UserError, read_text
 
-from . import configlib
-from .config import Config, Loaded, load_config
-from .model.files import respect_umask
-from .paths import CACHE_DIR, resolve
+from .. import configlib
+from ..config import Config, Loaded, load_config
+from ..model.files import respect_umask, sha256_file
+from ..paths import resolve
+from .bases import base_models, hash_tree, local_base_overrides
 
 log = logging.getLogger(__name__)
 
 FORMAT = "toollmm-stage/1"
 MANIFEST = "stage.json"
-#: a release holds the adapter's two files at its root instead of adapter/ (model.delta.adapter_dir)
+#: a release holds the adapter's two files at its root instead of adapter/ (checkpoint.delta.adapter_dir)
 LOADABLE = (
     "config.yaml",
     "tokenizer",
@@ -47,7 +47,6 @@ LOADABLE = (
     "adapter_config.json",
     "adapter_model.safetensors",
 )
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
 class StageError(UserError, ValueError):
@@ -56,43 +55,6 @@ class StageError(UserError, ValueError):
 
 class BaseMismatchError(StageError):
     """The base models a stage would be loaded on are not the ones it was trained on."""
-
-
-# ---------------------------------------------------------------------------------- base identity
-def _hash_tree(path: Path) -> str:
-    """sha256 over a file, or over a folder's weight files (each memoised by size and mtime)."""
-    from .model.files import sha256_memoised
-
-    memo = CACHE_DIR / "checkpoint_sha256.json"
-    if path.is_file():
-        return sha256_memoised(path, memo)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_memoised(f, memo).encode())
-    return h.hexdigest()
-
-
-def base_identity(path_or_id: str | None) -> dict | None:
-    """``{"path": ..., "sha256": ...}`` for a local file/folder, ``{"hub_id": ...}`` for a Hub id."""
-    if not path_or_id:
-        return None
-    p = resolve(path_or_id)
-    if p.exists():
-        return {"path": str(path_or_id), "sha256": _hash_tree(p)}
-    if "/" in str(path_or_id) and not str(path_or_id).startswith((".", "/")):
-        return {"hub_id": str(path_or_id)}
-    return {"path": str(path_or_id), "sha256": None, "missing": True}
-
-
-def base_models(cfg: Config) -> dict:
-    m = cfg.model
-    out = {"llm": base_identity(m.llm.path), "encoder": base_identity(m.encoder.checkpoint)}
-    if m.encoder.checkpoint is None:
-        out["encoder"] = {"random_init": {"preset": m.encoder.preset, "seed": m.encoder.seed}}
-    out["decoders"] = {k: base_identity(d.path) for k, d in m.decoders.items() if d.path}
-    return out
 
 
 def _recorded_bases(manifest: dict, model_cfg) -> list[tuple[str, dict | None, str | None]]:
@@ -123,7 +85,7 @@ def check_bases(manifest: dict, model_cfg, stage_dir: str | os.PathLike) -> list
         if not p.exists():
             log.debug("%s=%s: not a local path, base hash not checked", key, current)
             continue
-        got = _hash_tree(p)
+        got = hash_tree(p)
         if got != want:
             problems.append(
                 f"{key}={current} has sha256 {got}, but the stage was trained on sha256 {want} "
@@ -143,23 +105,16 @@ def check_bases(manifest: dict, model_cfg, stage_dir: str | os.PathLike) -> list
 
 
 # ----------------------------------------------------------------------------------- writing
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _file_hashes(stage_dir: Path) -> dict[str, str]:
+def file_hashes(stage_dir: Path) -> dict[str, str]:
+    """sha256 of every file of the loadable set in ``stage_dir`` (the manifest's ``files``)."""
     out = {}
     for name in LOADABLE:
         p = stage_dir / name
         if p.is_file():
-            out[name] = _sha_file(p)
+            out[name] = sha256_file(p)
         elif p.is_dir():
             for f in sorted(q for q in p.rglob("*") if q.is_file()):
-                out[str(f.relative_to(stage_dir))] = _sha_file(f)
+                out[str(f.relative_to(stage_dir))] = sha256_file(f)
     return out
 
 
@@ -172,8 +127,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def save_stage(model, cfg: Config, stage_dir: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write the loadable set of ``model`` into ``stage_dir`` (rank 0 only; parameters must be whole,
     i.e. gathered under ZeRO-3). The manifest goes last, so a killed save is detected on load."""
-    from .data.chat_template import install_chat_template
-    from .model.delta import save_delta
+    from ..data.chat_template import install_chat_template
+    from .delta import save_delta
 
     out = Path(stage_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,10 +152,10 @@ def save_stage(model, cfg: Config, stage_dir: str | os.PathLike, extra: dict | N
         "format": FORMAT,
         "stage": cfg.run.stage,
         "run": cfg.run.name,
-        "parts": sorted(model.delta_parts | {"token_rows"}),
+        "parts": sorted(model.delta_parts),
         "token_ids": model.bundle.token_ids.to_dict(),
         "base_models": base_models(cfg),
-        "files": _file_hashes(out),
+        "files": file_hashes(out),
         **(extra or {}),
     }
     _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -236,7 +191,7 @@ def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
     if manifest.get("format") != FORMAT:
         raise StageError(f"{f}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if verify:
-        files = _file_hashes(d)
+        files = file_hashes(d)
         bad = sorted(
             k for k in set(files) | set(manifest["files"]) if files.get(k) != manifest["files"].get(k)
         )
@@ -251,14 +206,15 @@ def stage_config(
     stage_dir: str | os.PathLike, overrides: list[str] = (), config_files: list[str | os.PathLike] = ()
 ) -> Config:
     """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
-    then dotted overrides (e.g. inference settings). ``model.allow_base_mismatch`` is never taken from
-    the saved config: only a layer given here allows a base mismatch."""
+    then dotted overrides (e.g. inference settings), with nothing pinned (:func:`load_stage_config`; the
+    layering itself is ``toollmm.config.load_config``'s, the one implementation). ``model.allow_base_mismatch``
+    is never taken from the saved config: only a layer given here allows a base mismatch."""
     return load_stage_config(stage_dir, overrides, config_files, pinned=()).config
 
 
 def _saved_tree(d: Path) -> dict:
     """The folder's saved config.yaml, less what a checkpoint may not decide for the user."""
-    tree = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
+    tree = configlib.load_yaml(d / "config.yaml")  # read as every config layer is (errors name the file)
     saved_imports = (tree.get("inference") or {}).pop("tool_imports", None)
     if saved_imports:  # which code to import is the user's choice, never the checkpoint's
         log.warning(
@@ -282,8 +238,6 @@ def load_stage_config(
     copies of Hub bases) comes right after the saved config; files and overrides after that."""
     d = Path(stage_dir)
     if pinned is None:
-        from .hub_bases import local_base_overrides
-
         pinned = [(f"model.llm.tokenizer={d / 'tokenizer'}", f"{d / 'tokenizer'}")]
         pinned += [(o, "local copy of a Hub base") for o in local_base_overrides(d)]
     if not (d / "config.yaml").is_file():
@@ -310,7 +264,7 @@ def describe_stage_config(
 
 def load_into(model, stage_dir: str | os.PathLike, verify: bool = True):
     """Load a stage folder's delta into an already built ``model`` (``train.init_from``)."""
-    from .model.delta import load_delta
+    from .delta import load_delta
 
     read_manifest(stage_dir, verify=verify)
     return load_delta(model, stage_dir)
@@ -329,7 +283,7 @@ def load_stage(
     and ``overrides`` are layered on the saved config (inference and decoder settings; a changed
     architecture fails the strict delta load). Base models other than the ones the stage was trained on
     are refused (:func:`check_bases`) unless ``model.allow_base_mismatch=true``."""
-    from .model.toollmm_model import build_model
+    from ..model.toollmm_model import build_model
 
     d = _local_folder(path_or_id)
     manifest = read_manifest(d, verify=verify)

@@ -1,8 +1,8 @@
-"""Release a stage folder as a Hugging Face Hub folder, check it, upload it.
+"""Release a stage folder as a Hugging Face Hub folder and check it (``toollmm.release.upload`` uploads it).
 
 A release folder IS a stage folder (``toollmm.load`` reads it like any other) plus what the Hub shows::
 
-    README.md           model card (Hub YAML metadata; see toollmm.hub_card)
+    README.md           model card (Hub YAML metadata; see toollmm.release.card)
     config.json         toollmm's model config, base models (Hub id or name + URL, licence, sha256),
                         new-token row ids, file sha256s
     stage.json          the loader's manifest, re-written for the released files
@@ -14,11 +14,17 @@ A release folder IS a stage folder (``toollmm.load`` reads it like any other) pl
                         repo)`` (the Hub's peft snippet) work; base_model_name_or_path = the LLM's Hub id
     merged/             only with ``merge=True``: the whole LLM, LoRA and token rows merged in
 
-Base models: see :mod:`toollmm.hub_bases` (how the released config names them).
+How the released config names base models: a base trained from its documented local copy
+(``pretrained_checkpoint/...``, see ``toollmm.checkpoint.bases.KNOWN_BASES``) or mapped with ``base_ids`` is
+written as its Hub id; the loader then uses ``pretrained_checkpoint/<its place>`` when that copy exists
+(``checkpoint.bases.local_base_overrides``), else lets transformers / diffusers fetch the id. ImageBind has
+no Hub id: the config keeps its documented path and the card gives its download URL. Any other base stays as
+the path it was trained from (by name in the card, with its sha256).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -28,11 +34,22 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .checkpoint import MANIFEST, _file_hashes, read_manifest
-from .hub_bases import ReleaseError, describe_bases, released_config
-from .model.files import respect_umask
-from .paths import resolve
+from .. import __version__
+from ..checkpoint.bases import (
+    BY_HUB_ID,
+    IMAGEBIND_PATH,
+    KNOWN_BASES,
+    ROLES,
+    BaseInfo,
+    config_key,
+    known_base,
+    tree_get,
+)
+from ..checkpoint.bases import WEIGHT_SUFFIXES as BASE_WEIGHT_SUFFIXES
+from ..checkpoint.stage import MANIFEST, file_hashes, read_manifest
+from ..errors import UserError
+from ..model.files import respect_umask
+from ..paths import REPO_ROOT, resolve
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +58,81 @@ DELTA_PREFIXES = ("token_rows.", "input_proj.", "output_proj.")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: file names that base models ship their weights under (never in a release outside merged/)
 BASE_WEIGHT_NAMES = ("model", "pytorch_model", "diffusion_pytorch_model", "imagebind")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+WEIGHT_SUFFIXES = (*BASE_WEIGHT_SUFFIXES, ".gguf")  # .gguf: never a base we hash, never in a release
+
+
+class ReleaseError(UserError, ValueError):
+    """A checkpoint that cannot be released as it is, or a release folder that breaks a rule."""
+
+
+# ------------------------------------------------------------------------------------- base models
+def describe_bases(tree: dict, manifest: dict, base_ids: dict[str, str] | None = None) -> dict[str, dict]:
+    """One entry per base model the config uses: how the release refers to it (``ref``: what the
+    released config.yaml holds), Hub id or name (+ URL), licence, and the sha256 recorded at training."""
+    base_ids = dict(base_ids or {})
+    bad = sorted(set(base_ids) - set(ROLES))
+    if bad:
+        raise ReleaseError(f"--base-id: unknown role(s) {bad}; roles: {', '.join(ROLES)}")
+    recorded = manifest.get("base_models", {})
+    enc = tree["model"]["encoder"]
+    out: dict[str, dict] = {}
+    for role in ROLES:
+        path = tree_get(tree, config_key(role))
+        if role == "encoder" and path is None:
+            name = f"ImageBind architecture, preset {enc['preset']!r}, random init (seed {enc['seed']})"
+            out[role] = {"name": name, "ref": None, "license": "cc-by-nc-4.0", "sha256": None}
+        elif path is not None:
+            ident = (
+                recorded.get(role) if role in ("llm", "encoder") else recorded.get("decoders", {}).get(role)
+            )
+            out[role] = _entry(role, str(path), (ident or {}).get("sha256"), enc, base_ids.get(role))
+    return out
+
+
+def _entry(role: str, path: str, sha256: str | None, enc: dict, hub_id: str | None) -> dict:
+    entry: dict = {"trained_with": path, "sha256": sha256}
+    known = known_base(path)
+    if role == "encoder" and enc.get("preset") == "huge":  # strict keys + huge dims: it is ImageBind-huge
+        known = (IMAGEBIND_PATH, KNOWN_BASES[IMAGEBIND_PATH])
+    if hub_id is not None:
+        info = BY_HUB_ID.get(hub_id, (None, BaseInfo(hub_id.split("/")[-1], hub_id, "unknown")))[1]
+        entry.update(name=info.name, hub_id=hub_id, ref=hub_id, license=info.license)
+    elif known is not None:
+        rel, info = known
+        entry.update(name=info.name, license=info.license, ref=info.hub_id or rel)
+        entry.update({"hub_id": info.hub_id} if info.hub_id else {"url": info.url})
+    elif role == "encoder":  # the ImageBind code is CC-BY-NC too, whatever the weights
+        entry.update(
+            name=f"ImageBind ({enc.get('preset')}) {Path(path).name}", ref=path, license="cc-by-nc-4.0"
+        )
+    else:
+        entry.update(name=Path(path).name or path, ref=path, license="unknown")
+    return entry
+
+
+def released_config(tree: dict, bases: dict[str, dict]) -> dict:
+    """The config.yaml of the release: base models by ``ref``, paths inside the repo made relative,
+    the feature cache back at its default place."""
+    tree = copy.deepcopy(tree)
+    for role, entry in bases.items():
+        keys = config_key(role)
+        if entry.get("ref") is not None:
+            tree_get(tree, keys[:-1])[keys[-1]] = entry["ref"]
+    tree["model"]["feature_cache"]["dir"] = ".cache/features"
+    tree["model"]["llm"]["tokenizer"] = None  # the loader uses the folder's tokenizer/
+    return _portable(tree)
+
+
+def _portable(value):
+    """Absolute paths inside the repo -> repo-relative (the loader resolves them against the repo root)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    root = str(REPO_ROOT) + os.sep
+    if isinstance(value, str) and value.startswith(root):
+        return value[len(root) :]
+    return value
 
 
 # ------------------------------------------------------------------------------------- the folder
@@ -100,10 +191,12 @@ def build_release(
     datasets: list[str] = (),
     merge: bool = False,
     merge_dtype: str = "auto",
+    evaluation: list[str] = (),
 ) -> Release:
     """Write the release folder of ``stage_dir`` into ``out_dir`` (replaced only once the new folder is
-    complete and checked; a failed build leaves ``out_dir`` as it was)."""
-    from .hub_card import write_card
+    complete and checked; a failed build leaves ``out_dir`` as it was). ``evaluation``: the card's
+    evaluation tables (Markdown; ``toollmm.eval.tables.eval_tables`` renders a stage's results)."""
+    from .card import write_card
 
     src, out = Path(stage_dir), Path(out_dir)
     manifest = read_manifest(src)  # every file checked against its sha256
@@ -119,7 +212,7 @@ def build_release(
         config = _write_loadable(src, tmp, manifest, tree, bases, repo_id)
         if merge:
             write_merged(src, tmp / "merged", merge_dtype)
-        write_card(tmp, src, config, license=license, datasets=list(datasets))
+        write_card(tmp, src, config, license=license, datasets=list(datasets), evaluation=list(evaluation))
         respect_umask(tmp)  # copies of 0600 files (older stage folders, safetensors) readable as usual
         release = Release(tmp, repo_id, release_files(tmp), bases)
         check_release(release)
@@ -135,8 +228,8 @@ def build_release(
 
 def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dict, repo_id: str) -> dict:
     """The stage-folder part (tokenizer, delta, adapter, config.yaml, stage.json) and config.json."""
-    from .model.delta import adapter_dir
-    from .tokens import GROUPS, TokenIds
+    from ..checkpoint.delta import adapter_dir
+    from ..tokens import GROUPS, TokenIds
 
     shutil.copytree(src / "tokenizer", tmp / "tokenizer")
     shutil.copy2(src / "delta.safetensors", tmp / "delta.safetensors")
@@ -146,7 +239,7 @@ def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dic
     released = released_config(tree, bases)
     (tmp / "config.yaml").write_text(yaml.safe_dump(released, sort_keys=False), encoding="utf-8")
     public = {r: {k: v for k, v in b.items() if k != "trained_with"} for r, b in bases.items()}
-    new_manifest = {**manifest, "files": _file_hashes(tmp), "base_models": public}
+    new_manifest = {**manifest, "files": file_hashes(tmp), "base_models": public}
     new_manifest["release"] = {"repo_id": repo_id, "toollmm": __version__, "from": src.name}
     (tmp / MANIFEST).write_text(json.dumps(new_manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     ids = TokenIds(**manifest["token_ids"])
@@ -167,11 +260,11 @@ def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dic
 
 
 def write_merged(stage_dir: Path, out: Path, dtype: str = "auto") -> Path:
-    """The LLM with LoRA merged and the new token rows written into its matrices (checkpoint.export_llm),
+    """The LLM with LoRA merged and the new token rows written into its matrices (checkpoint.stage.export_llm),
     saved in ``dtype`` ('auto' = the base LLM's own dtype from its config.json, else float32)."""
     import torch
 
-    from .checkpoint import export_llm, load_stage
+    from ..checkpoint.stage import export_llm, load_stage
 
     stage = load_stage(stage_dir, overrides=["model.llm.dtype=float32"])
     if dtype == "auto":
@@ -239,7 +332,7 @@ def check_release(release: Release) -> None:
 
 def _same_as_base_files(release: Release) -> list[str]:
     """Release files byte-identical to a local base weight file (compared by size, then sha256)."""
-    from .model.files import sha256_file
+    from ..model.files import sha256_file
 
     sizes = {size: rel for rel, size in release.files if not rel.startswith("merged/")}
     hits = []
@@ -253,45 +346,3 @@ def _same_as_base_files(release: Release) -> list[str]:
             if rel and sha256_file(f) == sha256_file(release.folder / rel):
                 hits.append(f"{rel}: identical to the base model file {f}")
     return hits
-
-
-# ------------------------------------------------------------------------------------------ upload
-def upload(release_dir: str | os.PathLike, repo_id: str, *, private: bool = False, api=None) -> str:
-    """Create (or reuse) the Hub model repo and make its files exactly the release folder's
-    (``upload_folder`` with ``delete_patterns="*"``: stale files of an earlier release go; .gitattributes
-    stays). The token is huggingface_hub's own (``hf auth login`` or ``HF_TOKEN``); it is never read here."""
-    from huggingface_hub import HfApi, get_token
-
-    if api is None:
-        if get_token() is None:
-            raise ReleaseError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then retry")
-        api = HfApi()
-    folder = Path(release_dir)
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    try:
-        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=str(folder),
-            delete_patterns="*",
-            commit_message=f"toollmm {cfg['toollmm_version']} release (stage {cfg['stage']})",
-        )
-    except Exception as e:
-        if not _network_error(e):
-            raise
-        raise ReleaseError(
-            f"upload of {folder} to {repo_id} failed: {type(e).__name__}: {e} "
-            "(the folder is complete; rerun release.py to retry)"
-        ) from e
-    return str(url)
-
-
-def _network_error(e: Exception) -> bool:
-    """A failure of the network or the Hub (connection, HTTP status, timeout), not a bug of ours: an
-    ``OSError`` or an exception of the HTTP stack huggingface_hub runs on (httpx or its fork, requests)."""
-    if isinstance(e, OSError):
-        return True
-    stack = ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub.errors")
-    return any(c.__module__.split(".")[0].rstrip("0123456789") in stack or c.__module__ in stack
-               for c in type(e).__mro__)  # fmt: skip

@@ -1,7 +1,8 @@
 """The model card (``README.md``) of a release folder: Hub YAML metadata, what the files are, the base
 models and their licences (ImageBind's CC-BY-NC noted), the training stages and their data (following
-``train.init_from`` back through the stage folders that still exist), the evaluation tables from
-``<checkpoint>/eval/<benchmark>.json`` and usage snippets that the tests run as they are written.
+``train.init_from`` back through the stage folders that still exist), the evaluation tables the caller
+passes in (``code/release.py`` renders them with ``toollmm.eval.tables.eval_tables``: the card knows no
+benchmark) and usage snippets that the tests run as they are written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .paths import resolve
+from ..paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -85,96 +86,6 @@ def _stages_md(history: list[dict]) -> str:
             f"| {f'{val:.4f}' if isinstance(val, (int, float)) else '-'} |"
         )
     return "\n".join(rows)
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def _pct(v) -> str:
-    return f"{100 * float(v):.1f}" if isinstance(v, (int, float)) else "-"
-
-
-def demo_table(result: dict) -> str:
-    """The held-out metrics of ``evaluate.py demo`` (``eval/demo.json``) as a Markdown table."""
-    rows = ["| task | metric | value | chance / baseline | n |", "|---|---|---:|---:|---:|"]
-    tools = result.get("tools") or {}
-    if tools:
-        n = tools.get("n", "-")
-        rows.append(f"| tools | tool name accuracy (%) | {_pct(tools.get('tool_name_accuracy'))} | | {n} |")
-        rows.append(f"| tools | tool call exact (%) | {_pct(tools.get('tool_call_exact'))} | | {n} |")
-        for name, v in sorted((tools.get("per_tool_exact") or {}).items()):
-            rows.append(f"| tools | {name}: call exact (%) | {_pct(v)} | | |")
-    for modality, r in (result.get("x2t") or {}).items():
-        if not isinstance(r, dict) or "exact" not in r:
-            continue
-        n = r.get("n", "-")
-        rows.append(
-            f"| {modality} -> text | caption exact (%) | {_pct(r['exact'])} | {_pct(r.get('chance'))} | {n} |"
-        )
-        for attr, a in (r.get("per_attribute") or {}).items():
-            rows.append(
-                f"| {modality} -> text | {attr} (%) | {_pct(a.get('acc'))} | {_pct(a.get('chance'))} | {n} |"
-            )
-    t2x = result.get("t2x") or {}
-    for modality, r in (t2x.get("per_modality") or {}).items():
-        n = r.get("n", "-")
-        l2, mean = r.get("l2"), r.get("mean_predictor")
-        if isinstance(l2, (int, float)):
-            base = f"{mean:.3f} (mean predictor)" if isinstance(mean, (int, float)) else "-"
-            rows.append(f"| text -> {modality} | signal alignment L2 | {l2:.3f} | {base} | {n} |")
-        rows.append(
-            f"| text -> {modality} | caption retrieval top-1 (%) | {_pct(r.get('retrieval_top1'))} "
-            f"| {_pct(r.get('retrieval_chance'))} | {n} |"
-        )
-    return "\n".join(rows)
-
-
-def eval_tables(stage_dir: str | Path) -> list[str]:
-    """One Markdown table per ``eval/<benchmark>.json`` written by ``code/evaluate.py run`` / ``score``,
-    and the held-out table of ``eval/demo.json`` (``code/evaluate.py demo``)."""
-    from .eval import BENCHMARKS
-
-    tables = []
-    for f in sorted((Path(stage_dir) / "eval").glob("*.json")):
-        try:
-            result = json.loads(f.read_text(encoding="utf-8"))
-            if f.name == "demo.json" and "benchmark" not in result:
-                tables.append(
-                    f"**demo held-out split** (`code/evaluate.py demo` on stage {result.get('stage')}: "
-                    "greedy generation on records unseen in training)\n\n" + demo_table(result)
-                )
-                continue
-            spec = BENCHMARKS[result["benchmark"]]
-            if result.get("metrics") is None:
-                log.warning("%s: a run that computed no metrics (requests not run), left out of the card", f)
-                continue
-            rows = spec.rows(result["metrics"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("%s: not an evaluate.py result, left out of the card (%s)", f, e)
-            continue
-        head = ["| |", *(f" {c} |" for c in spec.columns)]
-        lines = ["".join(head), "|---|" + "---:|" * len(spec.columns)]
-        for name, metrics in rows:
-            cells = []
-            for c in spec.columns:
-                v = metrics.get(c)
-                if v is None:
-                    cells.append("-")
-                elif c == "n" or (isinstance(v, int) and not isinstance(v, bool)):
-                    cells.append(str(v))
-                else:
-                    cells.append(f"{100 * float(v):.2f}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        mode = result.get("mode", "scored predictions")
-        limit = f", first {result['limit']} records" if result.get("limit") else ""
-        skipped = [
-            f"{info['count']} of {info['of']} {what} excluded"
-            for key, what in (("not_run", "requests not run"), ("missing", "references without a prediction"))
-            if (info := result.get(key) or {}).get("count")
-        ]
-        note = f"; {', '.join(skipped)}" if skipped else ""
-        tables.append(
-            f"**{spec.name}** ({spec.doc}; {mode}{limit}{note}; metrics in %)\n\n" + "\n".join(lines)
-        )
-    return tables
 
 
 # --------------------------------------------------------------------------------------------- snippets
@@ -291,12 +202,15 @@ def _files_md(folder: Path) -> str:
     return "\n".join(rows)
 
 
-def card_text(folder: Path, stage_dir: Path, config: dict, license: str, datasets: list[str]) -> str:
+def card_text(
+    folder: Path, stage_dir: Path, config: dict, license: str, datasets: list[str], evaluation: list[str] = ()
+) -> str:
+    """The card's text; ``evaluation``: Markdown sections (one per result) for its Evaluation section."""
     bases = config["base_models"]
     repo_id, lora = config["repo_id"], (folder / "adapter_config.json").is_file()
     llm = bases["llm"]
     history = stage_history(stage_dir)
-    evals = eval_tables(stage_dir)
+    evals = list(evaluation)
     nc = [ROLE_TEXT[r] for r, b in bases.items() if str(b.get("license", "")).startswith("cc-by-nc")]
     parts = [
         "---\n" + yaml.safe_dump(metadata(config, license, datasets), sort_keys=False) + "---",
@@ -350,7 +264,15 @@ def card_text(folder: Path, stage_dir: Path, config: dict, license: str, dataset
     return "\n\n".join(parts) + "\n"
 
 
-def write_card(folder: Path, stage_dir: Path, config: dict, *, license: str, datasets: list[str]) -> Path:
+def write_card(
+    folder: Path,
+    stage_dir: Path,
+    config: dict,
+    *,
+    license: str,
+    datasets: list[str],
+    evaluation: list[str] = (),
+) -> Path:
     path = folder / "README.md"
-    path.write_text(card_text(folder, stage_dir, config, license, datasets), encoding="utf-8")
+    path.write_text(card_text(folder, stage_dir, config, license, datasets, evaluation), encoding="utf-8")
     return path
