@@ -17,7 +17,7 @@ from _train_world import run_train
 from inference_fixtures import TINY_LLM, build_tiny_stage, tiny_overrides
 from toollmm.checkpoint import BaseMismatchError, _hash_tree, load_stage, read_manifest
 from toollmm.config import load_config
-from toollmm.tiny_world import write_llm
+from toollmm.model.tiny import write_llm
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,9 @@ from toollmm.config import (
 from toollmm.hub import ReleaseError, tensor_report, upload
 from toollmm.hub_bases import describe_bases, local_base_overrides
 from toollmm.model.delta import delta_tensors
+from toollmm.model.tiny import TinyLlama, build_base_models
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import REPO_ROOT, resolve
-from toollmm.tiny_world import TinyLlama, build_base_models
 
 TRAINED_3 = [
     "lora",

@@ -87,9 +87,9 @@ class Registry:
             max_arg_chars=cfg.tool_max_arg_chars,
             enabled=list(cfg.tools),
         )
-        declare_sets(reg, cfg.tool_sets)
-        for dotted in cfg.tool_imports:
+        for dotted in cfg.tool_imports:  # first: a declared set's tool of the same name is then skipped
             reg.import_path(dotted)
+        declare_sets(reg, cfg.tool_sets)
         unknown = sorted(n for n in (reg.enabled or ()) if reg.get(n) is None)
         if unknown:
             raise ValueError(reg.unknown_names_message(unknown, cfg.tool_sets))
