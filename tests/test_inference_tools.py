@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from toollmm.agent.builtin import bind_model_hooks
-from toollmm.agent.registry import Registry
+from toollmm.agent.registry import Registry, ToolSpec
 from toollmm.agent.toolsets import SETS, load_toolset
 from toollmm.config import InferenceConfig
 from toollmm.demo.tools import TOOL_NAMES, tool_conversation
@@ -45,8 +45,14 @@ def test_demo_tool_errors_are_observations(tmp_path):
     assert reg.call("weather", {"city": "Paris"}).error.startswith("invalid arguments")
     assert {s.source for s in reg.specs()} == {"demo"} and len(reg) == len(TOOL_NAMES)
     assert "demo" not in SETS  # the product declares no demo set: the demo's tools come by tool_imports
-    with pytest.raises(ValueError, match="unknown tool set 'demo' .known: builtin, gpt4tools"):
-        load_toolset("demo")
+    with pytest.raises(ValueError, match="unknown tool set 'demo' .known: builtin, gpt4tools") as e:
+        load_toolset("demo")  # a stage folder saved before the move: the error says what to pass instead
+    assert "inference.tool_imports=[toollmm.demo.toolset]" in str(e.value)
+    assert (
+        reg.get("generate_image").renders == "image"
+    )  # the model's image decoder writes what its result names
+    with pytest.raises(ValueError, match="renders must be one of"):
+        ToolSpec("x", "d", renders="pdf")
 
 
 def test_imported_tools_win_over_declared_sets_and_binding_keeps_own_backends(tmp_path):

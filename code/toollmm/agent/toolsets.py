@@ -82,7 +82,11 @@ def load_toolset(name: str) -> list[ToolSpec]:
         return builtin_specs()
     path = TOOLSET_DIR / f"{name}.json"
     if name not in SETS or not path.is_file():
-        raise ValueError(f"unknown tool set {name!r} (known: {', '.join(SETS)})")
+        raise ValueError(
+            f"unknown tool set {name!r} (known: {', '.join(SETS)}); tools with code of their own come through "
+            "inference.tool_imports, e.g. the demo's (stage folders saved with tool_sets [demo, ...]): "
+            "inference.tool_sets=[builtin] inference.tool_imports=[toollmm.demo.toolset]"
+        )
     data = json.loads(path.read_text(encoding="utf-8"))
     try:
         return [_spec(e, data["source"]) for e in data["tools"]]
