@@ -190,7 +190,7 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
-    from toollmm.eval.demo import TASKS
+    from toollmm.demo.eval import TASKS
 
     add_checkpoint_arg(p, hub=False, help="a demo stage folder, e.g. outputs/demo/stage_1")
     p.add_argument(
@@ -214,7 +214,7 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 @subcommand("demo", _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     """Held-out metrics of a demo stage folder (captions, signal alignment, tool calls)."""
-    from toollmm.eval.demo import evaluate_stage, headline
+    from toollmm.demo.eval import evaluate_stage, headline
     from toollmm.paths import resolve
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -246,7 +246,7 @@ def _configure_demo_report(p: argparse.ArgumentParser) -> None:
 @subcommand("demo-report", _configure_demo_report)
 def run_demo_report(args: argparse.Namespace) -> int:
     """Write <run>/metrics.json from the demo's stage folders and print the summary table."""
-    from toollmm.eval.demo_report import format_table, write_metrics
+    from toollmm.demo.report import format_table, write_metrics
     from toollmm.paths import resolve
 
     path = write_metrics(resolve(args.run_dir), args.small, args.total_wall_s)

@@ -182,17 +182,25 @@ def run_shard(args: argparse.Namespace) -> int:
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
-    from toollmm.data import demo_corpus
-
-    demo_corpus.add_arguments(p)
+    p.add_argument(
+        "--output",
+        default=repo_default("data/demo"),
+        type=cli_path,
+        help="corpus folder (default: the repo's data/demo)",
+    )
+    p.add_argument("--small", action="store_true", help="a few hundred records, for tests")
+    p.add_argument("--seed", type=int, default=0, help="everything random derives from it")
+    p.add_argument("--vocab-size", type=int, default=1000, help="sentencepiece vocabulary size")
 
 
 @subcommand("demo", _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     """Write the deterministic demo corpus (media, train/heldout JSONL, tokenizer) to --output."""
-    from toollmm.data import demo_corpus
+    # deterministic for a seed; the full corpus (a few thousand records) takes well under a minute on 2
+    # cores, --small (a few hundred records) a few seconds; layout: toollmm.demo.corpus
+    from toollmm.demo.corpus import generate_demo_corpus
 
-    summary = demo_corpus.run(args)
+    summary = generate_demo_corpus(args.output, seed=args.seed, small=args.small, vocab_size=args.vocab_size)
     print(f"demo corpus: {summary['records_total']} records -> {args.output}")
     return 0
 
@@ -220,8 +228,8 @@ def _configure_demo_base(p: argparse.ArgumentParser) -> None:
 @subcommand("demo-base", _configure_demo_base)
 def run_demo_base(args: argparse.Namespace) -> int:
     """Write the demo's base models (tiny ImageBind, random Llama, tiny decoders) to --output."""
-    from toollmm.demo_base import build_demo_base
-    from toollmm.tiny_world import TinyLlama
+    from toollmm.demo.base import build_demo_base
+    from toollmm.model.tiny import TinyLlama
 
     given = {"hidden_size": args.llm_hidden, "num_hidden_layers": args.llm_layers,
              "num_attention_heads": args.llm_heads, "num_key_value_heads": args.llm_heads,

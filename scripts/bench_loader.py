@@ -112,7 +112,7 @@ def measure(tmp: Path, args) -> None:
     from toollmm.data.pipeline import make_processor
     from toollmm.data.shards import ShardSource, write_shards
     from toollmm.data.sources import JsonlSource
-    from toollmm.tokenizer_build import build_sentencepiece_tokenizer
+    from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
     from toollmm.tokens import TokenContract
 
     paths = [Path(x) for x in args.input] if args.input else [synthetic(tmp / "syn", args.records)]

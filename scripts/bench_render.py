@@ -2,7 +2,7 @@
 
     PYTHONPATH=code OMP_NUM_THREADS=1 python scripts/bench_render.py --records 3000 --vocab 4000
 
-Builds a Llama-style sentencepiece tokenizer (toollmm.tokenizer_build) on the records' text, adds the token
+Builds a Llama-style sentencepiece tokenizer (toollmm.model.tiny_tokenizer) on the records' text, adds the token
 contract, then times Renderer.render, schema validation and (for comparison) apply_chat_template.
 """
 
@@ -19,7 +19,7 @@ from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.chat_template import install_chat_template
 from toollmm.data.records import check_record
 from toollmm.data.render import Renderer
-from toollmm.tokenizer_build import build_sentencepiece_tokenizer
+from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
 from toollmm.tokens import TokenContract
 
 WORDS = (

@@ -51,7 +51,7 @@ wheelhouse() {
     "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" "$(pin deepspeed)"
   fi
   if [ ! -f "$dir/demo/summary.json" ]; then  # the check's corpus (rendering video needs PyAV, left out above)
-    PYTHONPATH="$REPO/code" "$py" -c "import sys; from toollmm.data.demo_corpus import generate_demo_corpus as g; g(sys.argv[1], small=True)" "$dir/demo"
+    PYTHONPATH="$REPO/code" "$py" -c "import sys; from toollmm.demo.corpus import generate_demo_corpus as g; g(sys.argv[1], small=True)" "$dir/demo"
   fi
   echo "wheelhouse $dir: $(ls "$dir"/*.whl | wc -l) wheels, $(du -sh "$dir" | cut -f1)"
 }

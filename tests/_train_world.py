@@ -53,8 +53,8 @@ class World:
 
 def build_world(root: Path) -> World:
     from toollmm.config import load_config
-    from toollmm.data.demo_corpus import generate_demo_corpus
-    from toollmm.tiny_world import TinyLlama, build_base_models
+    from toollmm.demo.corpus import generate_demo_corpus
+    from toollmm.model.tiny import TinyLlama, build_base_models
 
     root = Path(root)
     demo, base = root / "demo", root / "base"

@@ -32,7 +32,7 @@ SAMPLE_TEXT = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A Llama-style sentencepiece tokenizer folder (no toollmm tokens), like a Vicuna checkpoint's."""
-    from toollmm.tokenizer_build import build_sentencepiece_tokenizer
+    from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
 
     return build_sentencepiece_tokenizer(SAMPLE_TEXT * 20, tmp_path_factory.mktemp("tok"), vocab_size=400)
 

@@ -17,7 +17,7 @@ from toollmm.agent.protocol import StepOutput
 from toollmm.agent.scripted import ScriptedModel
 from toollmm.checkpoint.stage import save_stage
 from toollmm.config import load_config
-from toollmm.tiny_world import TinyLlama, write_encoder, write_llm
+from toollmm.model.tiny import TinyLlama, write_encoder, write_llm
 
 TINY_LLM = TinyLlama(
     hidden_size=32,
@@ -53,7 +53,8 @@ def tiny_overrides(base: Path) -> list[str]:
         "model.llm.lora.alpha=8",
         "model.llm.lora.dropout=0.0",
         "model.feature_cache.enabled=false",
-        "inference.tool_sets=[demo,builtin,gpt4tools]",
+        "inference.tool_sets=[builtin,gpt4tools]",
+        "inference.tool_imports=[toollmm.demo.toolset]",
         "inference.max_new_tokens=200",  # a budget of its own (config/inference.yaml must not replace it)
         "run.stage=3",
     ]

@@ -18,7 +18,7 @@ from inference_fixtures import TINY_LLM, build_tiny_stage, tiny_overrides
 from toollmm.checkpoint.bases import hash_tree
 from toollmm.checkpoint.stage import BaseMismatchError, load_stage, read_manifest
 from toollmm.config import load_config
-from toollmm.tiny_world import write_llm
+from toollmm.model.tiny import write_llm
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ and the tokenizer loads and round-trips the corpus text."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,14 +15,23 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from toollmm.data.demo import render
-from toollmm.data.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
-from toollmm.data.demo.tools import DEMO_TOOLS, REQUESTS, run_demo_tool
-from toollmm.data.demo_corpus import main
-from toollmm.paths import DATA_DIR
+from toollmm.demo import media
+from toollmm.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
+from toollmm.demo.tools import DEMO_TOOLS, REQUESTS, run_demo_tool
+from toollmm.paths import DATA_DIR, REPO_ROOT
 from toollmm.tokens import PLACEHOLDER_RE, TokenContract
 
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
+
+
+def _load_entry():
+    spec = importlib.util.spec_from_file_location("prepare_data", REPO_ROOT / "code" / "prepare_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+prepare_data = _load_entry()  # the corpus's command line: code/prepare_data.py demo
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -39,7 +49,7 @@ def _load(root: Path, split: str, task: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    main(["--output", str(out), "--small", "--seed", "0"])
+    assert prepare_data.main(["demo", "--output", str(out), "--small", "--seed", "0"]) == 0
     return out
 
 
@@ -187,7 +197,7 @@ def test_images_show_their_colour_and_shape(corpus):
         mask = np.abs(img - img[0, 0]).sum(-1) > 60  # the corner is background
         ys, xs = np.nonzero(mask)
         attrs = rec["meta"]["attributes"]
-        assert _nearest(img[mask].mean(0), render.COLOURS) == attrs["colour"], rec["id"]
+        assert _nearest(img[mask].mean(0), media.COLOURS) == attrs["colour"], rec["id"]
         ratio = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
         assert min(fill_ratio, key=lambda s: abs(fill_ratio[s] - ratio)) == attrs["shape"], rec["id"]
 
@@ -221,7 +231,7 @@ def test_videos_move_their_colour_in_their_direction(corpus):
         attrs = rec["meta"]["attributes"]
         assert moved == attrs["direction"], rec["id"]
         mid = frames[len(frames) // 2]
-        assert _nearest(mid[mid.sum(-1) > 150].mean(0), render.COLOURS) == attrs["colour"], rec["id"]
+        assert _nearest(mid[mid.sum(-1) > 150].mean(0), media.COLOURS) == attrs["colour"], rec["id"]
 
 
 def test_lm_text_copies_attributes_from_context(corpus):
@@ -270,13 +280,13 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_demo_corpus(tmp_path):
 
 def _assert_visible(res: dict, modality: str) -> None:
     attrs = {k: v for k, v in res[modality].items() if isinstance(v, dict)}
-    assert set(attrs) == set(render.ATTRIBUTES[modality])
+    assert set(attrs) == set(media.ATTRIBUTES[modality])
     for name, r in attrs.items():
         assert r["acc"] >= 2 * r["chance"], (modality, name, r)
 
 
 def test_a_frozen_random_imagebind_separates_image_and_audio_attributes(corpus):
-    from toollmm.data.demo.probe import audio_tensor, probe_corpus
+    from toollmm.demo.probe import audio_tensor, probe_corpus
 
     assert audio_tensor(corpus / "media/audio/train/00000.wav").shape == (3, 1, 128, 204)
     res = probe_corpus(corpus, modalities=("image", "audio"))
@@ -286,14 +296,14 @@ def test_a_frozen_random_imagebind_separates_image_and_audio_attributes(corpus):
 
 
 def test_a_frozen_random_imagebind_separates_video_attributes(corpus):
-    from toollmm.data.demo.probe import probe_corpus, video_tensor
+    from toollmm.demo.probe import probe_corpus, video_tensor
 
     assert video_tensor(corpus / "media/video/train/00000.mp4").shape == (15, 3, 2, 224, 224)
     _assert_visible(probe_corpus(corpus, modalities=("video",)), "video")
 
 
 def test_instruct_answers_agree_with_the_medium(corpus):
-    from toollmm.data.demo.text import PULSE_WORDS
+    from toollmm.demo.text import PULSE_WORDS
 
     for split in ("train", "heldout"):
         for rec in _load(corpus, split, "instruct"):

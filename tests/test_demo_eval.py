@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from toollmm.data.demo import render
-from toollmm.data.demo.tools import TOOL_NAMES, tool_conversation
-from toollmm.eval.demo import alignment_metrics, caption_metrics, demo_registry, named_value
-from toollmm.eval.demo_report import build_metrics, format_table, write_metrics
+from toollmm.demo import media
+from toollmm.demo.eval import alignment_metrics, caption_metrics, demo_registry, named_value
+from toollmm.demo.report import build_metrics, format_table, write_metrics
+from toollmm.demo.tools import TOOL_NAMES, tool_conversation
 
 
 def _ref(caption: str, **attrs) -> dict:
@@ -166,7 +166,7 @@ def test_evaluate_cli_demo_report(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- encoder calibration
 def test_zca_whitens():
-    from toollmm.demo_base import zca
+    from toollmm.demo.base import zca
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3.0
@@ -183,7 +183,7 @@ def _spread(x: torch.Tensor) -> float:
 
 def test_calibrated_heads_spread_the_embeddings_and_keep_the_trunk(tmp_path):
     from toollmm.config import load_config
-    from toollmm.demo_base import calibrate_heads
+    from toollmm.demo.base import calibrate_heads
     from toollmm.model.encoder import build_encoder
 
     cfg = load_config(config_files=["config/presets/encoder_tiny.yaml"]).config  # 32-d, random
@@ -191,10 +191,10 @@ def test_calibrated_heads_spread_the_embeddings_and_keep_the_trunk(tmp_path):
     rng = np.random.default_rng(0)
     images, tones = [], []
     for i in range(40):
-        attrs = {"colour": list(render.COLOURS)[i % 6], "shape": render.SHAPES[i % 4]}
-        render.save_image(render.render_image(attrs, rng), tmp_path / f"{i}.png")
-        tone = {"pitch": list(render.PITCHES)[i % 3], "pulse": list(render.PULSES)[(i // 3) % 3]}
-        render.save_wav(render.render_tone(tone, rng), tmp_path / f"{i}.wav")
+        attrs = {"colour": list(media.COLOURS)[i % 6], "shape": media.SHAPES[i % 4]}
+        media.save_image(media.render_image(attrs, rng), tmp_path / f"{i}.png")
+        tone = {"pitch": list(media.PITCHES)[i % 3], "pulse": list(media.PULSES)[(i // 3) % 3]}
+        media.save_wav(media.render_tone(tone, rng), tmp_path / f"{i}.wav")
         images.append(tmp_path / f"{i}.png")
         tones.append(tmp_path / f"{i}.wav")
 

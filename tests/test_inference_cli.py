@@ -199,11 +199,8 @@ def test_config_layers(tiny_stage_dir, tmp_path, capsys):
 
     inf = yaml.safe_load(out)["inference"]
     assert rc == 0 and inf["max_new_tokens"] == 200  # the checkpoint's own (config/inference.yaml sets none)
-    assert inf["tool_sets"] == [
-        "demo",
-        "builtin",
-        "gpt4tools",
-    ]  # the checkpoint's own (not in inference.yaml)
+    assert inf["tool_sets"] == ["builtin", "gpt4tools"]  # the checkpoint's own (not in inference.yaml)
+    assert inf["tool_imports"] == ["toollmm.demo.toolset"]  # the checkpoint's own: a module of this package
     assert inf["top_p"] == 0.5 and inf["seed"] == 7 and inf["tools"] == ["calculator", "weather"]
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 import toollmm
 from inference_fixtures import IMAGE_SPAN, call_text, steer
 from toollmm.batch import Batch
-from toollmm.data.demo.tools import run_demo_tool
+from toollmm.demo.tools import run_demo_tool
 from toollmm.infer.requests import Request, prompt_request
 from toollmm.infer.step import project_signal
 from toollmm.tokens import signal_token

@@ -35,11 +35,11 @@ from toollmm.config import (
     SourceConfig,
     load_config,
 )
+from toollmm.model.tiny import TinyLlama, build_base_models
 from toollmm.model.toollmm_model import build_model
 from toollmm.paths import REPO_ROOT, resolve
 from toollmm.release.folder import ReleaseError, describe_bases, tensor_report
 from toollmm.release.upload import upload
-from toollmm.tiny_world import TinyLlama, build_base_models
 from toollmm.tokens import MODALITIES
 
 TRAINED_3 = [

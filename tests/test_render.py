@@ -381,7 +381,7 @@ def test_readme_renderings_are_what_the_renderer_supervises(tok):
 def test_a_token_across_a_label_boundary_is_an_error_not_a_shifted_label(tmp_path):
     """A vocabulary with a ':\\n' piece merges GPT4Tools' "Observation:" (supervised) with the "\\n" before the
     observation (masked). Llama's vocabulary never merges a newline; this one does, and the renderer says so."""
-    from toollmm.tokenizer_build import build_sentencepiece_tokenizer
+    from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
 
     texts = ["Observation:\nimage/a.png\nThought: ok"] * 50 + ["the quick brown fox"] * 10
     tok = AutoTokenizer.from_pretrained(

@@ -238,3 +238,21 @@ def test_a_checkpoint_config_cannot_choose_tool_code(tmp_path, caplog):
     assert stage_config(
         tmp_path, overrides=["inference.tool_imports=[mine:tool]"]
     ).inference.tool_imports == ["mine:tool"]
+
+
+def test_a_checkpoint_config_keeps_tool_imports_of_this_package_only(tmp_path, caplog):
+    """A demo stage folder saves ``tool_imports: [toollmm.demo.toolset]`` (code installed with toollmm):
+    that entry stays, every other one is dropped with a warning naming it."""
+    import yaml
+
+    from toollmm import configlib
+    from toollmm.checkpoint import stage_config
+
+    tree = configlib.to_dict(load_config().config)
+    tree["inference"]["tool_imports"] = ["toollmm.demo.toolset", "toollmm_evil:tool", "evil.toollmm:tool"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    with caplog.at_level(logging.WARNING):
+        cfg = stage_config(tmp_path, config_files=[])
+    assert cfg.inference.tool_imports == ["toollmm.demo.toolset"]
+    assert "toollmm_evil:tool" in caplog.text and "evil.toollmm:tool" in caplog.text
+    assert "'toollmm.demo.toolset'" not in caplog.text

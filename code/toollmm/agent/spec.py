@@ -61,12 +61,20 @@ class ToolSpec:
     aliases: list[str] = field(default_factory=list)
     backend: Callable | None = field(default=None, repr=False, compare=False)
     isolation: Isolation = "subprocess"
+    # a modality whose decoder renders this tool's result file: the backend answers a JSON object naming a
+    # workspace file under that key (``{"image": "image_x.png"}``) and, when the loaded model has that
+    # decoder, the inference layer writes the file from the call's ``prompt`` (in-process backends only)
+    renders: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"tool name must be a non-empty string, got {self.name!r}")
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"tool {self.name!r}: output must be one of {OUTPUT_TYPES}, got {self.output!r}")
+        if self.renders is not None and self.renders not in OUTPUT_TYPES[1:]:
+            raise ValueError(
+                f"tool {self.name!r}: renders must be one of {OUTPUT_TYPES[1:]}, got {self.renders!r}"
+            )
         if self.parameters.get("type") != "object":
             raise ValueError(f"tool {self.name!r}: parameters must be a JSON schema of type 'object'")
         validator_for(self.parameters)
@@ -120,6 +128,8 @@ def tool(
     react_args: list[str] | None = None,
     aliases: tuple[str, ...] = (),
     isolation: Isolation = "subprocess",
+    source: str = "user",
+    renders: str | None = None,
 ):
     """Mark a module-level function as a tool (the function is returned unchanged)."""
 
@@ -132,6 +142,8 @@ def tool(
             react_args=react_args,
             aliases=list(aliases),
             isolation=isolation,
+            source=source,
+            renders=renders,
         )
         return fn
 

@@ -3,15 +3,16 @@
 Sets (``inference.tool_sets``): ``builtin`` (the model's own generation / captioning / QA, bound by the
 inference layer), ``gpt4tools`` (AILab-CVC/GPT4Tools, 24 tool names from 23 classes),
 ``gpt4tools_magicbrush`` (the tyshiwo1 fork's "Edit Image Using Text"), ``viotgpt`` (11 VIoTGPT tools,
-plus the VIoT-Tool test files' names as aliases), ``mllmtool`` (Hugging Face model ids) and ``demo``
-(the demo corpus's five tools, ``toollmm.data.demo.tools``, WITH their pure-Python backends, so the demo
-model's calls really run and answer exactly what its training data showed). The upstream sets' data
-lives in ``toolsets/*.json`` next to this file, each with a ``_provenance`` note.
+plus the VIoT-Tool test files' names as aliases) and ``mllmtool`` (Hugging Face model ids). The upstream
+sets' data lives in ``toolsets/*.json`` next to this file, each with a ``_provenance`` note. Tools with
+their own code (the demo's, ``inference.tool_imports: [toollmm.demo.toolset]``, or a user's) come
+through ``inference.tool_imports``, never through a set here.
 
 Of the upstream tools only "Edge Detection On Image" has a real CPU backend here
 (``builtin.edge_detection``, PIL); every other one answers "declared but has no backend" until someone
-attaches one. Sets are declared in order and the first declaration of a name wins (the demo set's
-``generate_image`` and the builtin one share a name: list ``demo`` first for the demo model).
+attaches one. Sets are declared in order and the first declaration of a name wins; tools from
+``inference.tool_imports`` are registered before every set, so a same-named declared tool is skipped
+(the demo's ``generate_image`` keeps its reference backend over the builtin one).
 
 ``registry_from_config`` builds a session's registry from the config (sets, ``inference.tool_imports``,
 enabled names); it lives here, above ``registry``, so that the registry never imports the sets.
@@ -19,7 +20,6 @@ enabled names); it lives here, above ``registry``, so that the registry never im
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,7 +29,6 @@ from .sandbox import Workspace
 
 TOOLSET_DIR = Path(__file__).resolve().parent / "toolsets"
 SETS = ("builtin", "gpt4tools", "gpt4tools_magicbrush", "viotgpt", "mllmtool")  # declared, upstream names
-KNOWN_SETS = (*SETS, "demo")  # + the demo corpus's tools, with their pure-Python backends
 
 GPT4TOOLS_PREFIX = (
     "GPT4Tools can handle various text and visual tasks, such as answering questions and providing "
@@ -79,44 +78,19 @@ def _spec(entry: dict, source: str) -> ToolSpec:
     )
 
 
-def run_demo_call(name: str, **arguments) -> str:
-    """A demo tool's backend: its reference result as the corpus's tool messages hold it."""
-    from ..data.demo.tools import run_demo_tool
-
-    return json.dumps(run_demo_tool(name, arguments), sort_keys=True)
-
-
-def demo_specs() -> list[ToolSpec]:
-    """The demo tool set (HF function specs of ``DEMO_TOOLS``) with in-process pure-Python backends."""
-    from ..data.demo.tools import DEMO_TOOLS
-
-    specs = []
-    for entry in DEMO_TOOLS:
-        fn = entry["function"]
-        specs.append(
-            ToolSpec(
-                fn["name"],
-                fn["description"],
-                fn["parameters"],
-                source="demo",
-                backend=functools.partial(run_demo_call, fn["name"]),
-                isolation="inprocess",
-            )
-        )
-    return specs
-
-
 def load_toolset(name: str) -> list[ToolSpec]:
-    """The declared specs of one set (no backends, except the demo set's reference backends)."""
+    """The declared specs of one set (no backends)."""
     if name == "builtin":
         from .builtin import builtin_specs
 
         return builtin_specs()
-    if name == "demo":
-        return demo_specs()
     path = TOOLSET_DIR / f"{name}.json"
     if name not in SETS or not path.is_file():
-        raise ValueError(f"unknown tool set {name!r} (known: {', '.join(KNOWN_SETS)})")
+        raise ValueError(
+            f"unknown tool set {name!r} (known: {', '.join(SETS)}); tools with code of their own come through "
+            "inference.tool_imports, e.g. the demo's (stage folders saved with tool_sets [demo, ...]): "
+            "inference.tool_sets=[builtin] inference.tool_imports=[toollmm.demo.toolset]"
+        )
     data = json.loads(path.read_text(encoding="utf-8"))
     try:
         return [_spec(e, data["source"]) for e in data["tools"]]
@@ -145,9 +119,9 @@ def registry_from_config(cfg, workspace: str | Path | Workspace | None = None) -
         max_arg_depth=cfg.tool_max_json_depth,
         enabled=list(cfg.tools),
     )
-    declare_sets(reg, cfg.tool_sets)
-    for dotted in cfg.tool_imports:
+    for dotted in cfg.tool_imports:  # first: a declared set's tool of the same name is then skipped
         reg.import_path(dotted)
+    declare_sets(reg, cfg.tool_sets)
     unknown = sorted(n for n in (reg.enabled or ()) if reg.get(n) is None)
     if unknown:
         raise ValueError(reg.unknown_names_message(unknown, cfg.tool_sets))

@@ -75,10 +75,10 @@ def prepare(work: Path) -> dict:
             shutil.rmtree(demo, ignore_errors=True)
             shutil.copytree(carried, demo)
             source = "carried"
-        else:  # imported here: rendering the corpus needs PyAV, which a bare GPU host may lack
-            from ..data.demo_corpus import generate_demo_corpus
+        else:  # rendering the corpus needs PyAV, which a bare GPU host may lack
+            from .world import demo_corpus
 
-            generate_demo_corpus(demo, small=True)
+            demo_corpus(demo, small=True)
             source = "generated"
     return {"demo": str(demo), "source": source, "seconds": round(time.perf_counter() - t0, 2)}
 

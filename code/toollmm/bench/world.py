@@ -2,7 +2,7 @@
 
 ``World.ensure(work, sizes)`` writes (if missing) under ``work``:
 
-    demo/ or demo_small/        the demo corpus (``toollmm.data.demo_corpus``; its tokenizer is the LLM's)
+    demo/ or demo_small/        the demo corpus (``code/prepare_data.py demo``; its tokenizer is the LLM's)
     llm_<sizes.name>/           a randomly initialised Llama of ``sizes`` (HF folder + the demo tokenizer)
     decoders/                   tiny diffusers pipelines (their configs fix the output projections' shapes)
 
@@ -16,12 +16,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ..config import EncoderDims, Loaded, PreprocessConfig, load_config
+from ..model.tiny import TinyLlama, write_llm
+from ..paths import REPO_ROOT
 from .flops import (
     AUDIO_PATCH,
     AUDIO_TOKENS,
@@ -152,38 +156,28 @@ def _tower(target: float, blocks: int, tokens: int, patch: int, heads: int) -> t
     return w, blocks
 
 
-def write_llm(out: Path, tokenizer_dir: Path, shape: LlamaShape, seed: int = 0) -> Path:
-    """A seeded random Llama of ``shape`` saved with the tokenizer (vocabulary rows beyond the
-    tokenizer stay unused, as in a model that pads its vocabulary)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = LlamaConfig(
-        vocab_size=shape.vocab,
+def llama_dims(shape: LlamaShape) -> TinyLlama:
+    """``shape`` as ``toollmm.model.tiny.write_llm`` takes it (its vocabulary rows beyond the tokenizer
+    stay unused, as in a model that pads its vocabulary)."""
+    return TinyLlama(
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        vocab_size=shape.vocab,
     )
-    big = shape.total_params > 2e9  # a 7B model is built in bf16 (half the host memory)
-    default = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(torch.bfloat16 if big else default)
-        try:
-            model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(default)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    tmp.rename(out)
+
+
+def demo_corpus(out: Path, small: bool) -> Path:
+    """The demo corpus in ``out`` through its entry point, ``code/prepare_data.py demo`` (benchmark code
+    never imports the demo package). Raises naming the command and its last output lines on failure."""
+    cmd = [sys.executable, str(REPO_ROOT / "code" / "prepare_data.py"), "demo", "--output", str(out)]
+    run = subprocess.run(cmd + (["--small"] if small else []), capture_output=True, text=True)
+    if run.returncode != 0:
+        tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-10:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {run.returncode}:\n{tail}")
     return out
 
 
@@ -227,11 +221,14 @@ class World:
         w = cls(work, sizes)
         w.work.mkdir(parents=True, exist_ok=True)
         if not (w.demo / "summary.json").is_file():
-            from ..data.demo_corpus import generate_demo_corpus
-
-            generate_demo_corpus(w.demo, small=sizes.demo_small)
+            demo_corpus(w.demo, small=sizes.demo_small)
         if not (w.llm / "config.json").is_file():
-            write_llm(w.llm, w.demo / "tokenizer", sizes.llm)
+            import torch
+
+            big = sizes.llm.total_params > 2e9  # a 7B model is built in bf16 (half the host memory)
+            write_llm(
+                w.llm, w.demo / "tokenizer", llama_dims(sizes.llm), dtype=torch.bfloat16 if big else None
+            )
         if not (w.decoders / "tiny-sd" / "model_index.json").is_file():
             from ..model.tiny_decoders import build_tiny_decoders
 

@@ -215,12 +215,19 @@ def stage_config(
 def _saved_tree(d: Path) -> dict:
     """The folder's saved config.yaml, less what a checkpoint may not decide for the user."""
     tree = configlib.load_yaml(d / "config.yaml")  # read as every config layer is (errors name the file)
-    saved_imports = (tree.get("inference") or {}).pop("tool_imports", None)
-    if saved_imports:  # which code to import is the user's choice, never the checkpoint's
+    inference = tree.get("inference") or {}
+    saved_imports = inference.pop("tool_imports", None) or []
+    # which code to import is the user's choice, never the checkpoint's; a module of this package (the
+    # demo's tools, toollmm.demo.toolset) is code the user installed with it, so it stays
+    own = [s for s in saved_imports if isinstance(s, str) and s.partition(":")[0].split(".")[0] == "toollmm"]
+    if own:
+        inference["tool_imports"] = own
+    dropped = [s for s in saved_imports if s not in own]
+    if dropped:
         log.warning(
             "%s: ignoring inference.tool_imports %s saved with the checkpoint; pass it again to use it",
             d / "config.yaml",
-            saved_imports,
+            dropped,
         )
     (tree.get("model") or {}).pop("allow_base_mismatch", None)  # a permission for one load only
     return tree

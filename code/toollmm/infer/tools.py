@@ -6,8 +6,9 @@
 * ``caption`` / ``answer_question`` (and GPT4Tools' "Get Photo Description" / "Answer Question About The
   Image"): the file is fed to the model itself (encoder -> input projection -> LLM) with the question,
   and the tool returns what the model writes (a tool-less engine: no nested tool calls).
-* The demo set's ``generate_image`` keeps its reference result (``{"image": "image_<hash>.png"}``, what
-  the demo model was trained to read) and, when an image decoder is configured, really writes that file.
+* A tool that declares ``renders=<modality>`` (``ToolSpec.renders``; e.g. the demo's ``generate_image``)
+  keeps its own result (``{"image": "image_<hash>.png"}``, what the demo model was trained to read) and,
+  when that modality's decoder is configured, really writes the file it names from the call's prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 from pathlib import Path
 
 from ..agent.builtin import bind_model_hooks
-from ..agent.toolsets import run_demo_call
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,26 @@ def bind_runtime_tools(runtime) -> list[str]:
         answer=lambda path, question: runtime.ask_about(path, question),
         generate=generate,
     )
-    spec = registry.get("generate_image")
-    if spec is not None and spec.source == "demo" and decoder is not None and "image" in generate:
-
-        def demo_image(prompt: str) -> str:
-            result = run_demo_call("generate_image", prompt=prompt)
-            path = Path(folder) / json.loads(result)["image"]
-            decoder.from_prompt("image", prompt, "tool:generate_image", path=path)
-            return result
-
-        registry.set_backend("generate_image", demo_image, isolation="inprocess")
-        bound.append("generate_image")
+    for spec in registry.specs():
+        m = spec.renders
+        if m is None or m not in generate or spec.backend is None or spec.isolation != "inprocess":
+            continue
+        registry.set_backend(spec.name, _rendering(spec, decoder, folder), isolation="inprocess")
+        bound.append(spec.name)
     log.debug("model-side tools bound: %s", bound)
     return bound
+
+
+def _rendering(spec, decoder, folder):
+    """``spec``'s own backend, then its ``renders`` decoder writes the file the result names (bound again
+    by a second runtime on the same registry, it wraps the tool's own backend, not the first binding)."""
+    own, modality = getattr(spec.backend, "own_backend", spec.backend), spec.renders
+
+    def run(prompt: str) -> str:
+        result = own(prompt=prompt)
+        path = Path(folder) / json.loads(result)[modality]
+        decoder.from_prompt(modality, prompt, f"tool:{spec.name}", path=path)
+        return result
+
+    run.own_backend = own
+    return run

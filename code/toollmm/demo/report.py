@@ -1,7 +1,7 @@
 """The demo's ``metrics.json`` and summary table, assembled from a run folder.
 
 Reads ``<run>/stage_N/stage.json`` (wall time), ``<run>/stage_N/metrics.jsonl`` (real tokens/s per
-logged window) and ``<run>/stage_N/eval/demo.json`` (``toollmm.eval.demo``), and writes::
+logged window) and ``<run>/stage_N/eval/demo.json`` (``toollmm.demo.eval``), and writes::
 
     {"stage1": {"heldout": {<modality>: {exact, chance, per_attribute: {<attr>: {acc, chance}}}}, wall_s, ...},
      "stage2": {"heldout_align_l2": {initial, final, mean_predictor}, "heldout_retrieval_top1", wall_s, ...},

@@ -40,7 +40,7 @@ PULSES = {"steady": 0.0, "slow": 2.0, "fast": 6.0}  # on/off pulses per second (
 AMPLITUDE = 0.6
 
 #: the attributes of each modality and their value sets, in caption order. Chosen with the probe
-#: (``toollmm.data.demo.probe``): a frozen random tiny ImageBind separates each of them linearly.
+#: (``toollmm.demo.probe``): a frozen random tiny ImageBind separates each of them linearly.
 ATTRIBUTES = {
     "image": {"colour": tuple(COLOURS), "shape": SHAPES},
     "audio": {"pitch": tuple(PITCHES), "pulse": tuple(PULSES)},

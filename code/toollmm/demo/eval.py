@@ -32,11 +32,11 @@ import torch
 
 from toollmm.errors import NotUtf8, iter_text_lines
 
-from ..data.demo.render import ATTRIBUTES
-from ..data.demo.text import PULSE_WORDS
+from ..eval.common import EvalError
+from ..eval.toolcalls import first_tool_call, same_call
 from ..paths import resolve
-from .common import EvalError
-from .toolcalls import first_tool_call, same_call
+from .media import ATTRIBUTES
+from .text import PULSE_WORDS
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +212,13 @@ def evaluate_t2x(stage, data_dir: Path, limit: int | None) -> dict:
 
 # ------------------------------------------------------------------------------------- stage 3
 def demo_registry():
-    """The demo tool set (``toollmm.agent.toolsets``) with its in-process reference backends."""
+    """The demo's tools (``toollmm.demo.toolset``) with their in-process reference backends."""
     from ..agent.registry import Registry
-    from ..agent.toolsets import declare_sets
+    from .toolset import TOOL_FUNCTIONS
 
     reg = Registry()
-    declare_sets(reg, ["demo"])
+    for fn in TOOL_FUNCTIONS:
+        reg.add(fn)
     return reg
 
 

@@ -1,6 +1,6 @@
 """Captions and phrasings of the demo corpus's media tasks (x2t, t2x, instruct, and their text-only copies).
 
-A caption names every attribute of its modality (``render.ATTRIBUTES``), in a fixed order, so the
+A caption names every attribute of its modality (``media.ATTRIBUTES``), in a fixed order, so the
 caption of a render is a pure function of its attributes: "a red circle", "a high fast pulsing tone",
 "a green circle moving up".
 """
@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from .render import ATTRIBUTES
+from .media import ATTRIBUTES
 
 PULSE_WORDS = {"steady": "steady", "slow": "slow pulsing", "fast": "fast pulsing"}
 MEDIUM_NOUN = {"image": "image", "audio": "sound", "video": "video"}

@@ -7,7 +7,7 @@ renders and report held-out accuracy next to chance. The preprocessing here is a
 ImageBind's (224 px + CLIP normalisation; 128-bin kaldi fbank x 204 frames, 3 clips of 2 s; video:
 5 clips x 2 frames x 3 spatial crops); the model's real preprocessing lives in ``toollmm.model``.
 
-    python -m toollmm.data.demo.probe --corpus data/demo [--out-dim 64] [--width 64]
+    python -m toollmm.demo.probe --corpus data/demo [--out-dim 64] [--width 64]
 """
 
 from __future__ import annotations

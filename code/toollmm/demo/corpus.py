@@ -26,11 +26,11 @@ import jsonschema
 import numpy as np
 import sentencepiece as spm
 
+from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
 from toollmm.paths import DATA_DIR, resolve
-from toollmm.tokenizer_build import build_sentencepiece_tokenizer
 from toollmm.tokens import PLACEHOLDER_RE
 
-from . import records, render, text
+from . import media, records, text
 from .tools import DEMO_TOOLS, TOOL_NAMES
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,11 @@ def render_media(out: Path, seed: int, sizes: DemoSizes) -> dict[str, dict[str, 
                 attrs, rng = combos[i % len(combos)], rng_for(seed, f"media/{m}/{s}", i)
                 rel = f"media/{m}/{s}/{i:05d}.{EXT[m]}"
                 if m == "image":
-                    render.save_image(render.render_image(attrs, rng), out / rel)
+                    media.save_image(media.render_image(attrs, rng), out / rel)
                 elif m == "audio":
-                    render.save_wav(render.render_tone(attrs, rng), out / rel)
+                    media.save_wav(media.render_tone(attrs, rng), out / rel)
                 else:
-                    render.save_mp4(render.render_video_frames(attrs, rng), out / rel)
+                    media.save_mp4(media.render_video_frames(attrs, rng), out / rel)
                 lst.append(records.Render(rel, m, dict(attrs)))
             renders[m][s] = lst
     return renders
@@ -266,7 +266,7 @@ def generate_demo_corpus(
         "counts": {s: {t: len(r) for t, r in tasks.items()} for s, tasks in files.items()},
         "records_total": sum(len(r) for tasks in files.values() for r in tasks.values()),
         "media": {m: {s: len(renders[m][s]) for s in SPLITS} for m in MODALITIES},
-        "attributes": {m: {a: list(v) for a, v in render.ATTRIBUTES[m].items()} for m in MODALITIES},
+        "attributes": {m: {a: list(v) for a, v in media.ATTRIBUTES[m].items()} for m in MODALITIES},
         "captions": {m: [text.caption(m, c) for c in text.combos(m)] for m in MODALITIES},
         "tools": TOOL_NAMES,
         "tokenizer": {

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from .render import ATTRIBUTES
+from .media import ATTRIBUTES
 from .text import caption
 
 OPS = {
