@@ -4,7 +4,7 @@ Command-line parsing lives only in ``code/*.py``: every entry point builds its o
 flags it shares with the others from here (``--checkpoint``, ``--host`` / ``--port``, ``--output-dir``,
 ``--verbose``, ``--config`` / ``--print-config`` / ``key=value``), and the subcommand table of
 ``prepare_data.py`` and ``evaluate.py``. The library (``toollmm``) owns no parser; it gives the flag
-types that resolve command-line paths against the current directory (``toollmm.paths.cli_*``).
+types that resolve command-line paths against the current directory (``toollmm.core.paths.cli_*``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from toollmm.config import add_config_args  # --config / --print-config / key=value (next to the config)
-from toollmm.paths import cli_checkpoint, cli_path
+from toollmm.core.paths import cli_checkpoint, cli_config_file, cli_path
 
 __all__ = [
     "Subcommands",
@@ -52,8 +51,28 @@ def add_output_dir_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_verbose_arg(p: argparse.ArgumentParser, help: str = "print the traceback of an error") -> None:
-    """``--verbose`` (``toollmm.errors.cli_errors`` prints the traceback of an error with it)."""
+    """``--verbose`` (``toollmm.core.errors.cli_errors`` prints the traceback of an error with it)."""
     p.add_argument("--verbose", action="store_true", help=help)
+
+
+def add_config_args(parser: argparse.ArgumentParser, example: str = "train.optim.lr=2e-4") -> None:
+    """The flags every entry point shares; ``example``: an override that makes sense for this entry point."""
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        type=cli_config_file,
+        help="extra YAML layer (repeatable, in order; the file is taken from the current directory, the"
+        " relative paths inside it from the repo root)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config with each value's source and exit",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+
 
 
 class Subcommands(dict[str, tuple[Configure, Run]]):

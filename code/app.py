@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from _cli import add_bind_args, add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg  # noqa: E402
-from toollmm.errors import UserError, as_user_error, cli_errors  # noqa: E402
+from toollmm.core.errors import UserError, as_user_error, cli_errors  # noqa: E402
 
 TITLE = "toollmm: chat, tools and any-to-any generation"
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe_stage_config(args.checkpoint, args.overrides, files))
             return 0
-        from toollmm.console import quiet_library_progress
+        from toollmm.core.console import quiet_library_progress
 
         quiet_library_progress()
         print(f"app.py: loading {args.checkpoint}", file=sys.stderr, flush=True)

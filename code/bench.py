@@ -17,11 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from toollmm.paths import cli_path, repo_default, resolve
+from toollmm.core.paths import cli_path, repo_default, resolve
 
 
 def _figure(args) -> int:
-    from toollmm.bench import world as W
+    from toollmm.perf import world as W
 
     sizes = W.SIZES[args.sizes]
     work = resolve(args.work)
@@ -40,7 +40,7 @@ def _figure(args) -> int:
 
 
 def _run_named(name: str, world, out_dir: Path) -> dict:
-    from toollmm.bench import cache_fig, hf_baseline, infer_fig, serve_fig, train_figs
+    from toollmm.perf import cache_fig, hf_baseline, infer_fig, serve_fig, train_figs
 
     if name == "mfu":
         return train_figs.mfu(world, profile_to=out_dir / "profile_mfu.txt" if world.sizes.profile else None)
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "run":
-        from toollmm.bench import harness, report
-        from toollmm.bench.world import SIZES
+        from toollmm.perf import harness, report
+        from toollmm.perf.world import SIZES
 
         sizes = SIZES[args.sizes or ("quick" if args.quick else "full")]
         out = resolve(args.out)
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "figure":
         return _figure(args)
     if args.cmd == "infer-once":
-        from toollmm.bench.infer_fig import infer_once
+        from toollmm.perf.infer_fig import infer_once
 
         print(json.dumps(infer_once(args.stage, args.request, args.new_tokens)))
         return 0
-    from toollmm.bench.scaling import write_scaling
+    from toollmm.perf.scaling import write_scaling
 
     path = write_scaling(resolve(args.bench), resolve(args.out))
     print(f"scaling projection -> {path}")

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _cli import Subcommands, add_checkpoint_arg
-from toollmm.errors import cli_errors
+from toollmm.core.errors import cli_errors
+from toollmm.core.paths import cli_path, repo_default
 from toollmm.eval import (
     BENCHMARKS,
     MODES,
@@ -43,7 +44,6 @@ from toollmm.eval import (
     run_benchmark,
     score_files,
 )
-from toollmm.paths import cli_path, repo_default
 
 #: ``evaluate.py <name>``: ``@subcommand(name, configure)`` on ``run(args) -> exit code``
 subcommand = Subcommands()
@@ -214,8 +214,8 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 @subcommand("demo", _configure_demo)
 def run_demo(args: argparse.Namespace) -> int:
     """Held-out metrics of a demo stage folder (captions, signal alignment, tool calls)."""
+    from toollmm.core.paths import resolve
     from toollmm.demo.eval import evaluate_stage, headline
-    from toollmm.paths import resolve
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     result = evaluate_stage(args.checkpoint, args.data, tasks, limit=args.limit)
@@ -246,12 +246,35 @@ def _configure_demo_report(p: argparse.ArgumentParser) -> None:
 @subcommand("demo-report", _configure_demo_report)
 def run_demo_report(args: argparse.Namespace) -> int:
     """Write <run>/metrics.json from the demo's stage folders and print the summary table."""
+    from toollmm.core.paths import resolve
     from toollmm.demo.report import format_table, write_metrics
-    from toollmm.paths import resolve
 
     path = write_metrics(resolve(args.run_dir), args.small, args.total_wall_s)
     print(format_table(json.loads(path.read_text(encoding="utf-8"))))
     print(f"metrics: {path}")
+    return 0
+
+
+def _configure_demo_probe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", type=cli_path, default=repo_default("data/demo"), help="demo corpus folder")
+    p.add_argument("--modalities", nargs="+", default=["image", "audio", "video"])
+    p.add_argument("--out-dim", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="at most this many renders per split")
+
+
+@subcommand("demo-probe", _configure_demo_probe)
+def run_demo_probe(args: argparse.Namespace) -> int:
+    """Linear probe: can a frozen, random tiny ImageBind see the demo corpus's attributes?"""
+    from toollmm.demo.probe import probe_corpus
+
+    res = probe_corpus(
+        str(args.corpus), args.modalities, args.limit, out_dim=args.out_dim, width=args.width,
+        blocks=args.blocks, seed=args.seed,
+    )  # fmt: skip
+    print(json.dumps(res, indent=1))
     return 0
 
 

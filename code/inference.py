@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _cli import add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg
-from toollmm.errors import UserError, as_user_error, cli_errors
-from toollmm.paths import cli_path
+from toollmm.core.errors import UserError, as_user_error, cli_errors
+from toollmm.core.paths import cli_path
 
 MEDIA_FLAGS = ("image", "video", "audio")
 CHAT_HELP = (
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None, *, loader: Callable | None = None, stdin
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     import toollmm
-    from toollmm.console import quiet_library_progress
+    from toollmm.core.console import quiet_library_progress
     from toollmm.infer.requests import read_batch
     from toollmm.infer.runtime import INFERENCE_YAML
 

@@ -20,11 +20,11 @@ import argparse
 import logging
 import sys
 
-from _cli import Subcommands
+from _cli import Subcommands, add_config_args
+from toollmm.core.errors import cli_errors
+from toollmm.core.paths import cli_config_file, cli_path, repo_default
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
 from toollmm.data.convert.base import COMMON_OPTIONS
-from toollmm.errors import cli_errors
-from toollmm.paths import cli_config_file, cli_path, repo_default
 
 #: ``prepare_data.py <name>``: ``@subcommand(name, configure)`` on ``run(args) -> exit code``
 subcommand = Subcommands()
@@ -101,7 +101,6 @@ def run_formats(args: argparse.Namespace) -> int:
 
 
 def _configure_embed_captions(p: argparse.ArgumentParser) -> None:
-    from toollmm.config import add_config_args
 
     p.add_argument("--input", required=True, type=cli_path, help="unified-record JSONL")
     p.add_argument(
@@ -121,8 +120,9 @@ def _configure_embed_captions(p: argparse.ArgumentParser) -> None:
 def run_embed_captions(args: argparse.Namespace, build_encoders=None) -> int:
     """Compute decoder caption embeddings for text->X targets (cached, skipped when present)."""
     # build_encoders(cfg) -> (encoders, decoder ids); default: the config's decoders
-    from toollmm.config import load_config
-    from toollmm.data.captions import CaptionStore, decoder_encoders, embed_captions_jsonl
+    from toollmm.core.config import load_config
+    from toollmm.data.captions import CaptionStore, embed_captions_jsonl
+    from toollmm.train.targets import decoder_encoders
 
     cfg = load_config(config_files=args.config, overrides=args.overrides).config
     encoders, ids = (build_encoders or decoder_encoders)(cfg)
@@ -241,7 +241,7 @@ def run_demo_base(args: argparse.Namespace) -> int:
 
 
 def _configure_encode(p: argparse.ArgumentParser) -> None:
-    from toollmm.paths import cli_config_file
+    from toollmm.core.paths import cli_config_file
 
     p.add_argument("--config", action="append", default=[], metavar="FILE", type=cli_config_file,
                    help="config layer(s), as for train.py (repeatable; taken from the current directory)")  # fmt: skip
@@ -268,7 +268,7 @@ def run_encode(args: argparse.Namespace) -> int:
 
     import torch
 
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
     from toollmm.train.build import has_media
     from toollmm.train.features import encoder_placement, precompute_features
 

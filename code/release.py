@@ -18,8 +18,8 @@ from pathlib import Path
 
 from _cli import add_checkpoint_arg, add_verbose_arg
 from toollmm.checkpoint.bases import ROLES
-from toollmm.errors import cli_errors
-from toollmm.paths import cli_path, resolve
+from toollmm.core.errors import cli_errors
+from toollmm.core.paths import cli_path, resolve
 from toollmm.release.card import human_size
 from toollmm.release.folder import ReleaseError, build_release
 from toollmm.release.upload import upload

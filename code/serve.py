@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from _cli import add_bind_args, add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg
-from toollmm.errors import UserError, as_user_error, cli_errors
-from toollmm.paths import cli_path
+from toollmm.core.errors import UserError, as_user_error, cli_errors
+from toollmm.core.paths import cli_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.print_config:
             from toollmm.checkpoint.stage import stage_config
-            from toollmm.config import to_yaml
-            from toollmm.paths import resolve
+            from toollmm.core.config import to_yaml
+            from toollmm.core.paths import resolve
 
             print(to_yaml(stage_config(resolve(args.checkpoint), args.overrides, files)), end="")
             return 0

@@ -21,8 +21,8 @@ import os
 import sys
 
 from _cli import add_config_args, add_verbose_arg
-from toollmm.config import load_config
-from toollmm.errors import cli_errors
+from toollmm.core.config import load_config
+from toollmm.core.errors import cli_errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     announce(loaded.config)
     from toollmm.checkpoint.stage import BaseMismatchError
-    from toollmm.console import quiet_library_progress
+    from toollmm.core.console import quiet_library_progress
     from toollmm.train.lock import StageLockedError
     from toollmm.train.loop import run_stage
 
@@ -65,7 +65,7 @@ def announce(cfg) -> None:
     """The first line, at once (before torch and DeepSpeed load, which takes a while): what runs, where."""
     if os.environ.get("RANK", "0") != "0":
         return
-    from toollmm.paths import resolve
+    from toollmm.core.paths import resolve
 
     out = resolve(cfg.run.output_root) / cfg.run.name / f"stage_{cfg.run.stage}"
     print(

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
-from toollmm.config import load_config  # noqa: E402
+from toollmm.core.config import load_config  # noqa: E402
+from toollmm.data.preprocess import load_media  # noqa: E402
 from toollmm.model.encoder import build_encoder  # noqa: E402
 from toollmm.model.feature_cache import FeatureCache  # noqa: E402
-from toollmm.model.preprocess import load_media  # noqa: E402
 
 
 def make_media(folder: Path) -> dict[str, Path]:

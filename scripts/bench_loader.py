@@ -108,12 +108,12 @@ def main(argv=None) -> int:
 def measure(tmp: Path, args) -> None:
     from transformers import AutoTokenizer
 
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
+    from toollmm.core.tokens import TokenContract
     from toollmm.data.pipeline import make_processor
     from toollmm.data.shards import ShardSource, write_shards
     from toollmm.data.sources import JsonlSource
     from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
-    from toollmm.tokens import TokenContract
 
     paths = [Path(x) for x in args.input] if args.input else [synthetic(tmp / "syn", args.records)]
     cfg = load_config(overrides=[f"data.max_length={args.max_length}"]).config

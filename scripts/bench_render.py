@@ -15,12 +15,12 @@ import time
 
 from transformers import AutoTokenizer
 
+from toollmm.core.tokens import TokenContract
 from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.chat_template import install_chat_template
 from toollmm.data.records import check_record
 from toollmm.data.render import Renderer
 from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
-from toollmm.tokens import TokenContract
 
 WORDS = (
     "the a red blue green circle square triangle moves left right on white background small large image "

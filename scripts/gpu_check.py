@@ -1,4 +1,4 @@
-"""Driver of scripts/gpu_check.sh: each section of toollmm.bench.gpu_check in its own process with its
+"""Driver of scripts/gpu_check.sh: each section of toollmm.perf.gpu_check in its own process with its
 own timeout, the JSON rewritten after every section (a hung or crashed section is recorded, the file is
 always written), a short summary printed, and the JSON + log copied to $OUT when set.
 
@@ -155,7 +155,7 @@ def main() -> int:
     if args.section:
         import logging
 
-        from toollmm.bench.gpu_check import run_section
+        from toollmm.perf.gpu_check import run_section
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -180,7 +180,7 @@ def main() -> int:
         os.replace(tmp, path)
 
     with open(log_path, "w") as log:
-        from toollmm.bench.gpu_check import prepare
+        from toollmm.perf.gpu_check import prepare
 
         try:
             report["workspace"] = prepare(work)

@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from toollmm.config import load_config
-from toollmm.paths import resolve
+from toollmm.core.config import load_config
+from toollmm.core.paths import resolve
 from toollmm.train import memory as mem
 
 

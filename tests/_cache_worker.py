@@ -22,7 +22,7 @@ def _start(job: dict, name: str) -> None:
 
 
 def writer(root: str, job: dict, name: str) -> dict:
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
     from toollmm.model.encoder import build_encoder
     from toollmm.model.feature_cache import FeatureCache
 

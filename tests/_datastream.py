@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from toollmm.batch import IGNORE_INDEX
+from toollmm.core.batch import IGNORE_INDEX
+from toollmm.core.tokens import PLACEHOLDER_RE, TokenContract
 from toollmm.data.records import BadSample
-from toollmm.tokens import PLACEHOLDER_RE, TokenContract
 
 WORDS = "red green blue circle square triangle moving left right up down small large tone high low".split()
 CONTRACT = TokenContract({"image": 2, "video": 2, "audio": 2})

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from toollmm.paths import ensure_torch_extensions_dir
+from toollmm.core.paths import ensure_torch_extensions_dir
 from toollmm.train.ds import init_distributed, rendezvous_port, shutdown_distributed
 
 

@@ -13,7 +13,7 @@ def save_all(llm_dir: str, image: str, out: str) -> dict[str, Path]:
     """Write ``OUT/delta`` (delta.safetensors + adapter) and one feature-cache file; returns the files."""
     from model_fixtures import build_tiny
     from toollmm.checkpoint.delta import save_delta
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
     from toollmm.model.encoder import build_encoder
     from toollmm.model.feature_cache import FeatureCache
 

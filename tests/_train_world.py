@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 TRAIN_PY = REPO_ROOT / "code" / "train.py"
 TINY_ENCODER = str(REPO_ROOT / "config" / "presets" / "encoder_tiny.yaml")  # a --config flag: cwd-relative
@@ -52,7 +52,7 @@ class World:
 
 
 def build_world(root: Path) -> World:
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
     from toollmm.demo.corpus import generate_demo_corpus
     from toollmm.model.tiny import TinyLlama, build_base_models
 

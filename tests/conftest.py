@@ -14,7 +14,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 
-from toollmm.paths import ensure_torch_extensions_dir  # noqa: E402
+from toollmm.core.paths import ensure_torch_extensions_dir  # noqa: E402
 
 ensure_torch_extensions_dir()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from toollmm.agent.protocol import StepOutput
 from toollmm.agent.scripted import ScriptedModel
 from toollmm.checkpoint.stage import save_stage
-from toollmm.config import load_config
+from toollmm.core.config import load_config
 from toollmm.model.tiny import TinyLlama, write_encoder, write_llm
 
 TINY_LLM = TinyLlama(

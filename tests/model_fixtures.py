@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from toollmm.batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
-from toollmm.config import LLMConfig, LoraSettings, ModelConfig, OutputProjConfig
+from toollmm.core.batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
+from toollmm.core.config import LLMConfig, LoraSettings, ModelConfig, OutputProjConfig
 from toollmm.model.toollmm_model import ToolLMM, build_model
 
 ENC_DIM = 32

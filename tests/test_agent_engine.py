@@ -15,8 +15,8 @@ from toollmm.agent.registry import Registry
 from toollmm.agent.sampling import Sampler
 from toollmm.agent.scripted import ScriptedModel
 from toollmm.agent.toolsets import SETS, declare_sets
-from toollmm.config import InferenceConfig
-from toollmm.tokens import TokenContract
+from toollmm.core.config import InferenceConfig
+from toollmm.core.tokens import TokenContract
 
 
 @pytest.fixture(scope="module")

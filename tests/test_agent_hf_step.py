@@ -12,8 +12,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from toollmm.agent.engine import Engine
 from toollmm.agent.hf_step import CausalLMStepModel
 from toollmm.agent.registry import Registry
-from toollmm.config import InferenceConfig
-from toollmm.tokens import TokenContract
+from toollmm.core.config import InferenceConfig
+from toollmm.core.tokens import TokenContract
 
 
 @pytest.fixture(scope="module")

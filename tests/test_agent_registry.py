@@ -23,7 +23,7 @@ from toollmm.agent.toolsets import (
     render_tool_block,
     render_tool_names,
 )
-from toollmm.config import InferenceConfig
+from toollmm.core.config import InferenceConfig
 
 SAMPLES = Path(__file__).resolve().parent / "fixtures" / "shared"  # verbatim copies of public records
 

@@ -17,7 +17,7 @@ from _train_world import run_train
 from inference_fixtures import TINY_LLM, build_tiny_stage, tiny_overrides
 from toollmm.checkpoint.bases import hash_tree
 from toollmm.checkpoint.stage import BaseMismatchError, load_stage, read_manifest
-from toollmm.config import load_config
+from toollmm.core.config import load_config
 from toollmm.model.tiny import write_llm
 
 
@@ -31,7 +31,7 @@ def world(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def hashing_records(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "toollmm.model.files" and "hashing" in r.msg]
+    return [r.getMessage() for r in caplog.records if r.name == "toollmm.core.files" and "hashing" in r.msg]
 
 
 def test_stage_loaded_on_another_llm_is_refused_naming_both_hashes(world):
@@ -73,7 +73,7 @@ def test_hash_is_memoised_by_path_size_and_mtime(world, tmp_path, caplog):
     a new mtime hashes it again."""
     llm = tmp_path / "llm_copy"
     shutil.copytree(world["llm_a"], llm)
-    caplog.set_level(logging.INFO, logger="toollmm.model.files")
+    caplog.set_level(logging.INFO, logger="toollmm.core.files")
     load_stage(world["stage"], overrides=[f"model.llm.path={llm}"])
     first = hashing_records(caplog)
     assert first and all(str(llm) in m for m in first), first

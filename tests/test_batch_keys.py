@@ -60,8 +60,8 @@ def test_known_keys_of_both_forms_still_run(tiny_stage_dir, tmp_path, capsys):
 
 
 def test_readme_documents_the_batch_format():
+    from toollmm.core.paths import REPO_ROOT
     from toollmm.infer.requests import PROMPT_KEYS
-    from toollmm.paths import REPO_ROOT
 
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Inference") : readme.index("## Release")]

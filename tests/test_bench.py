@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from toollmm.batch import IGNORE_INDEX, Batch
-from toollmm.bench import flops, report
-from toollmm.bench.train_figs import batch_flops, sample_lengths
-from toollmm.bench.world import FULL, QUICK, encoder_dims_for
-from toollmm.config import EncoderDims, PreprocessConfig, load_config
+from toollmm.core.batch import IGNORE_INDEX, Batch
+from toollmm.core.config import EncoderDims, PreprocessConfig, load_config
 from toollmm.data.collate import SampleTensors, collate
+from toollmm.perf import flops, report
+from toollmm.perf.train_figs import batch_flops, sample_lengths
+from toollmm.perf.world import FULL, QUICK, encoder_dims_for
 
 
 def test_llama_parameter_counts_match_transformers():
@@ -180,7 +180,7 @@ def test_frozen_encoder_inside_a_deepspeed_engine(monkeypatch):
 
 
 def test_memory_per_gpu_by_hand():
-    from toollmm.bench.scaling import memory_per_gpu_gb
+    from toollmm.perf.scaling import memory_per_gpu_gb
 
     s = flops.LlamaShape(hidden=8, layers=2, intermediate=16, vocab=10, heads=2, kv_heads=2)
     # weights 1480 x 2 B; states 100 x 12 / 8 + 100 x 2 / 8; activations 2 x 10 x 8 x 2 + 34 x 10 x 8;
@@ -192,7 +192,7 @@ def test_memory_per_gpu_by_hand():
 
 
 def test_scaling_projection_is_calibrated_and_ordered():
-    from toollmm.bench import scaling as S
+    from toollmm.perf import scaling as S
 
     mfu = S.calibrated_mfu()
     assert 0.15 < mfu < 0.6

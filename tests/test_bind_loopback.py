@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from _train_world import child_env, free_port
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 HERE = Path(__file__).parent
 WORKER = HERE / "_dist_worker.py"

@@ -10,13 +10,13 @@ from transformers import AutoTokenizer
 
 from test_data_schema import readme_examples
 from test_render import chat_record, generate_record, react_record, tool_record
-from toollmm.batch import IGNORE_INDEX
+from toollmm.core.batch import IGNORE_INDEX
+from toollmm.core.tokens import MODALITIES, PLACEHOLDER, TokenContract, TokenContractError
 from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.chat_template import chat_template_info, chat_template_source, install_chat_template
 from toollmm.data.records import RecordError, validate_record
 from toollmm.data.render import Renderer
 from toollmm.data.templates import ChatFormat
-from toollmm.tokens import MODALITIES, PLACEHOLDER, TokenContract, TokenContractError
 
 MEDIA = {"image": 3, "video": 2, "audio": 1}
 COMBOS = [("vicuna_v1", "tokens"), ("vicuna_v0", "tokens"), ("vicuna_v1", "react"), ("vicuna_v0", "react")]

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from _media import write_image, write_mp4, write_wav
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 
 def entry():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 PKG = REPO_ROOT / "code" / "toollmm"
 

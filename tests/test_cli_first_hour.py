@@ -20,9 +20,9 @@ from test_evaluate_cli import evaluate as evaluate_cli
 from test_inference_cli import Loader
 from test_inference_cli import cli as inference_cli
 from toollmm.checkpoint.stage import stage_config
-from toollmm.config import ConfigError, load_config
+from toollmm.core.config import ConfigError, load_config
+from toollmm.core.paths import REPO_ROOT
 from toollmm.infer.runtime import INFERENCE_YAML
-from toollmm.paths import REPO_ROOT
 
 
 def _app():

@@ -16,8 +16,8 @@ import pytest
 
 import toollmm
 from inference_fixtures import IMAGE_SPAN, steer
-from toollmm.config import load_config
-from toollmm.paths import REPO_ROOT, resolve
+from toollmm.core.config import load_config
+from toollmm.core.paths import REPO_ROOT, resolve
 
 
 def _entry(name: str):
@@ -117,7 +117,7 @@ def test_evaluate_outputs_and_demo_report_run_are_taken_from_the_cwd(cwd, capsys
 
 
 def test_checkpoint_flag_is_a_local_folder_or_a_hub_id(cwd):
-    from toollmm.paths import cli_checkpoint
+    from toollmm.core.paths import cli_checkpoint
 
     (cwd / "me").mkdir()
     (cwd / "me" / "run").mkdir()

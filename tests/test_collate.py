@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toollmm.batch import IGNORE_INDEX
+from toollmm.core.batch import IGNORE_INDEX
 from toollmm.data.collate import SampleTensors, additive_mask, collate, pack_rows
 from toollmm.data.plan import group_batches, rng
 

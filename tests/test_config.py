@@ -9,9 +9,9 @@ import sys
 import pytest
 import yaml
 
-from toollmm import configlib
-from toollmm.config import Config, ConfigError, load_config
-from toollmm.paths import CONFIG_DIR, DSCONFIG_DIR, REPO_ROOT, resolve
+from toollmm.core import configlib
+from toollmm.core.config import Config, ConfigError, load_config
+from toollmm.core.paths import CONFIG_DIR, DSCONFIG_DIR, REPO_ROOT, resolve
 
 
 def test_every_shipped_yaml_and_json_parses():
@@ -124,7 +124,7 @@ def test_every_field_is_documented():
 
 
 def test_round_trip_through_dict_is_strict():
-    from toollmm.config import from_dict
+    from toollmm.core.config import from_dict
 
     cfg = load_config(stage=3).config
     tree = configlib.to_dict(cfg)
@@ -143,7 +143,7 @@ def test_paths_resolve_against_repo_root_not_cwd(tmp_path, monkeypatch):
 
 def test_package_imports_from_anywhere(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-c", "import toollmm, toollmm.paths as p; print(p.REPO_ROOT)"],
+        [sys.executable, "-c", "import toollmm, toollmm.core.paths as p; print(p.REPO_ROOT)"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -9,17 +9,17 @@ import torch
 from transformers import AutoTokenizer
 
 from _datastream import make_source, write_jsonl
-from toollmm.batch import IGNORE_INDEX
-from toollmm.config import load_config
+from toollmm.core.batch import IGNORE_INDEX
+from toollmm.core.config import load_config
+from toollmm.core.tokens import TokenContract
 from toollmm.data.captions import CaptionStore, embed_captions
 from toollmm.data.pipeline import make_processor
 from toollmm.data.shards import ShardSource, write_shards
 from toollmm.data.sources import JsonlSource
 from toollmm.data.stream import StreamSettings, TrainStream
-from toollmm.tokens import TokenContract
 
 pytest.importorskip("toollmm.data.render", reason="needs Data A's renderer")
-pytest.importorskip("toollmm.model.preprocess", reason="needs the encoder's preprocessing")
+pytest.importorskip("toollmm.data.preprocess", reason="needs the encoder's preprocessing")
 
 
 def test_shards_render_and_preprocess_into_a_batch(tmp_path, tiny_tokenizer_dir):

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from toollmm.core.paths import DATA_DIR
 from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.records import RecordError, check_record, ensure_valid, load_jsonl, validate_record
-from toollmm.paths import DATA_DIR
 
 
 def readme_examples() -> list[dict]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from toollmm.config import DecoderConfig
+from toollmm.core.config import DecoderConfig
 from toollmm.model.decoders import (
     DecoderError,
     DecoderPool,
@@ -74,7 +74,7 @@ def test_save_load_by_path_round_trip(tiny_dirs, tmp_path):
 
 def test_clip_tokenizer_matches_imagebind_simple_tokenizer(tmp_path):
     """With every merge, the CLIP tokenizer built from imagebind's BPE file is OpenAI CLIP's tokenizer."""
-    from toollmm.compat import apply
+    from toollmm.core.compat import apply
 
     apply()
     from imagebind.models.multimodal_preprocessors import SimpleTokenizer

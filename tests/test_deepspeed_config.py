@@ -11,8 +11,8 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from toollmm.config import load_config
-from toollmm.paths import DSCONFIG_DIR, REPO_ROOT
+from toollmm.core.config import load_config
+from toollmm.core.paths import DSCONFIG_DIR, REPO_ROOT
 from toollmm.train.ds import YAML_OWNED, DeepSpeedConfigError, build_ds_config, compute_dtype, load_ds_json
 
 DS_FILES = sorted(DSCONFIG_DIR.glob("*.json"))

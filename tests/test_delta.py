@@ -20,7 +20,7 @@ from toollmm.checkpoint.delta import (
     load_delta,
     save_delta,
 )
-from toollmm.config import LLMConfig, LoraSettings, OptimConfig, TokenConfig
+from toollmm.core.config import LLMConfig, LoraSettings, OptimConfig, TokenConfig
 from toollmm.model.llm import load_causal_lm, prepare_llm
 
 STAGE3 = [

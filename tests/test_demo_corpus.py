@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from toollmm.core.paths import DATA_DIR, REPO_ROOT
+from toollmm.core.tokens import PLACEHOLDER_RE, TokenContract
 from toollmm.demo import media
 from toollmm.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
 from toollmm.demo.tools import DEMO_TOOLS, REQUESTS, run_demo_tool
-from toollmm.paths import DATA_DIR, REPO_ROOT
-from toollmm.tokens import PLACEHOLDER_RE, TokenContract
 
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -151,7 +151,7 @@ def test_metrics_report_missing_stage_is_not_a_pass(tmp_path):
 def test_evaluate_cli_demo_report(tmp_path, capsys):
     import importlib.util
 
-    from toollmm.paths import REPO_ROOT
+    from toollmm.core.paths import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO_ROOT / "code" / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
@@ -182,7 +182,7 @@ def _spread(x: torch.Tensor) -> float:
 
 
 def test_calibrated_heads_spread_the_embeddings_and_keep_the_trunk(tmp_path):
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
     from toollmm.demo.base import calibrate_heads
     from toollmm.model.encoder import build_encoder
 
@@ -199,7 +199,7 @@ def test_calibrated_heads_spread_the_embeddings_and_keep_the_trunk(tmp_path):
         tones.append(tmp_path / f"{i}.wav")
 
     def embed():
-        from toollmm.model.preprocess import load_media
+        from toollmm.data.preprocess import load_media
 
         with torch.no_grad():
             return {

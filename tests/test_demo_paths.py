@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from toollmm import configlib
-from toollmm.config import ConfigError, load_config
-from toollmm.configlib import opt
-from toollmm.paths import REPO_ROOT, resolve
+from toollmm.core import configlib
+from toollmm.core.config import ConfigError, load_config
+from toollmm.core.configlib import opt
+from toollmm.core.paths import REPO_ROOT, resolve
 
 DEMO = "config/demo.yaml"
 

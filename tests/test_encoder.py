@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from toollmm.config import ConfigError, EncoderDims, load_config
+from toollmm.core.config import ConfigError, EncoderDims, load_config
+from toollmm.core.files import sha256_file, sha256_memoised
 from toollmm.model.encoder import (
     CheckpointError,
     build_encoder,
@@ -19,7 +20,6 @@ from toollmm.model.encoder import (
     load_imagebind_checkpoint,
     model_kwargs,
 )
-from toollmm.model.files import sha256_file, sha256_memoised
 
 TINY = "config/presets/encoder_tiny.yaml"
 
@@ -39,7 +39,7 @@ def huge_layout():
     from accelerate import init_empty_weights
     from imagebind.models.imagebind_model import imagebind_huge
 
-    huge_kwargs()  # imports the package through toollmm.compat
+    huge_kwargs()  # imports the package through toollmm.core.compat
     with init_empty_weights():
         model = imagebind_huge(pretrained=False)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from _media import write_image, write_mp4, write_wav
+from toollmm.core.paths import REPO_ROOT
 from toollmm.eval import ScoreOptions, score_files
-from toollmm.paths import REPO_ROOT
 
 FIX = Path(__file__).parent / "fixtures" / "samples"
 MLLM = FIX / "mllm-tool" / "combined_data.json"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from toollmm.core.paths import REPO_ROOT
 from toollmm.eval import EvalError, run_benchmark
 from toollmm.eval.common import load_references
 from toollmm.eval.run import generate_predictions, read_step, split_reference
-from toollmm.paths import REPO_ROOT
 
 FIX = Path(__file__).parent / "fixtures" / "samples"
 

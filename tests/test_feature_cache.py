@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 
 from _media import write_image, write_mp4, write_wav
-from toollmm.config import load_config
+from toollmm.core.config import load_config
+from toollmm.core.files import atomic_write_bytes
+from toollmm.data.preprocess import MediaError, load_media
 from toollmm.model.encoder import build_encoder
 from toollmm.model.feature_cache import FeatureCache
-from toollmm.model.files import atomic_write_bytes
-from toollmm.model.preprocess import MediaError, load_media
 
 TINY = "config/presets/encoder_tiny.yaml"
 TESTS = Path(__file__).resolve().parent

@@ -11,8 +11,8 @@ import random
 import pytest
 
 from _train_world import TINY_ENCODER, read_jsonl
-from toollmm.config import load_config
-from toollmm.paths import REPO_ROOT
+from toollmm.core.config import load_config
+from toollmm.core.paths import REPO_ROOT
 from toollmm.train.build import has_media
 from toollmm.train.features import owned_keys
 

@@ -16,8 +16,8 @@ import pytest
 
 from toollmm.checkpoint.delta import save_delta
 from toollmm.checkpoint.stage import export_llm, load_stage
+from toollmm.core.files import atomic_write_bytes, current_umask, file_mode
 from toollmm.data.captions import CaptionStore
-from toollmm.model.files import atomic_write_bytes, current_umask, file_mode
 
 
 @contextmanager

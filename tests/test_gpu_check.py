@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 SECTIONS = ("env", "gemm", "invariants", "stage_1", "stage_2", "stage_3", "encoder")
 
@@ -55,7 +55,7 @@ def test_gpu_check_cpu_writes_every_section(tmp_path):
 def test_invariant_verdict_counts_only_kernels_the_config_accepts():
     """flex_attention fails the packed case on an H200 (2.73 in bf16 logits); the config refuses it, so
     it is reported without failing the check, while a failure of an accepted kernel still fails it."""
-    from toollmm.bench.gpu_check import accepted_kernels, verdict
+    from toollmm.perf.gpu_check import accepted_kernels, verdict
 
     accepted = accepted_kernels()
     assert set(accepted) == {"sdpa", "eager", "flash_attention_2"}

@@ -11,10 +11,7 @@ is not counted as imported by its submodules. Three rules:
   each other), and ``release`` does not import ``eval`` (metrics are passed in);
 * nothing outside ``toollmm/demo/`` imports ``toollmm.demo``.
 
-Each rule has a test that allows only the violations listed in ``KNOWN_*`` (those that other branches
-of the floor-plan move remove; a new violation fails at once) and a test that allows none, marked
-``xfail`` until they are merged: after merging, empty the ``KNOWN_*`` lists and remove the marks.
-``test_the_checks_catch_*`` run the same functions on a tiny synthetic package, so each rule can fail.
+Each rule allows no violation. ``test_the_checks_catch_*`` run the same functions on a tiny synthetic package, so each rule can fail.
 """
 
 from __future__ import annotations
@@ -24,14 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 PACKAGE = "toollmm"
 CODE = REPO_ROOT / "code"
 
 #: floors, lowest first: (floor, name, module prefixes). A module takes the floor of its longest matching
-#: prefix; a top-level module matched by none (paths, config, tokens, batch, errors, ...: moving to
-#: ``core/``) is on floor 0; the package itself (``toollmm.load``) is on the ``infer`` floor.
+#: prefix; a module matched by none is on floor 0; the package itself (``toollmm.load``) is on the ``infer`` floor.
 FLOORS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "core", ("toollmm.core",)),
     (1, "data", ("toollmm.data",)),
@@ -41,56 +37,13 @@ FLOORS: list[tuple[int, str, tuple[str, ...]]] = [
     (4, "agent", ("toollmm.agent",)),
     (5, "infer", ("toollmm.infer",)),
     (6, "serve", ("toollmm.serve",)),
-    (6, "release", ("toollmm.release", "toollmm.hub", "toollmm.hub_bases", "toollmm.hub_card")),
+    (6, "release", ("toollmm.release",)),
     (6, "eval", ("toollmm.eval",)),
-    (7, "demo", ("toollmm.demo", "toollmm.demo_base")),
-    (7, "perf", ("toollmm.perf", "toollmm.bench")),
+    (7, "demo", ("toollmm.demo",)),
+    (7, "perf", ("toollmm.perf",)),
 ]
 #: imports forbidden although the floors would allow them: (importer's floor name, imported floor name)
 FORBIDDEN = {("release", "eval")}
-
-# ------------------------------------------------------------------------------------------------------
-# Known violations, each removed by another branch of the floor-plan move (issue 17). Empty these lists
-# (and remove the xfail marks below) once the branches are merged.
-
-#: fp-records: the data/sources <-> data/shards circle
-KNOWN_CYCLES: list[set[str]] = [{"toollmm.data.shards", "toollmm.data.sources"}]
-
-#: (importer, imported) edges from a lower floor to a higher one, by who removes them
-KNOWN_FLOOR_VIOLATIONS: set[tuple[str, str]] = {
-    # fp-checkpoint: load_stage uses hub_bases' base-model records (they move to checkpoint/); the model
-    # card imports eval (metrics are passed in instead)
-    ("toollmm.checkpoint", "toollmm.hub_bases"),
-    ("toollmm.hub_card", "toollmm.eval"),
-    # fp-demo: tiny_world (demo / tiny-model builder) is a loose top-level module that builds models
-    ("toollmm.tiny_world", "toollmm.model.encoder"),
-    ("toollmm.tiny_world", "toollmm.model.files"),
-    ("toollmm.tiny_world", "toollmm.model.tiny_decoders"),
-    # no branch of phase 1 (the lead, phase 2): model/files.py belongs on the core floor; media
-    # preprocessing and caption targets are used by data/ but live in model/
-    ("toollmm.safefiles", "toollmm.model.files"),
-    ("toollmm.data.captions", "toollmm.model.files"),
-    ("toollmm.data.captions", "toollmm.model.decoders"),
-    ("toollmm.data.convert.media_check", "toollmm.model.preprocess"),
-    ("toollmm.data.pipeline", "toollmm.model.preprocess"),
-}
-
-#: where demo code lives until branch fp-demo moves it into ``toollmm/demo/`` (then these names are gone)
-DEMO_TODAY = (
-    "toollmm.data.demo",
-    "toollmm.data.demo_corpus",
-    "toollmm.demo_base",
-    "toollmm.eval.demo",
-    "toollmm.eval.demo_report",
-)
-
-#: (importer, imported) edges into the demo from outside it (fp-demo removes them)
-KNOWN_DEMO_IMPORTS: set[tuple[str, str]] = {
-    ("toollmm.agent.toolsets", "toollmm.data.demo.tools"),  # demo tools via inference.tool_imports
-    ("toollmm.bench.gpu_check", "toollmm.data.demo_corpus"),  # the GPU check's small corpus
-    ("toollmm.bench.world", "toollmm.data.demo_corpus"),
-}
-
 
 # ------------------------------------------------------------------------------------------------------ graph
 def modules(code_dir: Path, package: str = PACKAGE) -> dict[str, tuple[Path, bool]]:
@@ -237,51 +190,25 @@ def test_the_graph_sees_the_package(graph):
     assert "toollmm.infer.step" in graph["toollmm.infer.runtime"]  # a function-local import
 
 
-def test_no_new_import_cycles(graph):
-    new = [c for c in cycles(graph) if c not in KNOWN_CYCLES]
-    assert not new, "import circles:\n" + "\n".join(
+def test_no_import_cycles(graph):
+    found = cycles(graph)
+    assert not found, "import circles:\n" + "\n".join(
         "  "
         + " <-> ".join(sorted(c))
         + "\n"
         + _describe(graph, {(a, b) for a in c for b in graph[a] if b in c})
-        for c in new
+        for c in found
     )
 
 
-@pytest.mark.xfail(strict=False, reason="data/sources <-> data/shards: removed by branch fp-records")
-def test_no_import_cycles(graph):
-    assert cycles(graph) == []
-
-
-def test_no_new_floor_violations(graph):
-    new = floor_violations(graph) - KNOWN_FLOOR_VIOLATIONS
-    assert not new, "a lower floor imports a higher one:\n" + _describe(graph, new)
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN_FLOOR_VIOLATIONS: checkpoint -> hub_bases, hub_card -> eval (fp-checkpoint); tiny_world "
-    "-> model (fp-demo); safefiles, data/captions -> model.files, data -> model.preprocess / model.decoders "
-    "(no phase-1 branch: the lead)",
-)
 def test_no_floor_violations(graph):
-    assert floor_violations(graph) == set(), _describe(graph, floor_violations(graph))
+    found = floor_violations(graph)
+    assert not found, "a lower floor imports a higher one:\n" + _describe(graph, found)
 
 
-def test_nothing_new_outside_demo_imports_it(graph):
-    new = demo_imports(graph, also=DEMO_TODAY) - KNOWN_DEMO_IMPORTS
-    assert not new, "the demo imported from outside it:\n" + _describe(graph, new)
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="KNOWN_DEMO_IMPORTS: agent/toolsets -> data.demo.tools, bench -> data.demo_corpus; the demo "
-    "moves into toollmm/demo/ on branch fp-demo",
-)
 def test_nothing_outside_demo_imports_it(graph):
-    assert demo_imports(graph, also=DEMO_TODAY) == set(), _describe(
-        graph, demo_imports(graph, also=DEMO_TODAY)
-    )
+    found = demo_imports(graph)
+    assert not found, "the demo imported from outside it:\n" + _describe(graph, found)
 
 
 # ------------------------------------------------------------------------------------------------------ self-check
@@ -297,21 +224,21 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 
 
 CLEAN = {
-    "paths.py": "import os\n",
-    "data/records.py": "from ..paths import os\n",
+    "core/paths.py": "import os\n",
+    "data/records.py": "from ..core.paths import os\n",
     "model/net.py": "from toollmm.data import records\n",
     "infer/runtime.py": "def load():\n    from ..model.net import records\n    from . import step\n",
     "infer/step.py": "from ..model import net\n",
     "demo/tools.py": "from ..infer.runtime import load\n",
-    "bench/fig.py": "import toollmm.infer.runtime as r\n",
+    "perf/fig.py": "import toollmm.infer.runtime as r\n",
 }
 
 
 def test_the_checks_pass_a_clean_synthetic_package(tmp_path):
     g = import_graph(_write(tmp_path, CLEAN))
     assert g["toollmm.infer.runtime"] == {"toollmm.model.net": 2, "toollmm.infer.step": 3}
-    assert g["toollmm.data.records"] == {"toollmm.paths": 1}
-    assert g["toollmm.bench.fig"] == {"toollmm.infer.runtime": 1}
+    assert g["toollmm.data.records"] == {"toollmm.core.paths": 1}
+    assert g["toollmm.perf.fig"] == {"toollmm.infer.runtime": 1}
     assert cycles(g) == [] and floor_violations(g) == set() and demo_imports(g) == set()
 
 
@@ -329,15 +256,15 @@ def test_the_checks_catch_a_lower_floor_importing_a_higher_one(tmp_path):
     files = {
         **CLEAN,
         "model/net.py": "def step():\n    from ..infer.step import f\n",  # model (2) -> infer (5)
-        "config.py": "from toollmm.data import records\n",  # a loose top-level module is floor 0
-        "hub_card.py": "from .eval import metrics\n",  # release -> eval: same floor, forbidden
+        "core/config.py": "from toollmm.data import records\n",  # core (0) -> data (1)
+        "release/card.py": "from ..eval import metrics\n",  # release -> eval: same floor, forbidden
         "eval/metrics.py": "",
     }
     g = import_graph(_write(tmp_path, files))
     assert floor_violations(g) == {
         ("toollmm.model.net", "toollmm.infer.step"),
-        ("toollmm.config", "toollmm.data.records"),
-        ("toollmm.hub_card", "toollmm.eval.metrics"),
+        ("toollmm.core.config", "toollmm.data.records"),
+        ("toollmm.release.card", "toollmm.eval.metrics"),
     }
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import toollmm
 from inference_fixtures import IMAGE_SPAN, call_text, steer
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 
 def _entry():

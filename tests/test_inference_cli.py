@@ -16,7 +16,7 @@ from PIL import Image
 
 import toollmm
 from inference_fixtures import IMAGE_SPAN, call_text, steer
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 KEYS = {"text", "tool_calls", "media", "errors", "timings"}
 RULES = [

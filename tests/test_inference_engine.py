@@ -10,10 +10,10 @@ from transformers import AutoTokenizer
 from toollmm.agent.engine import Engine
 from toollmm.agent.registry import Registry
 from toollmm.agent.scripted import ScriptedModel
-from toollmm.config import InferenceConfig
+from toollmm.core.config import InferenceConfig
+from toollmm.core.tokens import TokenContract
 from toollmm.data.templates import TEMPLATES
 from toollmm.infer.output import TextStream
-from toollmm.tokens import TokenContract
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 
 import toollmm
 from inference_fixtures import call_text, steer
+from toollmm.core.paths import REPO_ROOT
 from toollmm.infer.requests import Request
-from toollmm.paths import REPO_ROOT
 
 FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"
 

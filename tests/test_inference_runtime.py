@@ -16,11 +16,11 @@ from PIL import Image
 
 import toollmm
 from inference_fixtures import IMAGE_SPAN, call_text, steer
-from toollmm.batch import Batch
+from toollmm.core.batch import Batch
+from toollmm.core.tokens import signal_token
 from toollmm.demo.tools import run_demo_tool
 from toollmm.infer.requests import Request, prompt_request
 from toollmm.infer.step import project_signal
-from toollmm.tokens import signal_token
 
 
 def span(rt, modality: str) -> str:

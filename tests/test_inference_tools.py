@@ -12,7 +12,7 @@ import pytest
 from toollmm.agent.builtin import bind_model_hooks
 from toollmm.agent.registry import Registry, ToolSpec
 from toollmm.agent.toolsets import SETS, load_toolset, registry_from_config
-from toollmm.config import InferenceConfig
+from toollmm.core.config import InferenceConfig
 from toollmm.demo.tools import TOOL_NAMES, tool_conversation
 
 DEMO = "toollmm.demo.toolset"

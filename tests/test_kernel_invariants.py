@@ -17,7 +17,7 @@ import torch
 
 import _flash_reference
 from model_fixtures import build_tiny, write_tiny_llama
-from toollmm.config import LLMConfig
+from toollmm.core.config import LLMConfig
 from toollmm.infer.kernel_check import APPENDS, kernel_invariants, packed_case
 from toollmm.model import packed_attention
 

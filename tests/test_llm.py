@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from model_fixtures import BatchMaker, build_tiny, mixed_samples, write_tiny_llama
-from toollmm.config import LLMConfig, OptimConfig, TokenConfig
+from toollmm.core.config import LLMConfig, OptimConfig, TokenConfig
+from toollmm.core.tokens import TokenContract
 from toollmm.model.llm import build_llm, enable_gradient_checkpointing, resolve_dtype
-from toollmm.tokens import TokenContract
 
 
 @pytest.fixture(scope="module")

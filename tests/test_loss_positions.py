@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_fixtures import BatchMaker, build_tiny, mixed_samples, write_tiny_llama
-from toollmm.batch import IGNORE_INDEX
+from toollmm.core.batch import IGNORE_INDEX
 from toollmm.model.losses import l2_alignment, lm_loss, lm_loss_at, next_token_targets
 
 

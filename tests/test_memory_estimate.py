@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 from toollmm.train import memory as mem
 
 GiB = 2**30

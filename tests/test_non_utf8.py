@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.config import ConfigError
-from toollmm.configlib import load_yaml
+from toollmm.core.config import ConfigError
+from toollmm.core.configlib import load_yaml
+from toollmm.core.paths import REPO_ROOT
 from toollmm.data.convert import ConversionError, convert_file
 from toollmm.data.records import BadSample, RecordError, load_jsonl
 from toollmm.data.sources import JsonlSource
 from toollmm.infer.requests import BatchError, read_batch
-from toollmm.paths import REPO_ROOT
 
 BAD = b"\xff\xfe caf\xe9"  # latin-1 text in a UTF-8 file
 
@@ -116,7 +116,7 @@ def test_prepare_data_convert_cli(tmp_path, capsys, mode):
 
 
 def test_batch_caption_and_config_files(tmp_path):
-    from toollmm.errors import NotUtf8, read_jsonl_objects
+    from toollmm.core.errors import NotUtf8, read_jsonl_objects
 
     batch = tmp_path / "in.jsonl"
     batch.write_bytes(b'{"prompt": "hi"}\n{"prompt": "' + BAD + b'"}\n')

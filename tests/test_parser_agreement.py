@@ -17,14 +17,14 @@ from toollmm.agent.engine import Engine
 from toollmm.agent.registry import Registry
 from toollmm.agent.scripted import ScriptedModel
 from toollmm.agent.toolsets import SETS, declare_sets
-from toollmm.config import InferenceConfig
+from toollmm.core.config import InferenceConfig
+from toollmm.core.tokens import TokenContract
 from toollmm.core.toolcall import MAX_CALL_CHARS, UNREAD, parse_tool_call
 from toollmm.eval.mllm_tool import predicted_id
 from toollmm.eval.run import read_step
 from toollmm.eval.toolcalls import calls_from_prediction, first_tool_call, input_text
 from toollmm.infer.output import output_dict
 from toollmm.infer.requests import prompt_request
-from toollmm.tokens import TokenContract
 
 ARGS = '{"a": 2, "b": 3, "op": "add"}'
 #: (text between <tool_call> and </tool_call>, parsed?) -- the verdict both sides must reach

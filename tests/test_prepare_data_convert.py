@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from toollmm.core.paths import REPO_ROOT
 from toollmm.data.convert import ConversionError, convert_file
-from toollmm.paths import REPO_ROOT
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -263,8 +263,8 @@ def test_throughput_on_replicated_samples(fmt, rel, tmp_path, capsys):
 def test_fast_validator_agrees_with_the_plain_schema(tmp_path):
     from jsonschema import Draft202012Validator
 
+    from toollmm.core.paths import DATA_DIR
     from toollmm.data.records import _schema_problems
-    from toollmm.paths import DATA_DIR
 
     plain = Draft202012Validator(json.loads((DATA_DIR / "schema.json").read_text()))
     convert_file("viot", FIX / "samples/viot/test_gait.json", tmp_path / "o.jsonl")

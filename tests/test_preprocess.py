@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from _media import frame, write_image, write_mp4, write_wav
-from toollmm import compat
-from toollmm.config import PreprocessConfig
-from toollmm.model.preprocess import (
+from toollmm.core import compat
+from toollmm.core.config import PreprocessConfig
+from toollmm.data.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     MediaError,

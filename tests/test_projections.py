@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toollmm.config import InputProjConfig, OutputProjConfig
+from toollmm.core.config import InputProjConfig, OutputProjConfig
 from toollmm.model.decoders import condition_shape
 from toollmm.model.param_count import input_proj_count, output_proj_count
 from toollmm.model.projections import InputProjection, OutputProjection

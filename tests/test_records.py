@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from toollmm.core.paths import REPO_ROOT
+from toollmm.core.tokens import MODALITIES, TokenContract
 from toollmm.data.pipeline import SampleProcessor
 from toollmm.data.records import (
     REASONS,
@@ -21,8 +23,6 @@ from toollmm.data.records import (
     load_jsonl,
 )
 from toollmm.data.render import Renderer
-from toollmm.paths import REPO_ROOT
-from toollmm.tokens import MODALITIES, TokenContract
 
 PACKAGE = REPO_ROOT / "code" / "toollmm"
 
@@ -114,14 +114,7 @@ def _definitions(name: str, skip_demo: bool) -> list[str]:
 
 def test_media_keys_and_modalities_have_one_definition():
     assert _definitions("MEDIA_KEYS", skip_demo=False) == ["data/records.py"]
-    assert _definitions("MODALITIES", skip_demo=True) == ["tokens.py"]
-
-
-@pytest.mark.xfail(
-    strict=False, reason="the demo modules (moved by fp-demo) still name their own order MODALITIES"
-)
-def test_modalities_has_one_definition_demo_included():
-    assert _definitions("MODALITIES", skip_demo=False) == ["tokens.py"]
+    assert _definitions("MODALITIES", skip_demo=False) == ["core/tokens.py"]
 
 
 def _imports(path: Path) -> set[str]:

@@ -24,23 +24,23 @@ import pytest
 import torch
 import yaml
 
-from toollmm.batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
 from toollmm.checkpoint.bases import local_base_overrides
 from toollmm.checkpoint.delta import delta_tensors
 from toollmm.checkpoint.stage import load_stage, read_manifest, save_stage
-from toollmm.config import (
+from toollmm.core.batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
+from toollmm.core.config import (
     DecoderConfig,
     LoraSettings,
     OutputProjConfig,
     SourceConfig,
     load_config,
 )
+from toollmm.core.paths import REPO_ROOT, resolve
+from toollmm.core.tokens import MODALITIES
 from toollmm.model.tiny import TinyLlama, build_base_models
 from toollmm.model.toollmm_model import build_model
-from toollmm.paths import REPO_ROOT, resolve
 from toollmm.release.folder import ReleaseError, describe_bases, tensor_report
 from toollmm.release.upload import upload
-from toollmm.tokens import MODALITIES
 
 TRAINED_3 = [
     "lora",
@@ -298,7 +298,7 @@ def test_peft_loads_the_release_as_the_hub_snippet_does(world, released):
 
 def test_release_and_stage_files_respect_the_umask(world, released):
     """Weight files were 0600 (mkstemp, safetensors) while everything else was 0644."""
-    from toollmm.model.files import file_mode
+    from toollmm.core.files import file_mode
 
     for folder in (released, world["stage"]):
         modes = {
@@ -336,7 +336,7 @@ def test_hub_ids_of_bases_and_local_copies(world, tmp_path, capsys):
 
 
 def test_known_local_places_map_to_hub_ids_and_back(monkeypatch, tmp_path):
-    from toollmm import configlib
+    from toollmm.core import configlib
 
     tree = configlib.to_dict(load_config().config)  # config/model.yaml: the documented places
     bases = describe_bases(tree, {"base_models": {}})

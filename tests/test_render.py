@@ -7,11 +7,11 @@ import copy
 import pytest
 from transformers import AutoTokenizer
 
-from toollmm.batch import IGNORE_INDEX
+from toollmm.core.batch import IGNORE_INDEX
+from toollmm.core.tokens import TokenContract
 from toollmm.core.toolcall import tool_call_entry
 from toollmm.data.records import RecordError, validate_record
 from toollmm.data.render import Renderer, media_tokens_from_config
-from toollmm.tokens import TokenContract
 
 SYSTEM = "You are helpful."
 
@@ -336,7 +336,7 @@ def test_bad_records_are_named_not_rendered_wrong(tok):
 
 
 def test_from_config_and_media_tokens(tok):
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
 
     cfg = load_config(overrides=["model.chat_template=vicuna_v0", "data.max_length=64"]).config
     r = Renderer.from_config(cfg, tok)
@@ -355,7 +355,7 @@ def test_readme_renderings_are_what_the_renderer_supervises(tok):
     import json
     import re
 
-    from toollmm.paths import DATA_DIR
+    from toollmm.core.paths import DATA_DIR
 
     section = (DATA_DIR / "README.md").read_text().split("## Worked examples", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)

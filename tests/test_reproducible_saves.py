@@ -50,7 +50,7 @@ def test_saves_are_byte_identical_in_and_across_processes(tmp_path, tiny_tokeniz
 
 
 def test_canonical_bytes_keep_tensors_and_metadata():
-    from toollmm.safefiles import safetensors_bytes
+    from toollmm.core.safefiles import safetensors_bytes
 
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(3, dtype=torch.bfloat16)}
     meta = {k: str(i) for i, k in enumerate("zyxwvu")}

@@ -6,7 +6,7 @@ import deepspeed
 import pytest
 import torch
 
-from toollmm.config import load_config
+from toollmm.core.config import load_config
 from toollmm.train.ds import build_ds_config, init_distributed
 from toollmm.train.resume import ResumeCheckpoints
 from toollmm.train.schedule import lr_factor, make_scheduler

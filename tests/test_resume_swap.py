@@ -15,7 +15,7 @@ import deepspeed
 import pytest
 import torch
 
-from toollmm.config import load_config
+from toollmm.core.config import load_config
 from toollmm.train.ds import build_ds_config, init_distributed
 from toollmm.train.loop import _resume_decision
 from toollmm.train.resume import ResumeCheckpoints

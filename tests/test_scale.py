@@ -8,11 +8,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from toollmm.checkpoint.delta import HEADER_SLACK, delta_size_bound
-from toollmm.config import ModelConfig, load_config
+from toollmm.core.config import ModelConfig, load_config
+from toollmm.core.tokens import MODALITIES, TokenContract, TokenIds
 from toollmm.model.llm import prepare_llm
 from toollmm.model.param_count import input_proj_count, lora_count, output_proj_count, token_rows_count
 from toollmm.model.toollmm_model import build_model
-from toollmm.tokens import MODALITIES, TokenContract, TokenIds
 
 REAL_COND = {"image": (77, 768), "video": (77, 1024), "audio": (1, 512)}  # SD v1.5, ZeroScope v2, AudioLDM
 VICUNA_7B = dict(

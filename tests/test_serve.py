@@ -31,9 +31,9 @@ from inference_fixtures import IMAGE_SPAN, Steered, call_text
 from toollmm.agent.engine import RowOptions
 from toollmm.agent.protocol import StepOutput
 from toollmm.agent.scripted import ScriptedModel
+from toollmm.core.paths import REPO_ROOT
 from toollmm.infer.batched_step import BatchedStepModel
 from toollmm.infer.step import ToolLMMStepModel
-from toollmm.paths import REPO_ROOT
 from toollmm.serve.app import Server, build_app
 
 KEY = "sk-test-key"

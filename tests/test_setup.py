@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([A-Za-z0-9_.+\-]+)$")
 

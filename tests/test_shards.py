@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from _datastream import make_source, png_bytes, write_jsonl
+from toollmm.core.paths import REPO_ROOT
 from toollmm.data.captions import CaptionStore, caption_key, embed_captions
 from toollmm.data.records import BadSample
 from toollmm.data.shardfmt import index_tar
 from toollmm.data.shards import ShardSource, iter_samples, write_shards
 from toollmm.data.sources import JsonlSource
-from toollmm.paths import REPO_ROOT
 
 
 def _prepare_data():

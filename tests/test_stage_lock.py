@@ -17,7 +17,7 @@ import pytest
 
 from _train_world import TRAIN_PY, child_env, free_port, run_train
 from test_bind_loopback import DEEPSPEED, Running, env_for
-from toollmm.config import load_config
+from toollmm.core.config import load_config
 from toollmm.train.lock import LOCK_FILE, StageLock, StageLockedError
 
 HOLDER = """

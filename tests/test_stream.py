@@ -119,8 +119,8 @@ def test_resume_refuses_changed_settings(data, processor):
 def test_from_config_reads_the_data_section(tmp_path, data, processor):
     import yaml
 
-    from toollmm.config import load_config
-    from toollmm.configlib import ConfigError
+    from toollmm.core.config import load_config
+    from toollmm.core.configlib import ConfigError
 
     layer = {
         "run": {"seed": 3},

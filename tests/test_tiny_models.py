@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from toollmm.bench.flops import LlamaShape
-from toollmm.bench.world import demo_corpus, llama_dims
 from toollmm.model.tiny import TinyLlama, write_llm
+from toollmm.perf.flops import LlamaShape
+from toollmm.perf.world import demo_corpus, llama_dims
 
 
 def test_write_llm_takes_the_benchmarks_shapes_padded_vocab_and_dtype(tiny_tokenizer_dir, tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from toollmm.config import TokenConfig
-from toollmm.tokens import SIGNAL_RE, TOOL_TOKENS, TokenContract, TokenContractError
+from toollmm.core.config import TokenConfig
+from toollmm.core.tokens import SIGNAL_RE, TOOL_TOKENS, TokenContract, TokenContractError
 
 
 def test_default_counts_are_nextgpt_and_names_are_fixed():

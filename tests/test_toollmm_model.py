@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model_fixtures import ENC_DIM, BatchMaker, build_tiny, mixed_samples, write_tiny_llama
-from toollmm.batch import MediaInputs
-from toollmm.config import OptimConfig, load_config
+from toollmm.core.batch import MediaInputs
+from toollmm.core.config import OptimConfig, load_config
 from toollmm.model.losses import prepare_attention_mask
 from toollmm.model.toollmm_model import PARTS
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from _train_world import read_jsonl
 from toollmm.checkpoint.stage import load_into, load_stage, stage_config
-from toollmm.config import load_config
+from toollmm.core.config import load_config
+from toollmm.core.paths import REPO_ROOT
 from toollmm.model.toollmm_model import build_model
-from toollmm.paths import REPO_ROOT
 from toollmm.train.build import seed_all
 from toollmm.train.ds import build_ds_config, compute_dtype
 from toollmm.train.tracking import Tracker

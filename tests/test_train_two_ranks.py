@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from _train_world import free_port, read_jsonl, run_logged
-from toollmm.batch import Batch
 from toollmm.checkpoint.stage import load_stage, stage_config
+from toollmm.core.batch import Batch
+from toollmm.core.paths import DSCONFIG_DIR, REPO_ROOT
 from toollmm.model.toollmm_model import build_model
-from toollmm.paths import DSCONFIG_DIR, REPO_ROOT
 from toollmm.train.build import seed_all
 
 pytestmark = pytest.mark.slow

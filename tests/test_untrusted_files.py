@@ -21,14 +21,14 @@ import torch
 
 from model_fixtures import build_tiny, write_tiny_llama
 from toollmm.checkpoint.delta import load_delta, save_delta
-from toollmm.config import DecoderConfig, LLMConfig, load_config
+from toollmm.core.config import DecoderConfig, LLMConfig, load_config
+from toollmm.core.safefiles import UnsafeFileError
 from toollmm.data.captions import CaptionStore
 from toollmm.data.records import BadSample
 from toollmm.model.decoders import DecoderPool
 from toollmm.model.encoder import CheckpointError, build_encoder, load_imagebind_checkpoint
 from toollmm.model.feature_cache import FeatureCache
 from toollmm.model.llm import load_causal_lm
-from toollmm.safefiles import UnsafeFileError
 from toollmm.train.ds import build_ds_config, compute_dtype, init_distributed
 from toollmm.train.resume import ResumeCheckpoints, ResumeError
 from toollmm.train.schedule import make_scheduler
@@ -226,8 +226,8 @@ def test_a_checkpoint_config_cannot_choose_tool_code(tmp_path, caplog):
     """``inference.tool_imports`` imports modules: it comes from the user, never from a stage folder."""
     import yaml
 
-    from toollmm import configlib
     from toollmm.checkpoint.stage import stage_config
+    from toollmm.core import configlib
 
     tree = configlib.to_dict(load_config().config)
     tree["inference"]["tool_imports"] = ["evil_module:tool"]
@@ -245,8 +245,8 @@ def test_a_checkpoint_config_keeps_tool_imports_of_this_package_only(tmp_path, c
     that entry stays, every other one is dropped with a warning naming it."""
     import yaml
 
-    from toollmm import configlib
     from toollmm.checkpoint import stage_config
+    from toollmm.core import configlib
 
     tree = configlib.to_dict(load_config().config)
     tree["inference"]["tool_imports"] = ["toollmm.demo.toolset", "toollmm_evil:tool", "evil.toollmm:tool"]

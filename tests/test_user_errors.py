@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from toollmm.checkpoint.stage import MANIFEST, file_hashes
-from toollmm.paths import REPO_ROOT
+from toollmm.core.paths import REPO_ROOT
 
 
 def entry(name: str):
@@ -87,7 +87,7 @@ def test_malicious_llm_bin_is_refused_naming_it(tiny_stage_dir, tmp_path):
     """The base LLM folder holds a ``pytorch_model.bin`` with a payload: a user error naming the folder
     (transformers refuses the pickle; nothing runs)."""
     from toollmm.checkpoint.stage import stage_config
-    from toollmm.errors import UserError
+    from toollmm.core.errors import UserError
     from toollmm.model.llm import load_causal_lm
 
     cfg = stage_config(tiny_stage_dir).model.llm
@@ -111,7 +111,7 @@ def test_failed_upload_names_the_repo_and_folder(tmp_path, monkeypatch):
     ``ReleaseError`` (a user error: release.py prints one line, exit 2)."""
     from huggingface_hub import HfApi, constants
 
-    from toollmm.errors import UserError, user_message
+    from toollmm.core.errors import UserError, user_message
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; this one needs a socket
     from toollmm.release.folder import ReleaseError
@@ -131,7 +131,7 @@ def test_failed_upload_names_the_repo_and_folder(tmp_path, monkeypatch):
 def test_deep_arguments_to_a_tool_are_a_clear_error_not_an_internal_one(tmp_path):
     """10^5-deep arguments handed to ``Registry.call`` (the inference config's real registry)."""
     from toollmm.agent.toolsets import registry_from_config
-    from toollmm.config import load_config
+    from toollmm.core.config import load_config
 
     reg = registry_from_config(load_config().config.inference, workspace=tmp_path)
     deep: dict = {}
@@ -187,7 +187,7 @@ def test_every_cli_turns_a_user_error_into_one_line(tmp_path, capsys):
 
 
 def test_a_bug_keeps_its_traceback():
-    from toollmm.errors import cli_errors
+    from toollmm.core.errors import cli_errors
 
     @cli_errors("x.py")
     def main(argv=None):

@@ -20,7 +20,7 @@ __all__ = ["Registry", "ToolResult", "ToolSpec", "tool"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import registry
+        from toollmm.agent import registry
 
         return getattr(registry, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,10 +42,17 @@ from typing import Any
 
 import torch
 
-from ..config import InferenceConfig
+from toollmm.core.config import InferenceConfig
+from toollmm.core.tokens import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    TOOL_RESULT_END,
+    TOOL_RESULT_START,
+    TokenContract,
+)
+
 from ..core.react import REACT_STOP_RE, react_action
 from ..core.toolcall import UNREAD, parse_tool_call
-from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START, TokenContract
 from .forcing import ForcedText
 from .protocol import SignalHook, StepModel
 from .registry import Registry, ToolResult

@@ -4,7 +4,7 @@ and any special id that still appears is dropped — a tool cannot inject calls,
 
 from __future__ import annotations
 
-from ..tokens import TOOL_RESULT_END, TOOL_RESULT_START, TokenIds
+from toollmm.core.tokens import TOOL_RESULT_END, TOOL_RESULT_START, TokenIds
 
 
 class ForcedText:

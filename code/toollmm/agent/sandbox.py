@@ -26,9 +26,8 @@ import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from toollmm.errors import UserError
-
-from ..paths import resolve
+from toollmm.core.errors import UserError
+from toollmm.core.paths import resolve
 
 log = logging.getLogger(__name__)
 

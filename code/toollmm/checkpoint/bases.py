@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import Config
-from ..model.files import sha256_memoised
-from ..paths import CACHE_DIR, REPO_ROOT, resolve
+from toollmm.core.config import Config
+from toollmm.core.files import sha256_memoised
+from toollmm.core.paths import CACHE_DIR, REPO_ROOT, resolve
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 
-from toollmm.errors import UserError
+from toollmm.core.errors import UserError
+from toollmm.core.files import respect_umask
+from toollmm.core.safefiles import naming_refused_pickles, save_safetensors_file
 
-from ..model.files import respect_umask
 from ..model.toollmm_model import PARTS, ToolLMM
-from ..safefiles import naming_refused_pickles, save_safetensors_file
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from toollmm.errors import UserError, read_text
+from toollmm.core import configlib
+from toollmm.core.config import Config, Loaded, load_config
+from toollmm.core.errors import UserError, read_text
+from toollmm.core.files import respect_umask, sha256_file
+from toollmm.core.paths import resolve
 
-from .. import configlib
-from ..config import Config, Loaded, load_config
-from ..model.files import respect_umask, sha256_file
-from ..paths import resolve
 from .bases import base_models, hash_tree, local_base_overrides
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def stage_config(
 ) -> Config:
     """The saved config of a stage folder, then each YAML in ``config_files`` (e.g. config/inference.yaml),
     then dotted overrides (e.g. inference settings), with nothing pinned (:func:`load_stage_config`; the
-    layering itself is ``toollmm.config.load_config``'s, the one implementation). ``model.allow_base_mismatch``
+    layering itself is ``toollmm.core.config.load_config``'s, the one implementation). ``model.allow_base_mismatch``
     is never taken from the saved config: only a layer given here allows a base mismatch."""
     return load_stage_config(stage_dir, overrides, config_files, pinned=()).config
 
@@ -240,7 +240,7 @@ def load_stage_config(
     pinned: list[tuple[str, str]] | None = None,
 ) -> Loaded:
     """The config :func:`load_stage` builds, with each value's source (``--print-config``): the same
-    layering as training (``toollmm.config.load_config``) over the folder's saved ``config.yaml`` instead
+    layering as training (``toollmm.core.config.load_config``) over the folder's saved ``config.yaml`` instead
     of config/model.yaml. ``pinned`` (default: what ``load_stage`` pins: the folder's tokenizer, local
     copies of Hub bases) comes right after the saved config; files and overrides after that."""
     d = Path(stage_dir)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import read_jsonl_objects
-from ..model.files import file_mode
-from ..paths import resolve
-from .records import BadSample, load_caption
+from toollmm.core.errors import read_jsonl_objects
+from toollmm.core.files import file_mode
+from toollmm.core.paths import resolve
+from toollmm.data.records import BadSample, load_caption
 
 log = logging.getLogger(__name__)
 
@@ -123,25 +123,6 @@ def embed_captions(
             computed += len(chunk)
     log.info("caption embeddings: %d computed, %d already stored in %s", computed, cached, store.root)
     return records, {"computed": computed, "cached": cached}
-
-
-# ------------------------------------------------------------------------------------ decoder seam
-def decoder_encoders(cfg) -> tuple[dict[str, EncodeCaptions], dict[str, str]]:
-    """``encode_captions`` per enabled decoder (``toollmm.model.decoders.DecoderPool``) and each decoder's
-    identity for the store key: its path plus the names and sizes of its text-encoder files."""
-    from functools import partial
-
-    from ..model.decoders import DecoderPool, pipeline_folder
-
-    pool = DecoderPool(cfg.model.decoders)
-    ids = {}
-    for m in pool.enabled():
-        folder = pipeline_folder(pool.config(m).path)
-        files = sorted(
-            p for sub in ("text_encoder", "tokenizer") for p in (folder / sub).glob("*") if p.is_file()
-        )
-        ids[m] = f"{folder}|" + ",".join(f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in files)
-    return {m: partial(pool.encode_captions, m) for m in pool.enabled()}, ids
 
 
 def embed_captions_jsonl(

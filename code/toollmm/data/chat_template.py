@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import re
 
-from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
+from toollmm.core.tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
+
 from .templates import REACT_NO, REACT_YES, VICUNA_SYSTEM, ChatFormat
 
 _HEADER_RE = re.compile(r"^\{#- toollmm-chat-template (\{.*?\}) -#\}")

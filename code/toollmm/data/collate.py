@@ -1,4 +1,4 @@
-"""Rendered samples -> one :class:`toollmm.batch.Batch`: padding or packing, media in placeholder order.
+"""Rendered samples -> one :class:`toollmm.core.batch.Batch`: padding or packing, media in placeholder order.
 
 * Padded: one sample per row, right-padded to the longest; ``attention_mask`` ``[B, T]`` 0/1.
 * Packed: samples placed into as few rows of at most ``max_length`` tokens as first-fit decreasing
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
+from toollmm.core.batch import IGNORE_INDEX, Batch, MediaInputs, SignalTargets
 
 
 @dataclass

@@ -6,7 +6,7 @@ This is the one adapter between the stream and its neighbours, kept small on pur
   ``labels`` with every placeholder expanded to ``media_tokens[modality]`` ids, ``media`` [(modality, ref)]
   in order, ``signals`` [(start, modality, caption, embedding, train)] in ``generate`` order.
 * ``decode(modality, Media, where) -> ("pixels" | "features", tensor)``: :class:`MediaDecoder` wraps the
-  encoder side (``toollmm.model.preprocess.load_media``, optional feature-cache lookup).
+  encoder side (``toollmm.data.preprocess.load_media``, optional feature-cache lookup).
 
 Signal span ``j`` belongs to the record's ``generate`` target ``j``; a supervised span whose caption
 embedding is known (shard member or caption store) becomes a signal target. A renderer error keeps its
@@ -20,8 +20,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..batch import IGNORE_INDEX
-from ..tokens import MODALITIES, TokenIds
+from toollmm.core.batch import IGNORE_INDEX
+from toollmm.core.tokens import MODALITIES, TokenIds
+
 from .collate import SampleTensors
 from .records import BadSample, Media, RecordError, Sample
 from .render import RenderedRecord, Renderer, media_tokens_from_config
@@ -46,7 +47,7 @@ class MediaDecoder:
         import torchaudio  # noqa: F401
         import torchvision.transforms  # noqa: F401
 
-        from ..model import preprocess as _  # noqa: F401
+        from . import preprocess as _  # noqa: F401
 
     def __call__(self, modality: str, media: Media, where: str) -> tuple[str, torch.Tensor]:
         if media.features is not None:
@@ -57,7 +58,7 @@ class MediaDecoder:
             feats = self.feature_lookup(modality, media.data)
             if feats is not None:
                 return "features", feats
-        from ..model.preprocess import MediaError, load_media
+        from toollmm.data.preprocess import MediaError, load_media
 
         try:
             return "pixels", load_media(modality, media.data, self.preprocess, name=media.name)
@@ -161,7 +162,7 @@ def make_processor(cfg, tokenizer, feature_lookup: FeatureLookup | None = None) 
 
     ``TrainStream.from_config(cfg, make_processor(cfg, tok), pad_id=tok.pad_token_id or 0)`` is the whole
     data side of ``train.py``."""
-    from ..tokens import TokenContract
+    from toollmm.core.tokens import TokenContract
 
     media_tokens = media_tokens_from_config(cfg.model)
     return SampleProcessor(

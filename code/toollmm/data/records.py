@@ -29,10 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from toollmm.errors import NotUtf8, UserError, iter_text_lines
-
-from ..paths import DATA_DIR
-from ..tokens import MODALITIES, PLACEHOLDER_RE, SIGNAL_RE, TOOL_TOKENS
+from toollmm.core.errors import NotUtf8, UserError, iter_text_lines
+from toollmm.core.paths import DATA_DIR
+from toollmm.core.tokens import MODALITIES, PLACEHOLDER_RE, SIGNAL_RE, TOOL_TOKENS
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ that straddles a supervised/masked boundary is an error naming the record, never
 encoded string, and added special tokens split the text around them.)
 
 In the same pass each ``<image>/<video>/<audio>`` id is expanded into ``media_tokens[m]`` copies (see
-``toollmm.batch``) and paired with the next entry of the record's media list; each signal span is reported
+``toollmm.core.batch``) and paired with the next entry of the record's media list; each signal span is reported
 with the caption / embedding key of its ``generate`` entry. Over-long samples are never cut through a media,
 signal or tool span: ``overlong='raise'`` (default) names the record, ``'skip'`` counts it, ``'truncate'``
 keeps the longest prefix of whole assistant turns that fits (counted; skipped if nothing supervised is left).
@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Literal, NamedTuple
 
-from ..batch import IGNORE_INDEX
-from ..tokens import MODALITIES, TOOL_RESULT_END, TOOL_RESULT_START, TokenContract
+from toollmm.core.batch import IGNORE_INDEX
+from toollmm.core.tokens import MODALITIES, TOOL_RESULT_END, TOOL_RESULT_START, TokenContract
+
 from .records import MEDIA_KEYS, Problem, RecordError, check_record
 from .templates import VICUNA_SYSTEM, ChatFormat, FormatError, Part, conversation_parts
 
@@ -62,7 +63,7 @@ class RenderedRecord:
 
 
 def media_tokens_from_config(model_cfg) -> dict[str, int]:
-    """``toollmm.batch``'s rule: (1 when pooled, clips when per-clip) * input_proj.tokens_per_input."""
+    """``toollmm.core.batch``'s rule: (1 when pooled, clips when per-clip) * input_proj.tokens_per_input."""
     per = model_cfg.input_proj.tokens_per_input
     if model_cfg.encoder.output == "pooled":
         return {m: per for m in MODALITIES}
@@ -164,7 +165,7 @@ class Renderer:
         media_tokens: dict[str, int] | None = None,
         overlong: Overlong | None = None,
     ) -> Renderer:
-        """From a full ``toollmm.config.Config`` (model.chat_template/tool_format/system_prompt/tokens, data.*);
+        """From a full ``toollmm.core.config.Config`` (model.chat_template/tool_format/system_prompt/tokens, data.*);
         ``overlong`` replaces ``data.overlong`` when given."""
         return cls(
             tokenizer,

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import read_text
-from ..paths import resolve
-from .captions import CaptionStore
+from toollmm.core.errors import read_text
+from toollmm.core.paths import resolve
+from toollmm.data.captions import CaptionStore
+
 from .records import BadSample, Sample, generate_targets
 from .shardfmt import FeatureFn, index_tar, members_to_sample, read_span, sample_to_members
 

@@ -15,8 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..paths import resolve
-from .captions import CaptionStore, caption_key
+from toollmm.core.paths import resolve
+from toollmm.data.captions import CaptionStore, caption_key
+
 from .records import (
     MEDIA_KEYS,
     BadSample,

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..batch import Batch
-from . import plan as P
+from toollmm.core.batch import Batch
+from toollmm.data import plan as P
+
 from .collate import collate
 from .records import BadSample
 from .sources import Source, open_source
@@ -140,7 +141,7 @@ class TrainStream:
         world_size=None,
         decoder_ids=None,
     ):
-        """Build from a full ``toollmm.config.Config`` (``data``, ``train.micro_batch_size``, ``run.seed``);
+        """Build from a full ``toollmm.core.config.Config`` (``data``, ``train.micro_batch_size``, ``run.seed``);
         rank and world size default to the initialised process group."""
         d = cfg.data
         if rank is None or world_size is None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from toollmm.errors import UserError
+from toollmm.core.errors import UserError
+from toollmm.core.tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
 
 from ..core.react import DEFAULT_CALL_THOUGHT as REACT_YES  # noqa: F401  (re-exported for the Jinja template)
 from ..core.react import DEFAULT_FINAL_THOUGHT as REACT_NO  # noqa: F401
 from ..core.toolcall import canonical_json
-from ..tokens import TOOL_CALL_END, TOOL_CALL_START, TOOL_RESULT_END, TOOL_RESULT_START
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -78,7 +78,7 @@ class ChatFormat:
 
     @classmethod
     def build(cls, template: str, contract, tokenizer, *, system_prompt=VICUNA_SYSTEM, tool_format="tokens"):
-        from ..tokens import MODALITIES
+        from toollmm.core.tokens import MODALITIES
 
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; known: {sorted(TEMPLATES)}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..paths import resolve
+from toollmm.core.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def zca(x: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tenso
 def calibrate_heads(encoder, media: dict[str, list[Path]], batch_size: int = 16) -> dict[str, int]:
     """Whiten each tower's head (LayerNorm -> select CLS -> Linear) on the given media, in place.
     Returns the number of head inputs (clips x crops) used per tower."""
-    from ..model.preprocess import load_media
+    from toollmm.data.preprocess import load_media
 
     heads = encoder.model.modality_heads
     seen: dict[str, list[torch.Tensor]] = {TOWER[m]: [] for m in media}
@@ -100,7 +100,8 @@ def build_demo_base(
     config_files: list[str | os.PathLike], corpus: str | os.PathLike, output: str | os.PathLike, llm=None
 ) -> dict[str, Path]:
     """Write every base model of the demo into ``output`` and calibrate the encoder (see module doc)."""
-    from ..config import load_config
+    from toollmm.core.config import load_config
+
     from ..model.encoder import build_encoder
     from ..model.tiny import build_base_models
 

@@ -26,16 +26,16 @@ import jsonschema
 import numpy as np
 import sentencepiece as spm
 
+from toollmm.core.paths import DATA_DIR, resolve
+from toollmm.core.tokens import PLACEHOLDER_RE
+from toollmm.demo import media, records, text
 from toollmm.model.tiny_tokenizer import build_sentencepiece_tokenizer
-from toollmm.paths import DATA_DIR, resolve
-from toollmm.tokens import PLACEHOLDER_RE
 
-from . import media, records, text
 from .tools import DEMO_TOOLS, TOOL_NAMES
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("image", "audio", "video")
+GENERATION_ORDER = ("image", "audio", "video")  # the order the corpus draws media in (changing it changes the corpus)
 SPLITS = ("train", "heldout")
 EXT = {"image": "png", "audio": "wav", "video": "mp4"}
 OWNED = ("media", "train", "heldout", "tokenizer", "summary.json")
@@ -77,8 +77,8 @@ def rng_for(seed: int, stream: str, index: int) -> np.random.Generator:
 # --------------------------------------------------------------------------------- media
 def render_media(out: Path, seed: int, sizes: DemoSizes) -> dict[str, dict[str, list[records.Render]]]:
     """Render every medium; returns renders[modality][split], combos interleaved."""
-    renders: dict = {m: {} for m in MODALITIES}
-    for m in MODALITIES:
+    renders: dict = {m: {} for m in GENERATION_ORDER}
+    for m in GENERATION_ORDER:
         combos = text.combos(m)
         for s, per_combo in zip(SPLITS, sizes.renders[m]):
             lst = []
@@ -106,7 +106,7 @@ def media_task_records(renders: dict, split: str, seed: int, sizes: DemoSizes) -
     files: dict = {}
     n_inst = sizes.instruct[SPLITS.index(split)]
     instruct = []
-    for m in MODALITIES:
+    for m in GENERATION_ORDER:
         rs = renders[m][split]
         files[f"x2t_{m}"] = [
             records.x2t(r, f"demo-{split}-x2t_{m}-{i:05d}", split, rng_for(seed, f"x2t/{m}/{split}", i))
@@ -141,7 +141,7 @@ def build_lm_text(seed: int, sizes: DemoSizes) -> list[dict]:
     out = []
     builders = {"copy": (sizes.lm_copy, records.lm_copy), "instruct": (sizes.lm_instruct, records.lm_instruct),
                 "t2x": (sizes.lm_t2x, records.lm_t2x)}  # fmt: skip
-    for m in MODALITIES:
+    for m in GENERATION_ORDER:
         for kind, (n, build) in builders.items():
             for i in range(n):
                 rng = rng_for(seed, f"lm/{kind}/{m}", i)
@@ -265,9 +265,9 @@ def generate_demo_corpus(
         "media_root_note": "record media paths are relative to this folder (set the sources' media_root to it)",
         "counts": {s: {t: len(r) for t, r in tasks.items()} for s, tasks in files.items()},
         "records_total": sum(len(r) for tasks in files.values() for r in tasks.values()),
-        "media": {m: {s: len(renders[m][s]) for s in SPLITS} for m in MODALITIES},
-        "attributes": {m: {a: list(v) for a, v in media.ATTRIBUTES[m].items()} for m in MODALITIES},
-        "captions": {m: [text.caption(m, c) for c in text.combos(m)] for m in MODALITIES},
+        "media": {m: {s: len(renders[m][s]) for s in SPLITS} for m in GENERATION_ORDER},
+        "attributes": {m: {a: list(v) for a, v in media.ATTRIBUTES[m].items()} for m in GENERATION_ORDER},
+        "captions": {m: [text.caption(m, c) for c in text.combos(m)] for m in GENERATION_ORDER},
         "tools": TOOL_NAMES,
         "tokenizer": {
             "path": "tokenizer",

@@ -30,18 +30,18 @@ from pathlib import Path
 
 import torch
 
-from toollmm.errors import NotUtf8, iter_text_lines
+from toollmm.core.errors import NotUtf8, iter_text_lines
+from toollmm.core.paths import resolve
 
 from ..eval.common import EvalError
 from ..eval.toolcalls import first_tool_call, same_call
-from ..paths import resolve
 from .media import ATTRIBUTES
 from .text import PULSE_WORDS
 
 log = logging.getLogger(__name__)
 
 TASKS = ("x2t", "t2x", "tools")
-MODALITIES = ("image", "audio", "video")
+REPORT_ORDER = ("image", "audio", "video")
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
 
 
@@ -125,7 +125,7 @@ def caption_metrics(texts: list[str], refs: list[dict], modality: str) -> dict:
 
 def evaluate_x2t(runtime, data_dir: Path, limit: int | None, batch_size: int) -> dict:
     out = {}
-    for m in MODALITIES:
+    for m in REPORT_ORDER:
         path = data_dir / "heldout" / f"x2t_{m}.jsonl"
         recs = read_jsonl(path, limit)
         refs = [_reference(r, path) for r in recs]
@@ -143,7 +143,8 @@ def _distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def projected_signals(model, renderer, recs: list[dict], where: str) -> torch.Tensor:
     """Teacher-forced: each record's first signal span -> ``project_signal`` -> ``[N, n_query, cond_dim]``."""
-    from ..batch import Batch
+    from toollmm.core.batch import Batch
+
     from ..infer.step import project_signal
 
     device = next(model.parameters()).device
@@ -189,7 +190,7 @@ def evaluate_t2x(stage, data_dir: Path, limit: int | None) -> dict:
     renderer = Renderer.from_config(cfg, stage.tokenizer)
     pool = DecoderPool(cfg.model.decoders)
     per, totals = {}, defaultdict(float)
-    for m in MODALITIES:
+    for m in REPORT_ORDER:
         if m not in model.output_proj:
             continue
         path = data_dir / "heldout" / f"t2x_{m}.jsonl"

@@ -7,12 +7,11 @@ renders and report held-out accuracy next to chance. The preprocessing here is a
 ImageBind's (224 px + CLIP normalisation; 128-bin kaldi fbank x 204 frames, 3 clips of 2 s; video:
 5 clips x 2 frames x 3 spatial crops); the model's real preprocessing lives in ``toollmm.model``.
 
-    python -m toollmm.demo.probe --corpus data/demo [--out-dim 64] [--width 64]
+    python code/evaluate.py demo-probe --corpus data/demo [--out-dim 64] [--width 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from toollmm.paths import resolve
+from toollmm.core.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
 
 def tiny_imagebind(out_dim: int = 64, width: int = 64, blocks: int = 2, heads: int = 4, seed: int = 0):
     """A random ImageBindModel with every tower ``width`` wide and ``blocks`` deep; frozen, eval."""
-    from toollmm import compat
+    from toollmm.core import compat
 
     compat.apply()
     from imagebind.models.imagebind_model import ImageBindModel
@@ -163,26 +162,3 @@ def probe_corpus(corpus_dir, modalities=("image", "audio", "video"), limit: int 
             results[m][attr] = {"acc": round(acc, 4), "chance": round(1 / len(values), 4)}
         log.info("probe %s (%.1fs): %s", m, time.time() - t0, results[m])
     return results
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", default="data/demo", help="demo corpus folder (relative to the repo root)")
-    ap.add_argument("--modalities", nargs="+", default=["image", "audio", "video"])
-    ap.add_argument("--out-dim", type=int, default=64)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="at most this many renders per split")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = probe_corpus(
-        args.corpus, args.modalities, args.limit, out_dim=args.out_dim, width=args.width,
-        blocks=args.blocks, seed=args.seed,
-    )  # fmt: skip
-    log.info("%s", json.dumps(res, indent=1))
-    return res
-
-
-if __name__ == "__main__":
-    main()

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toollmm.tokens import PLACEHOLDER
+from toollmm.core.tokens import PLACEHOLDER
+from toollmm.demo import text
 
-from . import text
 from .tools import DEMO_TOOLS, TOOL_NAMES, number_split, pseudo_name, tool_conversation
 
 SOURCE = "toollmm_demo"

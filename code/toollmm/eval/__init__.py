@@ -14,7 +14,8 @@ import logging
 import os
 from pathlib import Path
 
-from . import gpt4tools, mllm_tool, viot  # noqa: F401  (register the benchmarks)
+from toollmm.eval import gpt4tools, mllm_tool, viot  # noqa: F401  (register the benchmarks)
+
 from .common import (
     BENCHMARKS,
     BenchmarkSpec,

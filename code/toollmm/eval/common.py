@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toollmm.core.errors import UserError
+from toollmm.core.tokens import PLACEHOLDER_RE
 from toollmm.data.convert import REGISTRY, ConversionError, ConvertStats, iter_source
 from toollmm.data.convert.base import Context
 from toollmm.data.convert.runner import convert_records
-from toollmm.errors import UserError
-from toollmm.tokens import PLACEHOLDER_RE
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import re
 from typing import Any
 
 from toollmm.core.react import call_input, react_calls
+from toollmm.core.tokens import TOOL_CALL_END, TOOL_CALL_START
 from toollmm.core.toolcall import UNREAD, canonical_json, parse_tool_call
-from toollmm.tokens import TOOL_CALL_END, TOOL_CALL_START
 
 __all__ = [
     "TOOL_CALL_SPAN",

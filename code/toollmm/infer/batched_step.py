@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from toollmm.core.batch import Batch
+
 from ..agent.protocol import StepOutput
-from ..batch import Batch
 
 
 @dataclass

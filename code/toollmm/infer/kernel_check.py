@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..batch import Batch, MediaInputs
+from toollmm.core.batch import Batch, MediaInputs
+
 from ..data.collate import SampleTensors, collate
 
 #: sample lengths of the packed case (several rows at ``PACKED_CAPACITY``, one sample per row alone too)

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toollmm.errors import NotUtf8, UserError, iter_text_lines
+from toollmm.core.errors import NotUtf8, UserError, iter_text_lines
+from toollmm.core.tokens import PLACEHOLDER, PLACEHOLDER_RE
 
 from ..data.records import MEDIA_KEYS
-from ..tokens import PLACEHOLDER, PLACEHOLDER_RE
 
 
 def with_placeholders(text: str, media: Sequence[tuple[str, str]]) -> str:

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..batch import MediaInputs
+from toollmm.core.batch import MediaInputs
+from toollmm.core.paths import CONFIG_DIR, OUTPUTS_DIR, resolve
+from toollmm.core.tokens import MODALITIES
+
 from ..checkpoint.stage import LoadedStage, load_stage
-from ..paths import CONFIG_DIR, OUTPUTS_DIR, resolve
-from ..tokens import MODALITIES
 from .output import TextStream, error_output, output_dict, row_media
 from .requests import MEDIA_KEYS, Request
 from .session import ChatSession
@@ -116,7 +117,7 @@ class Runtime:
     # ------------------------------------------------------------------------------ preparing requests
     def media_inputs(self, req: Request) -> dict[str, MediaInputs]:
         """Preprocess every medium of ``req`` (the model encodes them; its encoder is frozen)."""
-        from ..model.preprocess import load_media
+        from toollmm.data.preprocess import load_media
 
         out = {}
         for m in MODALITIES:

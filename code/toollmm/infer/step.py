@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from toollmm.core.batch import Batch, MediaInputs
+
 from ..agent.protocol import StepOutput
-from ..batch import Batch, MediaInputs
 
 
 class ToolLMMStepModel:

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-from toollmm.errors import UserError
-
-from ..config import DecoderConfig
-from ..paths import resolve
-from ..safefiles import naming_refused_pickles
-from . import media_out
+from toollmm.core.config import DecoderConfig
+from toollmm.core.errors import UserError
+from toollmm.core.paths import resolve
+from toollmm.core.safefiles import naming_refused_pickles
+from toollmm.model import media_out
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from toollmm.errors import UserError
-
-from .. import compat
-from ..config import ModelConfig, PreprocessConfig
-from ..configlib import ConfigError
-from ..paths import CACHE_DIR, resolve
-from .files import sha256_memoised
+from toollmm.core import compat
+from toollmm.core.config import ModelConfig, PreprocessConfig
+from toollmm.core.configlib import ConfigError
+from toollmm.core.errors import UserError
+from toollmm.core.files import sha256_memoised
+from toollmm.core.paths import CACHE_DIR, resolve
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ class ImageBindEncoder(nn.Module):
         return self.preprocess.audio_clips if modality == "audio" else self.preprocess.video_clips
 
     def input_shape(self, modality: str) -> tuple[int, ...]:
-        """One input's preprocessed shape (``toollmm.model.preprocess``)."""
+        """One input's preprocessed shape (``toollmm.data.preprocess``)."""
         p = self.preprocess
         self._check_modality(modality)
         s = p.image_size

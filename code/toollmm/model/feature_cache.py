@@ -24,11 +24,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
-from ..config import FeatureCacheConfig
-from ..paths import resolve
-from ..safefiles import safetensors_bytes
-from .files import atomic_write_bytes, sha256_file
-from .preprocess import MediaError, VideoSource, load_media, settings, source_name
+from toollmm.core.config import FeatureCacheConfig
+from toollmm.core.files import atomic_write_bytes, sha256_file
+from toollmm.core.paths import resolve
+from toollmm.core.safefiles import safetensors_bytes
+from toollmm.data.preprocess import MediaError, VideoSource, load_media, settings, source_name
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The language model: any Hugging Face causal LM directory + toollmm's tokens + optional peft LoRA.
 
 ``build_llm(llm_cfg, tokens_cfg)`` loads the model and tokenizer, adds the token contract
-(``toollmm.tokens``), gives the new tokens their own trainable rows in the input embedding and the lm_head
+(``toollmm.core.tokens``), gives the new tokens their own trainable rows in the input embedding and the lm_head
 (``toollmm.model.token_rows``), turns on gradient checkpointing if asked, and wraps the model with a peft
 LoRA adapter (r 32, alpha 32, dropout 0.1, q/k/v/o by default). Every parameter leaves this module
 frozen; ``ToolLMM.trainable_parameters`` decides what trains.
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import LLMConfig, LoraSettings, TokenConfig
-from ..errors import UserError
-from ..paths import resolve
-from ..safefiles import naming_refused_pickles
-from ..tokens import TokenContract, TokenIds
+from toollmm.core.config import LLMConfig, LoraSettings, TokenConfig
+from toollmm.core.errors import UserError
+from toollmm.core.paths import resolve
+from toollmm.core.safefiles import naming_refused_pickles
+from toollmm.core.tokens import TokenContract, TokenIds
+
 from .token_rows import TokenRows, attach_token_rows
 
 log = logging.getLogger(__name__)

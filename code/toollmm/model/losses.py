@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..batch import IGNORE_INDEX
+from toollmm.core.batch import IGNORE_INDEX
+
 from .packed_attention import PACKED_SDPA
 
 LOSS_WEIGHT_KEYS = ("lm", "align", "align_image", "align_video", "align_audio")

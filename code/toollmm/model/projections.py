@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import InputProjConfig, OutputProjConfig
+from toollmm.core.config import InputProjConfig, OutputProjConfig
 
 
 class InputProjection(nn.Module):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .files import respect_umask
+from toollmm.core.files import respect_umask
 
 log = logging.getLogger(__name__)
 

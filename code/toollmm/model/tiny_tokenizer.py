@@ -3,7 +3,7 @@
 The folder holds ``tokenizer.model`` (sentencepiece BPE with byte fallback, ids 0/1/2 = unk/bos/eos)
 and ``tokenizer_config.json``; ``AutoTokenizer.from_pretrained(folder)`` loads it the same way it loads
 ``pretrained_checkpoint/llm_ckpt/vicuna_7b``. It does NOT contain toollmm's special tokens:
-``toollmm.tokens.TokenContract.add_to`` adds them, as it does to Vicuna's tokenizer.
+``toollmm.core.tokens.TokenContract.add_to`` adds them, as it does to Vicuna's tokenizer.
 Used by the demo corpus (trained on the corpus text) and by tests (trained on a few sentences).
 """
 

@@ -2,7 +2,7 @@
 
 The base matrices stay frozen ``weight`` parameters (so Hugging Face tying, resizing checks and
 ``get_input_embeddings().weight`` keep working); each group of new tokens (``placeholder``, ``signal``,
-``tool``; see ``toollmm.tokens``) gets its own small ``[n_group, hidden]`` parameter that overrides
+``tool``; see ``toollmm.core.tokens``) gets its own small ``[n_group, hidden]`` parameter that overrides
 the frozen rows at those ids. So ``requires_grad`` can be set per group (stage 2 trains signal rows,
 stage 3 signal + tool rows), the optimiser never holds state for the base vocabulary, the base rows
 stay bit-identical, and a delta saves ``n_new x hidden`` numbers per matrix instead of a whole matrix.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tokens import TokenIds
+from toollmm.core.tokens import TokenIds
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The composed model: (frozen encoder) -> input projection -> LLM (+LoRA, + new token rows) -> output
 projections. It holds its parts (compose, don't inherit) and speaks the batch contract of
-``toollmm.batch``: projected encoder tokens are written, in row-major order, at the placeholder
+``toollmm.core.batch``: projected encoder tokens are written, in row-major order, at the placeholder
 positions the renderer already expanded to their final count.
 
 ``forward(batch)`` returns every loss term by name: ``lm``, ``align_<modality>`` for each modality
@@ -15,9 +15,10 @@ import logging
 import torch
 from torch import nn
 
-from ..batch import Batch, MediaInputs
-from ..config import ModelConfig, OptimConfig
-from ..tokens import MODALITIES
+from toollmm.core.batch import Batch, MediaInputs
+from toollmm.core.config import ModelConfig, OptimConfig
+from toollmm.core.tokens import MODALITIES
+
 from .decoders import condition_shape
 from .llm import LLMBundle, build_llm
 from .losses import (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..paths import resolve
+from toollmm.core.paths import resolve
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,11 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__
+from toollmm import __version__
+from toollmm.core.errors import UserError
+from toollmm.core.files import respect_umask
+from toollmm.core.paths import REPO_ROOT, resolve
+
 from ..checkpoint.bases import (
     BY_HUB_ID,
     IMAGEBIND_PATH,
@@ -47,9 +51,6 @@ from ..checkpoint.bases import (
 )
 from ..checkpoint.bases import WEIGHT_SUFFIXES as BASE_WEIGHT_SUFFIXES
 from ..checkpoint.stage import MANIFEST, file_hashes, read_manifest
-from ..errors import UserError
-from ..model.files import respect_umask
-from ..paths import REPO_ROOT, resolve
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,9 @@ def build_release(
 
 def _write_loadable(src: Path, tmp: Path, manifest: dict, tree: dict, bases: dict, repo_id: str) -> dict:
     """The stage-folder part (tokenizer, delta, adapter, config.yaml, stage.json) and config.json."""
+    from toollmm.core.tokens import GROUPS, TokenIds
+
     from ..checkpoint.delta import adapter_dir
-    from ..tokens import GROUPS, TokenIds
 
     shutil.copytree(src / "tokenizer", tmp / "tokenizer")
     shutil.copy2(src / "delta.safetensors", tmp / "delta.safetensors")
@@ -332,7 +334,7 @@ def check_release(release: Release) -> None:
 
 def _same_as_base_files(release: Release) -> list[str]:
     """Release files byte-identical to a local base weight file (compared by size, then sha256)."""
-    from ..model.files import sha256_file
+    from toollmm.core.files import sha256_file
 
     sizes = {size: rel for rel, size in release.files if not rel.startswith("merged/")}
     hits = []

@@ -25,8 +25,9 @@ from typing import Any
 
 from fastapi import Request
 
+from toollmm.core.tokens import TOOL_CALL_START
+
 from ..agent.engine import RowOptions
-from ..tokens import TOOL_CALL_START
 from .batcher import Batcher, Job
 from .protocol import ApiError, ChatRequest, MediaStore, bad, parse_chat_request
 
@@ -70,9 +71,10 @@ class Server:
         batched_decode: bool | None = None,
         max_request_mb: float | None = None,
     ):
+        from toollmm.core.paths import resolve
+
         from ..infer.batched_step import BatchedStepModel
         from ..infer.step import ToolLMMStepModel
-        from ..paths import resolve
 
         self.rt = runtime
         scfg = runtime.cfg.serve
@@ -128,9 +130,10 @@ class Server:
             store.cleanup()
 
     def _prepare(self, body, store: MediaStore) -> tuple[ChatRequest, list[int], dict, RowOptions]:
+        from toollmm.core.tokens import MODALITIES
+        from toollmm.data.preprocess import load_media
+
         from ..infer.requests import Request
-        from ..model.preprocess import load_media
-        from ..tokens import MODALITIES
 
         req = parse_chat_request(body, store)
         if req.model != self.model_name:
@@ -162,7 +165,7 @@ class Server:
                     ) from None
             import torch
 
-            from ..batch import MediaInputs
+            from toollmm.core.batch import MediaInputs
 
             media[m] = MediaInputs(pixels=torch.stack(tensors).to(self.rt.device), keys=[p for p, _ in items])
         budget = self.rt.cfg.inference.max_new_tokens if req.max_tokens is None else req.max_tokens

@@ -11,11 +11,12 @@ import random
 import numpy as np
 import torch
 
+from toollmm.core.errors import NotUtf8, iter_text_lines
+from toollmm.core.paths import resolve
+
 from ..checkpoint.stage import check_bases, load_into, read_manifest
 from ..data.records import MEDIA_KEYS
 from ..data.sources import is_shard_folder
-from ..errors import NotUtf8, iter_text_lines
-from ..paths import resolve
 from .targets import precompute_captions
 
 log = logging.getLogger(__name__)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from toollmm.errors import UserError
-
-from ..config import Config
-from ..paths import resolve
+from toollmm.core.config import Config
+from toollmm.core.errors import UserError
+from toollmm.core.paths import resolve
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from toollmm.core.tokens import MODALITIES
+from toollmm.data.preprocess import MediaError
+
 from ..data.records import BadSample
 from ..data.sources import open_source
 from ..model.feature_cache import FeatureCache
-from ..model.preprocess import MediaError
-from ..tokens import MODALITIES
 
 log = logging.getLogger(__name__)
 

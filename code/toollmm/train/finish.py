@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from toollmm.core.paths import resolve
+
 from ..checkpoint.stage import save_stage
-from ..paths import resolve
 
 log = logging.getLogger(__name__)
 

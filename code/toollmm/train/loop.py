@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .. import configlib
-from ..config import Loaded
-from ..paths import ensure_torch_extensions_dir, resolve
+from toollmm.core import configlib
+from toollmm.core.config import Loaded
+from toollmm.core.paths import ensure_torch_extensions_dir, resolve
+
 from .build import build_run, check_init_from_bases, resolve_init_from, total_steps
 from .ds import build_ds_config, compute_dtype, init_distributed
 from .finish import SeenSamples, rank_report, save_loadable

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from toollmm.core.tokens import TOOL_TOKENS
+
 from ..model import param_count as pc
-from ..tokens import TOOL_TOKENS
 
 GiB = 2**30
 
@@ -127,7 +128,7 @@ def per_gpu_bytes(s: Sizes, zero: int, gpus: int) -> dict[str, float]:
 
 def stage_sizes(llm_cfg: dict, loaded_cfg, cached_features: bool = True) -> Sizes:
     """Sizes of the stage described by a loaded toollmm config (``train.*``, ``data.max_length``)."""
-    from ..tokens import TokenContract
+    from toollmm.core.tokens import TokenContract
 
     m = loaded_cfg.model
     n_new = len(TokenContract.from_config(m.tokens).new_tokens)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..safefiles import safetensors_bytes, torch_load_weights
+from toollmm.core.safefiles import safetensors_bytes, torch_load_weights
 
 log = logging.getLogger(__name__)
 

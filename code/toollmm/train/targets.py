@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from ..data.captions import CaptionStore, decoder_encoders, embed_captions
-from ..errors import iter_text_lines
-from ..paths import resolve
+from toollmm.core.errors import iter_text_lines
+from toollmm.core.paths import resolve
+from toollmm.data.captions import CaptionStore, EncodeCaptions, embed_captions
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +62,21 @@ def precompute_captions(cfg, model, rank: int = 0) -> dict[str, str] | None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return ids
+
+
+def decoder_encoders(cfg) -> tuple[dict[str, EncodeCaptions], dict[str, str]]:
+    """``encode_captions`` per enabled decoder (``toollmm.model.decoders.DecoderPool``) and each decoder's
+    identity for the store key: its path plus the names and sizes of its text-encoder files."""
+    from functools import partial
+
+    from toollmm.model.decoders import DecoderPool, pipeline_folder
+
+    pool = DecoderPool(cfg.model.decoders)
+    ids = {}
+    for m in pool.enabled():
+        folder = pipeline_folder(pool.config(m).path)
+        files = sorted(
+            p for sub in ("text_encoder", "tokenizer") for p in (folder / sub).glob("*") if p.is_file()
+        )
+        ids[m] = f"{folder}|" + ",".join(f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in files)
+    return {m: partial(pool.encode_captions, m) for m in pool.enabled()}, ids

@@ -5,7 +5,19 @@
 
 from __future__ import annotations
 
-from . import alpaca, gpt4tools, lavia, llamafactory, llava, mllm_tool, nextgpt, unified, videochat, viot  # noqa: F401
+from toollmm.data.convert import (  # noqa: F401
+    alpaca,
+    gpt4tools,
+    lavia,
+    llamafactory,
+    llava,
+    mllm_tool,
+    nextgpt,
+    unified,
+    videochat,
+    viot,
+)
+
 from .base import REGISTRY, Context, ConversionError, ConverterSpec, register
 from .runner import ConvertStats, convert_file, iter_source
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toollmm.errors import UserError
-from toollmm.tokens import PLACEHOLDER, PLACEHOLDER_RE
+from toollmm.core.errors import UserError
+from toollmm.core.tokens import PLACEHOLDER, PLACEHOLDER_RE
 
 from ...core.toolcall import tool_call_entry
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from toollmm.tokens import PLACEHOLDER
+from toollmm.core.tokens import PLACEHOLDER
 
 from .base import (
     Context,

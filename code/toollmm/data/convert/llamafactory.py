@@ -13,9 +13,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from toollmm.core.errors import read_text
+from toollmm.core.tokens import MODALITIES
 from toollmm.core.toolcall import call_from_value
-from toollmm.errors import read_text
-from toollmm.tokens import MODALITIES
 
 from .base import (
     Context,

@@ -62,8 +62,8 @@ def _short(reason: str) -> str:
 
 def check_one(job: tuple[str, str | tuple[str, ...]]) -> str | None:
     """The reason ``job``'s medium cannot train, or None (runs in a worker process)."""
-    from ...config import PreprocessConfig
-    from ...model.preprocess import MediaError, load_media
+    from toollmm.core.config import PreprocessConfig
+    from toollmm.data.preprocess import MediaError, load_media
 
     modality, src = job
     paths = list(src) if isinstance(src, tuple) else [src]
@@ -98,7 +98,7 @@ def check_media(
     workers = workers or min(8, os.cpu_count() or 1)
     if not jobs:
         return report
-    from ...model import preprocess  # noqa: F401 - imported once here, inherited by forked workers
+    from .. import preprocess  # noqa: F401 - imported once here, inherited by forked workers
 
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker) as pool:
         for job, reason in zip(jobs, pool.map(check_one, jobs, chunksize=8)):

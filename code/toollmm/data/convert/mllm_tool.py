@@ -14,7 +14,7 @@ evaluation record with an ``acceptable`` list (evaluation files already carry th
 
 from __future__ import annotations
 
-from toollmm.tokens import MODALITIES, PLACEHOLDER
+from toollmm.core.tokens import MODALITIES, PLACEHOLDER
 
 from .base import Context, check_media, leftovers, make_record, need, register, tool_call
 

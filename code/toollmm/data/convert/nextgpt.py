@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from toollmm.tokens import MODALITIES, PLACEHOLDER
+from toollmm.core.tokens import MODALITIES, PLACEHOLDER
 
 from .base import (
     Context,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toollmm.errors import NotUtf8, iter_text_lines, read_text
+from toollmm.core.errors import NotUtf8, iter_text_lines, read_text
 
 from ..records import validate_record
 from .base import REGISTRY, Context, ConversionError

@@ -7,7 +7,7 @@ since two assistant turns in a row are not a valid chat), ``start``/``end`` clip
 
 from __future__ import annotations
 
-from toollmm.tokens import PLACEHOLDER
+from toollmm.core.tokens import PLACEHOLDER
 
 from .base import Context, check_media, leftovers, make_record, need, record_id, register
 

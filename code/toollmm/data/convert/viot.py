@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 
-from toollmm.tokens import PLACEHOLDER
+from toollmm.core.tokens import PLACEHOLDER
 
 from ...core.react import DEFAULT_CALL_THOUGHT, ReactStyle, concat_styles, text_to_messages
 from .base import (

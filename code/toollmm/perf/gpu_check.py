@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..paths import REPO_ROOT
-from ..train.memory import VICUNA_7B
+from toollmm.core.paths import REPO_ROOT
+from toollmm.train.memory import VICUNA_7B
 
 TINY_LLM = {
     "vocab_size": 1152,  # the demo tokenizer (1000) + our tokens
@@ -76,7 +76,7 @@ def prepare(work: Path) -> dict:
             shutil.copytree(carried, demo)
             source = "carried"
         else:  # rendering the corpus needs PyAV, which a bare GPU host may lack
-            from .world import demo_corpus
+            from toollmm.perf.world import demo_corpus
 
             demo_corpus(demo, small=True)
             source = "generated"
@@ -96,7 +96,7 @@ def _llm(shape: dict, attn: str, device, dtype, seed: int = 0):
 
     impl = attn
     if attn == "sdpa":
-        from ..model.packed_attention import register
+        from toollmm.model.packed_attention import register
 
         impl = register()
     cfg = LlamaConfig(**shape, max_position_embeddings=4096)
@@ -113,8 +113,8 @@ def _llm(shape: dict, attn: str, device, dtype, seed: int = 0):
 
 
 def _toollmm(cfg, work: Path, shape: dict, attn: str, device, dtype, grad_ckpt: bool, condition_shapes):
-    from ..model.llm import prepare_llm
-    from ..model.toollmm_model import build_model
+    from toollmm.model.llm import prepare_llm
+    from toollmm.model.toollmm_model import build_model
 
     hf = _llm(shape, attn, device, dtype)
     bundle = prepare_llm(hf, _tokenizer(work), cfg.model.tokens, cfg.model.llm.lora, grad_ckpt)
@@ -146,7 +146,7 @@ def section_env(work: Path, cpu: bool) -> dict:
 
 
 def section_gemm(work: Path, cpu: bool) -> dict:
-    from .gemm import gemm_gflops
+    from toollmm.perf.gemm import gemm_gflops
 
     device, dtype = device_dtype(cpu)
     shapes = ((512, 512, 512),) if cpu else ((8192, 8192, 8192), (4096, 4096, 4096))
@@ -168,7 +168,7 @@ def accepted_kernels() -> tuple[str, ...]:
     """The ``model.llm.attn_implementation`` values the config accepts (read from its type)."""
     import typing
 
-    from ..config import LLMConfig
+    from toollmm.core.config import LLMConfig
 
     return typing.get_args(typing.get_type_hints(LLMConfig)["attn_implementation"])
 
@@ -194,8 +194,8 @@ def section_invariants(work: Path, cpu: bool) -> dict:
     """``toollmm.infer.kernel_check.kernel_invariants`` (packed rows vs each sample alone; prefill + appends
     of 1, 2 and 7 tokens through the step model's cache vs one full forward) on a ToolLMM per kernel; each
     case's max abs difference against ``TOL``."""
-    from ..config import load_config
-    from ..infer.kernel_check import kernel_invariants
+    from toollmm.core.config import load_config
+    from toollmm.infer.kernel_check import kernel_invariants
 
     m = mode(cpu)
     device, dtype = device_dtype(cpu)
@@ -225,8 +225,8 @@ def section_invariants(work: Path, cpu: bool) -> dict:
 
 def section_encoder(work: Path, cpu: bool) -> dict:
     """ImageBind (huge on GPU, tiny on CPU; random weights) encoding a batch of each modality."""
-    from ..config import load_config
-    from ..model.encoder import ImageBindEncoder, build_imagebind, model_kwargs
+    from toollmm.core.config import load_config
+    from toollmm.model.encoder import ImageBindEncoder, build_imagebind, model_kwargs
 
     m = mode(cpu)
     device, dtype = device_dtype(cpu)
@@ -279,7 +279,7 @@ def VIDEO_LEFT_OUT() -> tuple[str, ...]:  # noqa: N802 - reads like the constant
 
 def stage_config(work: Path, stage: int, cpu: bool):
     """The stage's config over the demo corpus at the check's sizes (packed rows, LoRA, checkpointing)."""
-    from ..config import load_config
+    from toollmm.core.config import load_config
 
     m = mode(cpu)
     s = STAGE_SIZES[m]
@@ -326,15 +326,15 @@ def section_stage(work: Path, cpu: bool, stage: int) -> dict:
     """Optimiser steps of ``stage`` (the median after one warm-up step is reported) through the real training path: the
     feature pre-pass (``build_run``), the DeepSpeed engine (``make_engine``, world 1, NCCL on GPU) and
     ``optimiser_step``; peak memory against ``toollmm.train.memory``'s estimate; tokens/s and MFU."""
-    from ..model.tiny_decoders import build_tiny_decoders
-    from ..paths import ensure_torch_extensions_dir
-    from ..train.build import build_run
-    from ..train.ds import init_distributed, load_ds_json
-    from ..train.loop import batches, make_engine
-    from ..train.memory import per_gpu_bytes, stage_sizes
-    from .flops import LlamaShape
-    from .step import train_step
-    from .train_figs import batch_flops
+    from toollmm.core.paths import ensure_torch_extensions_dir
+    from toollmm.model.tiny_decoders import build_tiny_decoders
+    from toollmm.perf.flops import LlamaShape
+    from toollmm.perf.train_figs import batch_flops
+    from toollmm.perf.train_step import train_step
+    from toollmm.train.build import build_run
+    from toollmm.train.ds import init_distributed, load_ds_json
+    from toollmm.train.loop import batches, make_engine
+    from toollmm.train.memory import per_gpu_bytes, stage_sizes
 
     m = mode(cpu)
     s = STAGE_SIZES[m]
@@ -392,7 +392,7 @@ def section_stage(work: Path, cpu: bool, stage: int) -> dict:
 
 
 def _prepared_llm(cfg, work: Path, shape: dict, device, dtype):
-    from ..model.llm import prepare_llm
+    from toollmm.model.llm import prepare_llm
 
     hf = _llm(shape, cfg.model.llm.attn_implementation, device, dtype)
     return prepare_llm(

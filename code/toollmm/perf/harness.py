@@ -1,6 +1,6 @@
 """Run every figure in its own subprocess and assemble ``bench.json`` + ``bench.md``.
 
-``run(out_dir, sizes)``: a setup process builds the workspace (``toollmm.bench.world``), then each figure
+``run(out_dir, sizes)``: a setup process builds the workspace (``toollmm.perf.world``), then each figure
 runs as ``python code/bench.py figure NAME`` and writes its JSON; its peak RSS comes from ``wait4``
 (the child and the descendants it waited for, e.g. DataLoader workers). Our trainer and the HF Trainer
 alternate ``sizes.repeats`` times so a change of machine load hits both. Every figure is checked
@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..paths import REPO_ROOT
-from . import report
+from toollmm.core.paths import REPO_ROOT
+from toollmm.perf import report
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def run(out_dir: Path, sizes, work: Path, threads: int) -> tuple[dict, list[str]
     """Every figure in its own process -> ``out_dir/bench.{json,md}``. Returns (bench, problems): the
     figures that are missing, not finite or not positive (the caller reports them and fails)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    from ..paths import ensure_torch_extensions_dir
+    from toollmm.core.paths import ensure_torch_extensions_dir
 
     ensure_torch_extensions_dir()  # DeepSpeed's JIT ops: built once, reused by every figure
     env = dict(os.environ)

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..paths import REPO_ROOT
-from .world import World
+from toollmm.core.paths import REPO_ROOT
+from toollmm.perf.world import World
 
 TRAINABLE = ["lora", "input_proj", "token_rows.signal", "token_rows.tool"]
 
@@ -25,8 +25,8 @@ TRAINABLE = ["lora", "input_proj", "token_rows.signal", "token_rows.tool"]
 def prepare(world: World) -> tuple[Path, Path]:
     """A stage folder of the bench model (untrained delta: timing does not depend on the values) and the
     request file."""
-    from ..checkpoint.stage import save_stage
-    from ..model.toollmm_model import build_model
+    from toollmm.checkpoint.stage import save_stage
+    from toollmm.model.toollmm_model import build_model
 
     stage_dir = world.work / f"infer_stage_{world.sizes.name}"
     request = world.work / "infer_request.json"

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from .flops import train_flops
-from .gemm import BURST_SHAPES, gemm_gflops
-from .world import World
+from toollmm.perf.flops import train_flops
+from toollmm.perf.gemm import BURST_SHAPES, gemm_gflops
+from toollmm.perf.world import World
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class _Counting:
 
 
 def _samples(cfg, tok, path) -> list[dict]:
-    from ..data.pipeline import make_render_fn
+    from toollmm.data.pipeline import make_render_fn
 
     render = make_render_fn(cfg, tok)
     out = []
@@ -58,9 +58,9 @@ def hf_trainer_tokens(world: World) -> dict:
         TrainingArguments,
     )
 
-    from ..model.llm import apply_lora
-    from ..tokens import TokenContract
-    from .train_figs import stage3_tools
+    from toollmm.core.tokens import TokenContract
+    from toollmm.model.llm import apply_lora
+    from toollmm.perf.train_figs import stage3_tools
 
     s = world.sizes
     steps = s.trainer_steps + s.warmup

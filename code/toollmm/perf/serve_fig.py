@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..paths import OUTPUTS_DIR, REPO_ROOT
-from .world import World
+from toollmm.core.paths import OUTPUTS_DIR, REPO_ROOT
+from toollmm.perf.world import World
 
 CLIENTS = 8
 
@@ -55,7 +55,7 @@ def _pct(xs: list[float], q: float) -> float:
 def serving(world: World) -> dict:
     import httpx
 
-    from .infer_fig import prepare
+    from toollmm.perf.infer_fig import prepare
 
     demo = OUTPUTS_DIR / "demo" / "stage_3"
     if world.sizes.name != "quick" and (demo / "stage.json").is_file():

@@ -1,6 +1,6 @@
 """Media files -> ImageBind encoder inputs, with ImageBind's own defaults (``PreprocessConfig``).
 
-Shapes per input (batch them with ``torch.stack``; see ``toollmm.batch.MediaInputs``):
+Shapes per input (batch them with ``torch.stack``; see ``toollmm.core.batch.MediaInputs``):
 
 * image ``[3, S, S]``: bicubic resize of the short side to S, centre crop, CLIP normalisation
   (``imagebind.data.load_and_transform_vision_data``).
@@ -31,9 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toollmm.errors import UserError
-
-from ..config import PreprocessConfig
+from toollmm.core.config import PreprocessConfig
+from toollmm.core.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

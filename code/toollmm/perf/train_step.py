@@ -3,9 +3,9 @@ backward, the coalesced gradient reduction, the optimiser step) over one given m
 
 from __future__ import annotations
 
-from ..train.finish import SeenSamples
-from ..train.loop import optimiser_step
-from ..train.tracking import MetricsWindow
+from toollmm.train.finish import SeenSamples
+from toollmm.train.loop import optimiser_step
+from toollmm.train.tracking import MetricsWindow
 
 
 def train_step(engine, batch, dtype) -> MetricsWindow:

@@ -13,7 +13,7 @@ preprocessing (the processor's decoder) and the encoder forward are timed on the
 
 The encoder is an ImageBind of huge's depths with widths scaled so that its FLOPs per medium, relative to
 the LLM's stage-1 training FLOPs per sample, equal ImageBind-huge's relative to Vicuna-7B's
-(``toollmm.bench.world.encoder_dims_for``; both ratios are reported).
+(``toollmm.perf.world.encoder_dims_for``; both ratios are reported).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import statistics
 import time
 from pathlib import Path
 
-from ..config import PreprocessConfig
-from ..train.build import build_run
-from ..train.ds import init_distributed
-from ..train.loop import make_engine
-from .flops import VICUNA_7B, encoder_flops_per_input, train_flops
-from .step import train_step
-from .world import HUGE, World
+from toollmm.core.config import PreprocessConfig
+from toollmm.perf.flops import VICUNA_7B, encoder_flops_per_input, train_flops
+from toollmm.perf.train_step import train_step
+from toollmm.perf.world import HUGE, World
+from toollmm.train.build import build_run
+from toollmm.train.ds import init_distributed
+from toollmm.train.loop import make_engine
 
 
 class _Timed:

@@ -3,20 +3,19 @@
 Merge order (later wins): ``config/model.yaml`` -> ``config/stage_N.yaml`` (when training stage N) ->
 each ``--config FILE`` in order (a preset may carry per-stage blocks ``stages: {1: {...}, 2: ...}``,
 applied right after that file's top level) -> ``key=value`` overrides. Unknown keys are errors; all
-problems are reported at once. Relative paths resolve against the repo root (``toollmm.paths``).
+problems are reported at once. Relative paths resolve against the repo root (``toollmm.core.paths``).
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import configlib
-from .configlib import ConfigError, opt
-from .paths import CONFIG_DIR, cli_config_file, resolve
-from .tokens import MODALITIES
+from toollmm.core import configlib
+from toollmm.core.configlib import ConfigError, opt
+from toollmm.core.paths import CONFIG_DIR, resolve
+from toollmm.core.tokens import MODALITIES
 
 Modality = Literal["image", "video", "audio"]
 
@@ -203,7 +202,7 @@ class ModelConfig:
     feature_cache: FeatureCacheConfig = opt(factory=FeatureCacheConfig, help="on-disk encoder output cache")
     llm: LLMConfig = opt(factory=LLMConfig, help="the language model")
     tokens: TokenConfig = opt(
-        factory=TokenConfig, help="special-token counts (names are fixed by toollmm.tokens)"
+        factory=TokenConfig, help="special-token counts (names are fixed by toollmm.core.tokens)"
     )
     input_proj: InputProjConfig = opt(factory=InputProjConfig, help="encoder -> LLM")
     output_proj: dict[str, OutputProjConfig] = opt(
@@ -496,25 +495,6 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     return Loaded(cfg, sources)
-
-
-def add_config_args(parser: argparse.ArgumentParser, example: str = "train.optim.lr=2e-4") -> None:
-    """The flags every entry point shares; ``example``: an override that makes sense for this entry point."""
-    parser.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="FILE",
-        type=cli_config_file,
-        help="extra YAML layer (repeatable, in order; the file is taken from the current directory, the"
-        " relative paths inside it from the repo root)",
-    )
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config with each value's source and exit",
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
 
 
 def to_yaml(cfg: Config) -> str:

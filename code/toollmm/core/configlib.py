@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from toollmm.errors import NotUtf8, UserError, read_text
+from toollmm.core.errors import NotUtf8, UserError, read_text
 
 MISSING = dataclasses.MISSING
 

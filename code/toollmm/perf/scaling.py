@@ -1,7 +1,7 @@
 """docs/scaling.md: projected wall time and GPU memory of the real three-stage run, from the configs and
 bench.json, every assumption in one table (``ASSUMPTIONS``) that the page prints.
 
-Time of a stage = its model FLOPs (``toollmm.bench.flops``, with activation recomputation when
+Time of a stage = its model FLOPs (``toollmm.perf.flops``, with activation recomputation when
 ``model.llm.gradient_checkpointing``) / (GPUs x dense bf16 peak x MFU) + ZeRO-3's parameter traffic that
 does not overlap compute + the one-time ImageBind-huge pre-pass over the stage's media (feature cache).
 The MFU is calibrated on the anchors' own published hours (LLaVA-1.5 7B on 8x A100), unless bench.json
@@ -15,9 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import EncoderDims, PreprocessConfig, load_config
-from ..model.param_count import input_proj_count, lora_count, output_proj_count, token_rows_count
-from .flops import VICUNA_7B, LlamaShape, encoder_flops_per_input, train_flops
+from toollmm.core.config import EncoderDims, PreprocessConfig, load_config
+from toollmm.model.param_count import input_proj_count, lora_count, output_proj_count, token_rows_count
+from toollmm.perf.flops import VICUNA_7B, LlamaShape, encoder_flops_per_input, train_flops
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ ASSUMPTIONS = [
     " image / video / audio).",
     "Model FLOPs per token: 4 x non-embedding parameters (frozen weights need input gradients only) + 2 x"
     " the same again when gradient checkpointing recomputes the forward; LM head only where the loss reads"
-    " logits (supervised positions); causal attention inside each sample (toollmm.bench.flops).",
+    " logits (supervised positions); causal attention inside each sample (toollmm.perf.flops).",
     "MFU: calibrated so the LLaVA-1.5 7B anchors' published hours come out exactly (their FLOPs with 576"
     " image tokens per sample), the mean of the pretrain and finetune calibrations; the same MFU on H100"
     " (conservative: H100 usually reaches a similar or higher fraction of its peak).",

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import EncoderDims, Loaded, PreprocessConfig, load_config
-from ..model.tiny import TinyLlama, write_llm
-from ..paths import REPO_ROOT
-from .flops import (
+from toollmm.core.config import EncoderDims, Loaded, PreprocessConfig, load_config
+from toollmm.core.paths import REPO_ROOT
+from toollmm.model.tiny import TinyLlama, write_llm
+from toollmm.perf.flops import (
     AUDIO_PATCH,
     AUDIO_TOKENS,
     VICUNA_7B,
@@ -186,8 +186,8 @@ def render_stats(path: Path, tokenizer_dir: Path, max_length: int = 2048) -> dic
     training renderer (default config: one placeholder token per medium)."""
     from transformers import AutoTokenizer
 
-    from ..data.pipeline import make_render_fn
-    from ..tokens import TokenContract
+    from toollmm.core.tokens import TokenContract
+    from toollmm.data.pipeline import make_render_fn
 
     cfg = load_config(overrides=[f"data.max_length={max_length}"]).config
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -230,7 +230,7 @@ class World:
                 w.llm, w.demo / "tokenizer", llama_dims(sizes.llm), dtype=torch.bfloat16 if big else None
             )
         if not (w.decoders / "tiny-sd" / "model_index.json").is_file():
-            from ..model.tiny_decoders import build_tiny_decoders
+            from toollmm.model.tiny_decoders import build_tiny_decoders
 
             build_tiny_decoders(w.decoders)
         return w

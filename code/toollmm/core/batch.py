@@ -1,7 +1,7 @@
 """The batch contract between the data pipeline (renderer + collator) and the model.
 
 Media tokens. The renderer expands each ``<image>/<video>/<audio>`` placeholder into exactly
-``media_tokens[modality]`` copies of that placeholder's token id (``toollmm.tokens``), where
+``media_tokens[modality]`` copies of that placeholder's token id (``toollmm.core.tokens``), where
 ``media_tokens[m] = encoder outputs per input (1 when pooled, clips when per-clip) * input_proj.tokens_per_input``.
 So sequence lengths are final before the model runs (length grouping, packing and the max-length check
 all see real lengths), and the model writes projected encoder tokens at exactly those positions.

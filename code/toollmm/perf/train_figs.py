@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from ..model.losses import next_token_targets
-from ..train.build import build_run
-from ..train.ds import init_distributed
-from ..train.loop import make_engine, run_stage, stage_dir_of
-from .flops import LlamaShape, train_flops
-from .gemm import BURST_SHAPES, gemm_gflops
-from .step import train_step
-from .world import World
+from toollmm.model.losses import next_token_targets
+from toollmm.perf.flops import LlamaShape, train_flops
+from toollmm.perf.gemm import BURST_SHAPES, gemm_gflops
+from toollmm.perf.train_step import train_step
+from toollmm.perf.world import World
+from toollmm.train.build import build_run
+from toollmm.train.ds import init_distributed
+from toollmm.train.loop import make_engine, run_stage, stage_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def sample_lengths(batch) -> list[int]:
 
 
 def batch_flops(shape: LlamaShape, batch) -> float:
-    """Model FLOPs of one training step on ``batch`` (``toollmm.bench.flops``)."""
+    """Model FLOPs of one training step on ``batch`` (``toollmm.perf.flops``)."""
     starts = (batch.position_ids == 0) if batch.attention_mask.dim() == 4 else None
     keep, _ = next_token_targets(batch.labels, starts)
     return train_flops(shape, sample_lengths(batch), int(keep.sum()))
@@ -148,7 +148,7 @@ def _profile(engine, it, dtype, out_path) -> None:
 def trainer_tokens(world: World) -> dict:
     """Our whole stage-3 trainer (``run_stage``): median real tokens/s of its per-step metrics lines
     after the warm-up steps."""
-    from ..train.tracking import read_metrics
+    from toollmm.train.tracking import read_metrics
 
     s = world.sizes
     loaded = stage3_tools(world, "ours", s.trainer_steps + s.warmup)
@@ -177,9 +177,9 @@ def real_tokens(world: World) -> dict:
     naive (one sample per row padded to the longest, no grouping), same micro-batch and max length."""
     from transformers import AutoTokenizer
 
-    from ..data.pipeline import make_processor
-    from ..data.stream import TrainStream
-    from ..tokens import TokenContract
+    from toollmm.core.tokens import TokenContract
+    from toollmm.data.pipeline import make_processor
+    from toollmm.data.stream import TrainStream
 
     out = {}
     for name, data in (
@@ -203,7 +203,7 @@ def real_tokens(world: World) -> dict:
 def loader_vs_trainer(world: World) -> dict:
     """Samples/s of the stage-3 data pipeline alone (instruction records with media from the feature cache,
     plus tool records; its DataLoader workers) over samples/s of training on the same stream."""
-    from .cache_fig import subset
+    from toollmm.perf.cache_fig import subset
 
     s = world.sizes
     n = s.loader_batches

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from toollmm.errors import UserError
-
-from .model.files import respect_umask
+from toollmm.core.errors import UserError
+from toollmm.core.files import respect_umask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

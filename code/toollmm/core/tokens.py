@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from toollmm.errors import UserError
+from toollmm.core.errors import UserError
 
 MODALITIES = ("image", "video", "audio")
 PLACEHOLDER = {"image": "<image>", "video": "<video>", "audio": "<audio>"}

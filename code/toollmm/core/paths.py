@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(os.environ.get("TOOLLMM_HOME", Path(__file__).resolve().parents[2])).resolve()
+REPO_ROOT = Path(os.environ.get("TOOLLMM_HOME", Path(__file__).resolve().parents[3])).resolve()
 CONFIG_DIR = REPO_ROOT / "config"
 DSCONFIG_DIR = REPO_ROOT / "dsconfig"
 DATA_DIR = REPO_ROOT / "data"
