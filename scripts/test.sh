@@ -3,7 +3,7 @@
 #
 #   bash scripts/test.sh                 # fast tests (default; about 10 minutes or less on 2 cores)
 #   bash scripts/test.sh --all           # also the `slow` end-to-end tests (demo --small, multi-process DeepSpeed)
-#   bash scripts/test.sh tests/test_config.py -k override    # extra arguments go to pytest
+#   bash scripts/test.sh tests/core/test_config.py -k override    # extra arguments go to pytest
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 

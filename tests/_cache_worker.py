@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_feature_cache.py's multi-process test.
+"""Subprocess side of tests/model/test_feature_cache.py's multi-process test.
 
     python _cache_worker.py writer ROOT JOB      # encode JOB["images"] through a FeatureCache at ROOT
     python _cache_worker.py reader ROOT JOB      # poll ROOT, parsing every cache file, until JOB["done"] exists

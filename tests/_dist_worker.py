@@ -1,4 +1,4 @@
-"""One rank of a real process group, started by tests/test_bind_loopback.py and tests/test_stage_lock.py.
+"""One rank of a real process group, started by tests/train/test_bind_loopback.py and tests/train/test_stage_lock.py.
 
     python tests/_dist_worker.py OUT GO [HOLD_DIR]
 

@@ -1,4 +1,4 @@
-"""One rank of the 2-process stream test (tests/test_ranks.py): a gloo process group, the real stream with
+"""One rank of the 2-process stream test (tests/train/test_ranks.py): a gloo process group, the real stream with
 2 DataLoader workers, and an all_reduce per step like DDP/DeepSpeed gradient sync (a rank that stopped
 early would leave the other blocked in it)."""
 

@@ -1,4 +1,4 @@
-"""Subprocess side of tests/test_reproducible_saves.py: save a tiny delta and a feature-cache entry.
+"""Subprocess side of tests/checkpoint/test_reproducible_saves.py: save a tiny delta and a feature-cache entry.
 
 python _repro_worker.py LLM_DIR IMAGE OUT
 """

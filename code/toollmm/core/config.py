@@ -69,7 +69,7 @@ class EncoderConfig:
     def check(self) -> list[str]:
         if self.preset != "huge":
             return []
-        huge = EncoderDims()  # its defaults are the package's imagebind_huge dims (tests/test_encoder.py)
+        huge = EncoderDims()  # its defaults are the package's imagebind_huge dims (tests/model/test_encoder.py)
         return [
             f"dims.{k}: {v} differs from imagebind_huge's {getattr(huge, k)} (preset 'huge'; "
             "use another preset name for custom dims)"

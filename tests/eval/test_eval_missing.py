@@ -20,7 +20,7 @@ from _media import write_image, write_mp4, write_wav
 from toollmm.core.paths import REPO_ROOT
 from toollmm.eval import ScoreOptions, score_files
 
-FIX = Path(__file__).parent / "fixtures" / "samples"
+FIX = Path(__file__).parents[1] / "fixtures" / "samples"
 MLLM = FIX / "mllm-tool" / "combined_data.json"
 G4T = FIX / "gpt4tools" / "gpt4tools_val_seen.json"
 

@@ -22,7 +22,7 @@ from toollmm.model.encoder import build_encoder
 from toollmm.model.feature_cache import FeatureCache
 
 TINY = "config/presets/encoder_tiny.yaml"
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def encoder(*overrides: str):

@@ -25,7 +25,7 @@ from toollmm.agent.toolsets import (
 )
 from toollmm.core.config import InferenceConfig
 
-SAMPLES = Path(__file__).resolve().parent / "fixtures" / "shared"  # verbatim copies of public records
+SAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "shared"  # verbatim copies of public records
 
 
 @pytest.fixture()
@@ -48,7 +48,7 @@ def test_declared_set_sizes_and_provenance(reg):
     assert {s.source for s in load_toolset("mllmtool")} == {"mllmtool"}
     for name in SETS[1:]:
         data = json.loads(
-            (Path(__file__).resolve().parents[1] / f"code/toollmm/agent/toolsets/{name}.json").read_text()
+            (Path(__file__).resolve().parents[2] / f"code/toollmm/agent/toolsets/{name}.json").read_text()
         )
         assert data["_provenance"], name
     # typos are kept: these are the names the data uses

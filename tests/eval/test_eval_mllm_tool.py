@@ -11,7 +11,7 @@ import pytest
 from toollmm.eval import ScoreOptions, score_files
 from toollmm.eval.mllm_tool import parse_answer
 
-REF = Path(__file__).parent / "fixtures" / "samples" / "mllm-tool" / "combined_data.json"
+REF = Path(__file__).parents[1] / "fixtures" / "samples" / "mllm-tool" / "combined_data.json"
 RAW = json.loads(REF.read_text(encoding="utf-8"))
 
 

@@ -51,7 +51,7 @@ TRAINED_3 = [
 ]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 REPO_ID = "me/toollmm-tiny"
-DEMO_EVAL = Path(__file__).parent / "fixtures" / "demo_eval" / "demo.json"
+DEMO_EVAL = Path(__file__).parents[1] / "fixtures" / "demo_eval" / "demo.json"
 
 
 def _load_entry():
@@ -120,7 +120,7 @@ def world(tmp_path_factory, tiny_tokenizer_dir):
 def _write_eval(out: Path) -> None:
     from toollmm.eval import run_benchmark
 
-    refs = Path(__file__).parent / "fixtures" / "samples" / "viot" / "test_crowd.json"
+    refs = Path(__file__).parents[1] / "fixtures" / "samples" / "viot" / "test_crowd.json"
     run_benchmark("viot", [refs], lambda prompts: [{"text": "no tool needed"} for _ in prompts], out, limit=2)
     # what `evaluate.py demo` wrote for the demo's stage 3 (a real run's eval/demo.json, trimmed examples)
     shutil.copy(DEMO_EVAL, out / "demo.json")

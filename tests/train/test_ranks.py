@@ -11,7 +11,7 @@ from pathlib import Path
 
 from _datastream import make_source
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]
 
 
 def free_port() -> int:

@@ -15,10 +15,10 @@ import pytest
 
 from toollmm.data.convert import REGISTRY, convert_file
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).parents[1] / "fixtures"
 GOLDEN = FIX / "golden"
 SHARED_SAMPLES = (
-    Path(__file__).resolve().parent / "fixtures" / "shared"
+    Path(__file__).resolve().parents[1] / "fixtures" / "shared"
 )  # verbatim copies of ../shared/samples
 
 # (format, input under fixtures/, golden under fixtures/golden/, --opt options)

@@ -22,7 +22,7 @@ from toollmm.train.build import seed_all
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]
 DEEPSPEED = REPO_ROOT / ".venv" / "bin" / "deepspeed"
 
 

@@ -20,7 +20,7 @@ import pytest
 from _train_world import child_env, free_port
 from toollmm.core.paths import REPO_ROOT
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parents[1]
 WORKER = HERE / "_dist_worker.py"
 DEEPSPEED = REPO_ROOT / ".venv" / "bin" / "deepspeed"
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")

@@ -11,7 +11,7 @@ import torch
 
 from toollmm.model.decoders import DecoderError, condition_shape
 
-FIXTURES = Path(__file__).parent / "fixtures" / "decoders"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "decoders"
 REAL = ["stable-diffusion-v1-5", "zeroscope_v2_576w", "audioldm-l-full"]
 
 

@@ -26,7 +26,7 @@ from toollmm.data.convert import convert_file
 from toollmm.data.convert.gpt4tools import to_source
 from toollmm.data.convert.viot import normalize_tool
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).parents[1] / "fixtures"
 GPT4TOOLS = ["samples/gpt4tools/gpt4tools_71k.json", "samples/gpt4tools/gpt4tools_val_seen.json"]
 VIOT_CHAINS = [f"samples/viot/test_{n}.json" for n in ("action", "anomaly", "crowd", "fire", "licenceplate")]
 VIOT_UPLOAD = [f"samples/viot/test_{n}.json" for n in ("face", "personreid", "vehiclereid")]

@@ -14,7 +14,7 @@ from toollmm.eval import EvalError, run_benchmark
 from toollmm.eval.common import load_references
 from toollmm.eval.run import generate_predictions, read_step, split_reference
 
-FIX = Path(__file__).parent / "fixtures" / "samples"
+FIX = Path(__file__).parents[1] / "fixtures" / "samples"
 
 
 def _load_entry():

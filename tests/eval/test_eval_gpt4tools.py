@@ -16,7 +16,7 @@ from toollmm.eval.common import load_references
 from toollmm.eval.gpt4tools import score_item, strip_prompt
 from toollmm.eval.metrics import bleu1
 
-FIX = Path(__file__).parent / "fixtures" / "samples" / "gpt4tools"
+FIX = Path(__file__).parents[1] / "fixtures" / "samples" / "gpt4tools"
 VAL = FIX / "gpt4tools_val_seen.json"
 RAW = {r["id"]: r for r in json.loads(VAL.read_text(encoding="utf-8"))}
 CHAIN, NO_TOOL = RAW[50], RAW[29]  # a two-step tool chain; an answer without a tool

@@ -12,7 +12,7 @@ from toollmm.model.decoders import condition_shape
 from toollmm.model.param_count import input_proj_count, output_proj_count
 from toollmm.model.projections import InputProjection, OutputProjection
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

@@ -12,7 +12,7 @@ import pytest
 from toollmm.core.paths import REPO_ROOT
 from toollmm.data.convert import ConversionError, convert_file
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).parents[1] / "fixtures"
 
 
 def _load_entry():

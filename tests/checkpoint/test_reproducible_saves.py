@@ -18,7 +18,7 @@ from _train_world import child_env
 from model_fixtures import build_tiny, write_tiny_llama
 from toollmm.checkpoint.delta import load_delta
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _header(path: Path) -> str:

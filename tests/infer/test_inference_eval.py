@@ -15,7 +15,7 @@ from inference_fixtures import call_text, steer
 from toollmm.core.paths import REPO_ROOT
 from toollmm.infer.requests import Request
 
-FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"
+FIX = Path(__file__).parents[1] / "fixtures" / "samples" / "viot"
 
 
 def _entry():

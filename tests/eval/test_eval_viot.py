@@ -10,7 +10,7 @@ import pytest
 
 from toollmm.eval import ScoreOptions, score_files
 
-FIX = Path(__file__).parent / "fixtures" / "samples" / "viot"
+FIX = Path(__file__).parents[1] / "fixtures" / "samples" / "viot"
 NAMES = ("action", "anomaly", "crowd", "face", "fire", "gait", "licenceplate", "personreid", "vehiclereid")
 FILES = [FIX / f"test_{n}.json" for n in NAMES]
 
