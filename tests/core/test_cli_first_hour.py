@@ -13,12 +13,12 @@ import sys
 
 import pytest
 import yaml
-
-import toollmm
 from test_evaluate_cli import Scripted, three  # noqa: F401  (``three`` is a fixture)
 from test_evaluate_cli import evaluate as evaluate_cli
 from test_inference_cli import Loader
 from test_inference_cli import cli as inference_cli
+
+import toollmm
 from toollmm.checkpoint.stage import stage_config
 from toollmm.core.config import ConfigError, load_config
 from toollmm.core.paths import REPO_ROOT

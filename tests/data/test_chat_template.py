@@ -6,10 +6,10 @@ import random
 
 import pytest
 from jinja2.exceptions import TemplateError
-from transformers import AutoTokenizer
-
 from test_data_schema import readme_examples
 from test_render import chat_record, generate_record, react_record, tool_record
+from transformers import AutoTokenizer
+
 from toollmm.core.batch import IGNORE_INDEX
 from toollmm.core.tokens import MODALITIES, PLACEHOLDER, TokenContract, TokenContractError
 from toollmm.core.toolcall import tool_call_entry

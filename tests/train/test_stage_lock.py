@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bind_loopback import DEEPSPEED, Running, env_for
 
 from _train_world import TRAIN_PY, child_env, free_port, run_train
-from test_bind_loopback import DEEPSPEED, Running, env_for
 from toollmm.core.config import load_config
 from toollmm.train.lock import LOCK_FILE, StageLock, StageLockedError
 

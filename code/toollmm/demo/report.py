@@ -9,7 +9,7 @@ logged window) and ``<run>/stage_N/eval/demo.json`` (``toollmm.demo.eval``), and
      "stage0": {...}, "targets": {...}, "total_wall_s", "small"}
 
 ``initial`` is stage 2's metric on stage 1's folder (stage 2's starting point), ``final`` on stage 2's.
-``targets`` checks the demo's learning targets (issue 7) and says which are met.
+``targets`` checks the demo's learning targets and says which are met.
 """
 
 from __future__ import annotations
