@@ -245,7 +245,7 @@ def test_a_checkpoint_config_keeps_tool_imports_of_this_package_only(tmp_path, c
     that entry stays, every other one is dropped with a warning naming it."""
     import yaml
 
-    from toollmm.checkpoint import stage_config
+    from toollmm.checkpoint.stage import stage_config
     from toollmm.core import configlib
 
     tree = configlib.to_dict(load_config().config)

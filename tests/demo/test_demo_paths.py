@@ -119,5 +119,5 @@ def test_demo_sh_out_puts_every_step_under_the_folder(tmp_path):
 
 
 def test_slow_demo_test_writes_only_into_a_temporary_folder():
-    text = (REPO_ROOT / "tests" / "test_demo_e2e.py").read_text(encoding="utf-8")
+    text = (REPO_ROOT / "tests" / "demo" / "test_demo_e2e.py").read_text(encoding="utf-8")
     assert '"--out"' in text and 'REPO_ROOT / "outputs"' not in text
