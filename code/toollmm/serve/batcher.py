@@ -189,6 +189,9 @@ class Batcher:
                 return closing
             new, closed = self._take(block=not rows, free=self.max_batch_size - len(rows))
             closing = closing or closed
+            if new and not rows and self.engine_of() is not engine:  # switched while idle: new engine
+                self._run(new)
+                return closing
             if new:
                 self.busy = True
                 state = self._admit(engine, model, state, rows, new)
