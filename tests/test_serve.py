@@ -592,12 +592,21 @@ def test_a_request_that_breaks_generation_fails_alone(served):
 
 # ------------------------------------------------------------------------------ continuous batching
 class _Breaks(BatchedStepModel):
-    """The real batched step model, except that a prompt containing "explode" breaks its prefill."""
+    """The real batched step model, except that a prompt containing "explode" breaks its prefill and
+    ``fail_next_step`` makes the next decode step raise once."""
+
+    fail_next_step = False
 
     def start(self, prompts, media=None):
         if any("explode" in self.tok.decode(p) for p in prompts):
             raise RuntimeError("this prompt breaks the model")
         return super().start(prompts, media)
+
+    def step(self, state, tokens):
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("a step that breaks")
+        return super().step(state, tokens)
 
 
 def _job(server, text, no_eos=False, **opts):
@@ -702,3 +711,24 @@ def test_a_cancelled_row_leaves_the_running_batch(continuous):
     assert got["kind"] == "done" and got["payload"].finish_reason == "cancelled"
     assert len(got["payload"].token_ids) < 50 and b.finished["cancelled"] == before + 1
     assert len(stay.wait()["payload"].token_ids) == 50
+
+
+def test_a_step_that_breaks_reruns_each_row_alone(continuous):
+    """A decode step of the running batch that raises: every row is rerun alone and answered (the same
+    greedy tokens as a clean run), and the server keeps serving."""
+    server = continuous
+    b = server.batcher
+    greedy = dict(no_eos=True, temperature=0, max_tokens=16)
+    clean = [_job(server, f"steady request {i}", **greedy).wait()["payload"].token_ids for i in range(3)]
+    steps0 = b.steps
+    jobs = [_job(server, f"steady request {i}", **greedy) for i in range(3)]
+    for _ in range(400):
+        if b.steps > steps0:
+            break
+        time.sleep(0.005)
+    server.rt.step_model.fail_next_step = True
+    got = [j.wait() for j in jobs]
+    assert [g["kind"] for g in got] == ["done"] * 3
+    assert [g["payload"].token_ids for g in got] == clean
+    assert not server.rt.step_model.fail_next_step  # the failure did happen
+    assert _job(server, "after the failure", max_tokens=2).wait()["kind"] == "done"

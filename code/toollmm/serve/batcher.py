@@ -199,49 +199,57 @@ class Batcher:
                 self.busy = False
                 state = None
                 continue
-            appends, starts, keep = [], [], []
-            for k, row in enumerate(rows):
-                st = row.st
-                start = len(st.gen)
-                if not st.finish_reason and row.job.cancelled.is_set():
-                    engine._finish(st, "cancelled", row.t0)
-                toks = [] if st.finish_reason else engine._advance(st, row.logits, row.t0)
-                if not toks and not st.finish_reason:  # defensive: a row must progress or finish
-                    engine._finish(st, "error", row.t0, "internal: the row made no progress")
-                if toks:
-                    appends.append(toks)
-                    starts.append(start)
-                    keep.append(k)
-                else:  # finished: answered now, its cache rows freed before the next step
-                    self._answer(engine, row)
-            if len(keep) < len(rows):
-                rows = [rows[k] for k in keep]
-                if not rows:
-                    state = None
-                    self.busy = False
-                    continue
-                model.leave(state, keep)
-            ts = time.perf_counter()
             try:
-                out = model.step(state, appends)
-            except Exception:  # the step broke: each row is rerun alone, so only the culprit fails
-                log.exception("decode step failed for a running batch of %d", len(rows))
-                jobs = [r.job for r in rows]
+                rows, state = self._step(engine, model, state, rows)
+            except Exception:  # anything else that breaks: each row is rerun alone, never the worker dies
+                log.exception("continuous batch of %d failed", len(rows))
+                jobs = [r.job for r in rows if not r.answered]
                 rows, state = [], None
                 for j in jobs:
-                    self._retry_alone(j)
-                continue
-            dt = time.perf_counter() - ts
-            self.steps += 1
-            self.step_rows += len(rows)
-            for k, (row, toks, start) in enumerate(zip(rows, appends, starts)):
-                row.model_s += dt
-                row.logits = out.logits[k]
-                hid = out.hidden[k] if out.hidden is not None else None
-                engine._collect(row.st, row.st.prompt_len + start, len(toks), hid, state, engine.signal_hook)
-                row.job.emitted = True
-                if row.job.stream:
-                    row.job.on_event("tokens", list(toks))
+                    try:
+                        self._retry_alone(j)
+                    except Exception:  # e.g. its client's event loop is gone
+                        log.exception("could not rerun or fail a request")
+            if not rows:
+                self.busy, state = False, None
+
+    def _step(self, engine, model, state, rows: list[_Row]) -> tuple[list[_Row], Any]:
+        """One decode step of the running batch: every row advances (finished rows are answered and
+        leave), then one forward appends every row's tokens."""
+        appends, starts, keep = [], [], []
+        for k, row in enumerate(rows):
+            st = row.st
+            start = len(st.gen)
+            if not st.finish_reason and row.job.cancelled.is_set():
+                engine._finish(st, "cancelled", row.t0)
+            toks = [] if st.finish_reason else engine._advance(st, row.logits, row.t0)
+            if not toks and not st.finish_reason:  # defensive: a row must progress or finish
+                engine._finish(st, "error", row.t0, "internal: the row made no progress")
+            if toks:
+                appends.append(toks)
+                starts.append(start)
+                keep.append(k)
+            else:  # finished: answered now, its cache rows freed before the next step
+                self._answer(engine, row)
+        if len(keep) < len(rows):
+            rows = [rows[k] for k in keep]
+            if not rows:
+                return [], None
+            model.leave(state, keep)
+        ts = time.perf_counter()
+        out = model.step(state, appends)  # raising: the caller reruns each row alone
+        dt = time.perf_counter() - ts
+        self.steps += 1
+        self.step_rows += len(rows)
+        for k, (row, toks, start) in enumerate(zip(rows, appends, starts)):
+            row.model_s += dt
+            row.logits = out.logits[k]
+            hid = out.hidden[k] if out.hidden is not None else None
+            engine._collect(row.st, row.st.prompt_len + start, len(toks), hid, state, engine.signal_hook)
+            row.job.emitted = True
+            if row.job.stream:
+                row.job.on_event("tokens", list(toks))
+        return rows, state
 
     def _admit(self, engine, model, state, rows: list[_Row], jobs: list[Job]):
         """Prefill ``jobs`` into the running batch (or start one); a group that fails is retried one job
@@ -275,6 +283,7 @@ class Batcher:
 
     def _answer(self, engine, row: _Row) -> None:
         self.finished[row.st.finish_reason] += 1
+        row.answered = True  # never rerun, even if delivering the answer fails
         row.job.on_event("done", engine._result(row.st, round(row.model_s, 4)))
 
     def _retry_alone(self, job: Job) -> None:
@@ -298,3 +307,4 @@ class _Row:
     logits: Any
     t0: float
     model_s: float
+    answered: bool = False
