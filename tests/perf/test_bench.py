@@ -213,3 +213,29 @@ def test_scaling_projection_is_calibrated_and_ordered():
         "sizes": {"llm": {"hidden": 4096, "layers": 32}},
     }
     assert "MFU used: 8x A100-80G 0.41" in S.render(gpu)
+
+
+def test_serve_figure_prompts_need_no_prepared_workspace(tmp_path, monkeypatch):
+    """The serving figure on a fresh ``--work`` folder (neither it nor its corpus exists yet) takes its
+    prompts from the repo's demo corpus (what the demo checkpoint trained on) instead of failing."""
+    import json
+
+    from toollmm.perf import serve_fig
+    from toollmm.perf.world import SIZES, World
+
+    data = tmp_path / "data"
+    (data / "demo" / "heldout").mkdir(parents=True)
+    recs = [{"messages": [{"role": "user", "content": "<image>\nwhat is it?"}], "images": ["a.png"]}]
+    recs += [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(3)]
+    (data / "demo" / "heldout" / "instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (data / "demo" / "heldout" / "tools.jsonl").write_text(json.dumps(recs[1]) + "\n")
+    monkeypatch.setattr(serve_fig, "DATA_DIR", data)
+    world = World(tmp_path / "fresh" / "W", SIZES["full"])
+    assert not world.work.exists()
+    assert serve_fig._prompts(world, 5) == [
+        "question 0",
+        "question 1",
+        "question 2",
+        "question 0",
+        "Tell me about request 4.",
+    ]

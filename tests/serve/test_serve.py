@@ -588,3 +588,147 @@ def test_a_request_that_breaks_generation_fails_alone(served):
     assert outcomes[0] in ("stop", "length") and outcomes[2] in ("stop", "length")
     assert outcomes[1]["type"] == "server_error" and "breaks the model" in outcomes[1]["message"]
     assert _chat(client, "after the failure", max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------ continuous batching
+class _Breaks(BatchedStepModel):
+    """The real batched step model, except that a prompt containing "explode" breaks its prefill and
+    ``fail_next_step`` makes the next decode step raise once."""
+
+    fail_next_step = False
+
+    def start(self, prompts, media=None):
+        if any("explode" in self.tok.decode(p) for p in prompts):
+            raise RuntimeError("this prompt breaks the model")
+        return super().start(prompts, media)
+
+    def step(self, state, tokens):
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("a step that breaks")
+        return super().step(state, tokens)
+
+
+def _job(server, text, no_eos=False, **opts):
+    """A request prepared as the HTTP handler prepares it, submitted to the server's batcher (``no_eos``:
+    it runs its whole token budget)."""
+    from toollmm.serve.batcher import Job
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], **opts}
+    _, prompt, media, ro = server.prepare(json.dumps(body).encode())
+    done, box = threading.Event(), {}
+
+    def on_event(kind, payload):
+        if kind in ("done", "error", "cancelled"):
+            box["kind"], box["payload"] = kind, payload
+            done.set()
+
+    if no_eos:
+        ro.banned = [server.rt.tokenizer.eos_token_id]
+    job = Job(prompt, media, ro, False, on_event)
+    job.wait = lambda: (done.wait(120), box)[1]
+    server.batcher.submit(job)
+    return job
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def continuous(request, tiny_stage_dir, tmp_path_factory):
+    """A server on the real ``ToolLMM`` + batched step model under each attention kernel, continuous
+    batching on (the default)."""
+    out = tmp_path_factory.mktemp(f"cont_{request.param}")
+    rt = toollmm.load(
+        tiny_stage_dir,
+        output_dir=out,
+        overrides=["inference.max_new_tokens=64", f"model.llm.attn_implementation={request.param}"],
+    )
+    model = _Breaks(rt.model)
+    model.tok = rt.tokenizer
+    rt.set_step_model(model)
+    server = Server(rt, model_name=MODEL, max_batch_size=8)
+    yield server
+    server.batcher.close()
+
+
+def test_requests_join_a_running_batch_and_answer_as_alone(continuous):
+    """Continuous batching: requests that arrive while a batch is decoding join it between steps (they do
+    not wait for it to end); a greedy request and a sampled one with its own seed give the same tokens
+    alone and joined into a running batch of 8 different requests, on the real step model."""
+    server = continuous
+    b = server.batcher
+    greedy = dict(temperature=0, max_tokens=12)
+    sampled = dict(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    alone_g = _job(server, "describe a quiet morning by the lake", **greedy).wait()["payload"].token_ids
+    alone_s = _job(server, "name three colours", **sampled).wait()["payload"].token_ids
+    joined0, steps0, rows0 = b.joined, b.steps, b.step_rows
+    blocker = _job(server, "a long blocker", no_eos=True, temperature=0, max_tokens=60)
+    for _ in range(400):
+        if b.steps > steps0:
+            break
+        time.sleep(0.01)
+    jobs = []
+    for i, w in enumerate("cats dogs rain snow sun wind".split()):
+        jobs.append(_job(server, f"other request {i} about {w}", temperature=0.7, seed=i, max_tokens=4 + i))
+        time.sleep(0.01)
+    g = _job(server, "describe a quiet morning by the lake", **greedy)
+    s = _job(server, "name three colours", **sampled)
+    results = [j.wait() for j in (g, s, blocker, *jobs)]
+    assert all(r["kind"] == "done" for r in results)
+    assert results[0]["payload"].token_ids == alone_g and len(alone_g) > 0
+    assert results[1]["payload"].token_ids == alone_s and len(alone_s) > 0
+    assert len(results[2]["payload"].token_ids) == 60
+    assert b.joined - joined0 >= 8  # every request after the blocker joined a decoding batch
+    assert (b.step_rows - rows0) / (b.steps - steps0) > 2  # steps carried several rows at once
+
+
+def test_a_request_that_breaks_prefill_fails_alone_in_a_running_batch(continuous):
+    server = continuous
+    b = server.batcher
+    steps0 = b.steps
+    blocker = _job(server, "a long blocker", no_eos=True, temperature=0, max_tokens=40)
+    for _ in range(400):
+        if b.steps > steps0:
+            break
+        time.sleep(0.01)
+    jobs = [_job(server, t, max_tokens=4) for t in ("fine one", "please explode", "fine two")]
+    fine1, boom, fine2 = (j.wait() for j in jobs)
+    assert fine1["kind"] == "done" and fine2["kind"] == "done"
+    assert boom["kind"] == "error" and "breaks the model" in boom["payload"]
+    assert blocker.wait()["kind"] == "done" and len(blocker.wait()["payload"].token_ids) == 40
+    assert _job(server, "after the failure", max_tokens=2).wait()["kind"] == "done"
+
+
+def test_a_cancelled_row_leaves_the_running_batch(continuous):
+    server = continuous
+    b = server.batcher
+    before, steps0 = b.finished["cancelled"], b.steps
+    stay, go = (_job(server, t, no_eos=True, temperature=0, max_tokens=50) for t in ("stays", "goes away"))
+    for _ in range(400):
+        if b.steps > steps0 + 3:
+            break
+        time.sleep(0.01)
+    go.cancelled.set()
+    got = go.wait()
+    assert got["kind"] == "done" and got["payload"].finish_reason == "cancelled"
+    assert len(got["payload"].token_ids) < 50 and b.finished["cancelled"] == before + 1
+    assert len(stay.wait()["payload"].token_ids) == 50
+
+
+def test_a_step_that_breaks_reruns_each_row_alone(continuous):
+    """A decode step of the running batch that raises: every row is rerun alone and answered (the same
+    greedy tokens as a clean run), and the server keeps serving."""
+    server = continuous
+    b = server.batcher
+    greedy = dict(no_eos=True, temperature=0, max_tokens=16)
+    clean = [_job(server, f"steady request {i}", **greedy).wait()["payload"].token_ids for i in range(3)]
+    steps0 = b.steps
+    jobs = [_job(server, f"steady request {i}", **greedy) for i in range(3)]
+    for _ in range(400):
+        if b.steps > steps0:
+            break
+        time.sleep(0.005)
+    server.rt.step_model.fail_next_step = True
+    got = [j.wait() for j in jobs]
+    assert [g["kind"] for g in got] == ["done"] * 3
+    assert [g["payload"].token_ids for g in got] == clean
+    assert not server.rt.step_model.fail_next_step  # the failure did happen
+    assert _job(server, "after the failure", max_tokens=2).wait()["kind"] == "done"

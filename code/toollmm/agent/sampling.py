@@ -18,7 +18,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int | None:
         """One row's ``[V]`` logits -> a token id, or None when no token can be chosen (NaN / all banned)."""
-        x = logits.detach().float().cpu().clone()
+        x = logits.detach().float().cpu()
+        if self.temperature == 0:  # greedy, one pass: the same token as the full path below
+            if self.banned.numel():
+                x = x.index_fill(0, self.banned[self.banned < x.numel()], float("-inf"))
+            i = int(torch.argmax(x))  # argmax lands on a NaN if there is one
+            best = float(x[i])
+            if best == best and best != float("-inf"):  # not NaN, not all banned / -inf
+                return i
+        x = x.clone()
         if torch.isnan(x).any():
             return None
         if self.banned.numel():

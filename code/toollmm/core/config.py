@@ -406,6 +406,11 @@ class ServeConfig:
         "decode a batch's rows in one forward per step (each row its own KV-cache row); "
         "false = one forward per row",
     )
+    continuous: bool = opt(
+        True,
+        "continuous batching: requests join the running batch between decode steps and finished rows "
+        "leave it (needs the batched step model); false = static batches (one generate call each)",
+    )
     media_root: str | None = opt(
         None, "folder that file paths in image_url / video_url parts must stay inside (none: data: URLs only)"
     )

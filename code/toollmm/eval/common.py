@@ -110,6 +110,16 @@ class ScoreOptions:
         return self.compat or self.allow_missing
 
 
+def scored_pairs(
+    refs: list[Reference], preds: list[dict | None], opts: ScoreOptions
+) -> tuple[list[tuple[Reference, dict | None]], int]:
+    """The (reference, prediction) pairs a scorer scores, and how many references had no prediction:
+    with ``opts.skip_missing`` those are left out of every denominator, otherwise they stay (as ``None``,
+    which each scorer counts as a failure)."""
+    pairs = [(r, p) for r, p in zip(refs, preds) if p is not None or not opts.skip_missing]
+    return pairs, sum(p is None for _, p in zip(refs, preds))
+
+
 @dataclass
 class Matched:
     """Predictions matched to references (``None`` = no prediction) and what did not match."""

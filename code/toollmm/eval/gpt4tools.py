@@ -33,7 +33,7 @@ from toollmm.core.react import (
 )
 from toollmm.data.convert.gpt4tools import to_source
 
-from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark
+from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark, scored_pairs
 from .metrics import bleu1, mean
 from .toolcalls import batch_calls, calls_from_prediction
 
@@ -158,12 +158,9 @@ def _split_name(ref: Reference) -> str:
 
 def score(refs: list[Reference], preds: list[dict | None], opts: ScoreOptions, all_refs=None) -> dict:
     per_split: dict[str, list[dict[str, float]]] = {}
-    missing = 0
-    for ref, pred in zip(refs, preds):
+    pairs, missing = scored_pairs(refs, preds, opts)
+    for ref, pred in pairs:
         if pred is None:
-            missing += 1
-            if opts.skip_missing:
-                continue
             item = dict.fromkeys(KEYS, 0.0)
         else:
             src = to_source(ref.record)

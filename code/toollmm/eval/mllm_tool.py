@@ -23,7 +23,7 @@ import ast
 import json
 import re
 
-from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark, user_query
+from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark, scored_pairs, user_query
 from .metrics import fraction
 from .toolcalls import batch_calls, first_tool_call
 
@@ -108,12 +108,8 @@ def score(
         a for r in (all_refs or refs) for a in r.record["eval"].get("acceptable", []) if isinstance(a, str)
     }
     items: list[tuple[Reference, dict[str, bool]]] = []
-    missing = 0
-    for ref, pred in zip(refs, preds):
-        if pred is None:
-            missing += 1
-            if opts.skip_missing:
-                continue
+    pairs, missing = scored_pairs(refs, preds, opts)
+    for ref, pred in pairs:
         got = predicted_id(pred)
         acceptable = ref.record["eval"].get("acceptable", [])
         items.append(

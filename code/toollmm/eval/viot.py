@@ -27,7 +27,7 @@ import re
 
 from toollmm.data.convert.viot import normalize_tool
 
-from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark, user_query
+from .common import BenchmarkSpec, Reference, ScoreOptions, register_benchmark, scored_pairs, user_query
 from .metrics import fraction
 from .toolcalls import calls_from_prediction, same_call
 
@@ -114,12 +114,8 @@ def score_record(reference: list[dict], steps: list[tuple[str, str]], known: dic
 def score(refs: list[Reference], preds: list[dict | None], opts: ScoreOptions, all_refs=None) -> dict:
     step_rows: list[tuple[str, bool, bool]] = []
     chains: list[bool] = []
-    missing = 0
-    for ref, pred in zip(refs, preds):
-        if pred is None:
-            missing += 1
-            if opts.skip_missing:
-                continue
+    pairs, missing = scored_pairs(refs, preds, opts)
+    for ref, pred in pairs:
         reference = ref.record["eval"].get("reference") or []
         steps = predicted_steps(pred) if pred is not None else []
         rows_, success = score_record(reference, steps, uploads(ref.record, pred))

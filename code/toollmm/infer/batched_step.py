@@ -12,6 +12,11 @@ floating-point summation order (the server's test checks greedy tokens alone vs 
 
 The explicit mask also keeps multi-token appends off the mask-less SDPA path (``is_causal`` with fewer
 queries than keys), for every ``attn_implementation``.
+
+Continuous batching (the server's loop, ``serve/batcher.py``): ``join`` prefills new rows on their own and
+appends them to a running batch (the shorter side's cache and mask left-padded with masked slots, so no row
+sees anything new), ``leave`` drops finished rows and the cache columns no remaining row uses. Cached keys
+already carry their rotary positions, so padding in front of them changes nothing a row attends to.
 """
 
 from __future__ import annotations
@@ -75,21 +80,52 @@ class BatchedStepModel:
         return _Batch(out.past_key_values, mask, lengths), StepOutput(out.logits[:, -1].float(), hidden)
 
     @torch.no_grad()
+    def join(self, state: _Batch, prompts: list[list[int]], media=None) -> StepOutput:
+        """Prefill ``prompts`` (each row on its own, as ``start``) and append them as the last rows of the
+        running ``state``; returns the new rows' logits and prompt hidden states. ``state`` is only
+        changed once the prefill succeeded (a prompt that breaks the model leaves the batch as it was)."""
+        new, out = self.start(prompts, media)
+        old_len, new_len = state.mask.shape[1], new.mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(state.cache.layers, new.cache.layers):
+            for name in ("keys", "values"):
+                a, b = (
+                    _pad_left(getattr(old_layer, name), width, 2),
+                    _pad_left(getattr(new_layer, name), width, 2),
+                )
+                setattr(old_layer, name, torch.cat([a, b], dim=0))
+        state.mask = torch.cat([_pad_left(state.mask, width, 1), _pad_left(new.mask, width, 1)], dim=0)
+        state.lengths.extend(new.lengths)
+        return out
+
+    def leave(self, state: _Batch, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (in that order); cache columns no kept row uses are dropped."""
+        if not keep:
+            raise ValueError("leave: keep at least one row (start a new batch instead)")
+        idx = torch.tensor(keep, dtype=torch.long, device=state.mask.device)
+        mask = state.mask.index_select(0, idx)
+        used = mask.any(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else mask.shape[1]
+        for layer in state.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
+            layer.values = layer.values.index_select(0, idx)[:, :, first:]
+        state.mask = mask[:, first:]
+        state.lengths = [state.lengths[i] for i in keep]
+
+    @torch.no_grad()
     def step(self, state: _Batch, tokens: list[list[int]]) -> StepOutput:
         emb = self.llm.get_input_embeddings()
         b, width = len(tokens), max((len(t) for t in tokens), default=0)
-        logits = torch.zeros(b, emb.num_embeddings)
         if width == 0:
-            return StepOutput(logits, [None] * b)
-        ids = torch.zeros(b, width, dtype=torch.long)
-        new_mask = torch.zeros(b, width, dtype=torch.long)
-        pos = torch.zeros(b, width, dtype=torch.long)
-        for i, toks in enumerate(tokens):
-            n, start = len(toks), state.lengths[i]
-            if n:
-                ids[i, :n] = torch.tensor(toks, dtype=torch.long)
-                new_mask[i, :n] = 1
-            pos[i] = torch.arange(start, start + width).clamp(max=start + max(n, 1) - 1)
+            return StepOutput(torch.zeros(b, emb.num_embeddings), [None] * b)
+        # built in one go (no per-row tensor ops): ids padded with 0, padding masked, each row's positions
+        # counting its own real tokens (a padding slot repeats the row's last position; it is masked)
+        n = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+        ids = torch.tensor([list(t) + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
+        steps = torch.arange(width)
+        new_mask = (steps[None, :] < n[:, None]).long()
+        start = torch.tensor(state.lengths, dtype=torch.long)
+        pos = start[:, None] + torch.minimum(steps[None, :], (n.clamp(min=1) - 1)[:, None])
         mask = torch.cat([state.mask, new_mask.to(self.device)], dim=1)
         out = self.llm(
             inputs_embeds=emb(ids.to(self.device)),
@@ -101,14 +137,25 @@ class BatchedStepModel:
         )
         state.cache, state.mask = out.past_key_values, mask
         last = out.hidden_states[-1]
+        # each row's logits at its last appended token; a row that appended nothing gets zeros
+        rows = torch.arange(b, device=out.logits.device)
+        lg = out.logits[rows, (n.clamp(min=1) - 1).to(out.logits.device)].float().cpu()
+        logits = torch.zeros(b, emb.num_embeddings)
+        logits[:, : lg.shape[-1]] = lg
+        logits[n == 0] = 0.0
         hidden: list[torch.Tensor | None] = []
         for i, toks in enumerate(tokens):
-            n = len(toks)
-            if not n:
-                hidden.append(None)
-                continue
-            state.lengths[i] += n
-            lg = out.logits[i, n - 1].float()
-            logits[i, : lg.numel()] = lg.cpu()
-            hidden.append(last[i, :n])
+            k = len(toks)
+            state.lengths[i] += k
+            hidden.append(last[i, :k] if k else None)
         return StepOutput(logits, hidden)
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` with zeros in front along ``dim`` up to ``width`` (masked slots)."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -4,7 +4,10 @@ The server runs as its own process (``python code/serve.py``, the command users 
 port; this process is the clients (plain HTTP, ``httpx``). The same 8 chat requests (held-out demo
 instructions, greedy, the same ``max_tokens``) are sent (a) one at a time, ``rounds`` times over, and (b) by 8
 client threads at once, each sending its request ``rounds`` times back to back (closed loop). Requests/s =
-requests / wall time; latency percentiles are per request. The checkpoint is the demo's
+requests / wall time; latency percentiles are per request. ``mean_batch_size``: rows per decode step
+(continuous batching), or per generate call (static batches). ``SERVE_FIG_ARGS`` (environment) adds
+``key=value`` overrides to the server's command line (e.g. ``serve.continuous=false`` to measure static
+batches). The checkpoint is the demo's
 (``outputs/demo/stage_3``) in the full run when it exists, else the bench's own stage folder (recorded).
 """
 
@@ -20,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from toollmm.core.paths import OUTPUTS_DIR, REPO_ROOT
+from toollmm.core.paths import DATA_DIR, OUTPUTS_DIR, REPO_ROOT
 from toollmm.perf.world import World
 
 CLIENTS = 8
@@ -32,10 +35,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _heldout(world: World) -> Path:
+    """The held-out split the prompts come from: the workspace's corpus, else the repo's demo corpus
+    (``data/demo``, what the demo checkpoint trained on), else the workspace's corpus built now."""
+    for folder in (world.demo, DATA_DIR / "demo"):
+        if (folder / "heldout" / "instruct.jsonl").is_file():
+            return folder / "heldout"
+    return World.ensure(world.work, world.sizes).demo / "heldout"
+
+
 def _prompts(world: World, n: int) -> list[str]:
     out = []
+    heldout = _heldout(world)
     for name in ("instruct", "tools"):
-        with open(world.demo / "heldout" / f"{name}.jsonl", encoding="utf-8") as f:
+        with open(heldout / f"{name}.jsonl", encoding="utf-8") as f:
             for rec in map(json.loads, f):
                 text = rec["messages"][0]["content"]
                 if not rec.get("images") and not rec.get("videos") and not rec.get("audios"):
@@ -64,12 +77,13 @@ def serving(world: World) -> dict:
         stage = prepare(world)[0]
     new_tokens = max(16, world.sizes.new_tokens)
     rounds = 4 if world.sizes.name == "quick" else 6
+    world.work.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     out_dir = world.work / "serve_out"
     cmd = [sys.executable, str(REPO_ROOT / "code" / "serve.py"), "--checkpoint", str(stage)]
     cmd += ["--port", str(port), "--output-dir", str(out_dir), "--model-name", "bench"]
     cmd += [f"inference.max_new_tokens={new_tokens}", "inference.temperature=0.0"]
-    cmd += [f"serve.max_batch_size={CLIENTS}"]
+    cmd += [f"serve.max_batch_size={CLIENTS}", *os.environ.get("SERVE_FIG_ARGS", "").split()]
     log_path = world.work / "serve_fig_server.log"
     with open(log_path, "w", encoding="utf-8") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -126,7 +140,10 @@ def serving(world: World) -> dict:
         conc_wall = time.perf_counter() - t0
         with httpx.Client(timeout=60) as c:
             h1 = c.get(base + "/health").json()
-        mean_batch = (h1["rows"] - h0["rows"]) / max(1, h1["batches"] - h0["batches"])
+        if h1.get("steps", 0) > h0.get("steps", 0):  # continuous batching: mean rows per decode step
+            mean_batch = (h1["step_rows"] - h0["step_rows"]) / (h1["steps"] - h0["steps"])
+        else:  # static batches: mean rows per generate call
+            mean_batch = (h1["rows"] - h0["rows"]) / max(1, h1["batches"] - h0["batches"])
     finally:
         proc.terminate()
         try:
@@ -151,4 +168,5 @@ def serving(world: World) -> dict:
         "max_new_tokens": new_tokens,
         "mean_completion_tokens": statistics.mean(tokens) if tokens else 0.0,
         "checkpoint": str(Path(stage)),
+        "server_args": os.environ.get("SERVE_FIG_ARGS", ""),
     }

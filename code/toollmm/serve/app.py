@@ -69,6 +69,7 @@ class Server:
         max_batch_size: int | None = None,
         batch_wait_ms: float | None = None,
         batched_decode: bool | None = None,
+        continuous: bool | None = None,
         max_request_mb: float | None = None,
     ):
         from toollmm.core.paths import resolve
@@ -96,6 +97,7 @@ class Server:
             scfg.max_batch_size if max_batch_size is None else max_batch_size,
             scfg.batch_wait_ms if batch_wait_ms is None else batch_wait_ms,
             arriving=lambda: self._arriving,
+            continuous=scfg.continuous if continuous is None else continuous,
         )
         self.ctx = context_length(runtime.model)
         self.created = int(time.time())
@@ -312,6 +314,8 @@ def build_app(server: Server):
             "waiting": b.q.qsize(),
             "batches": len(b.batch_sizes),
             "rows": sum(b.batch_sizes),  # requests decoded so far (rows / batches = mean batch size)
+            "steps": b.steps,  # continuous batching: decode steps run and the rows they carried
+            "step_rows": b.step_rows,
         }
 
     @app.get("/v1/models")
