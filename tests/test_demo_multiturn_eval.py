@@ -29,6 +29,7 @@ DRAW = [
     {"role": "assistant", "content": "Here is a blue triangle.",
      "generate": [{"modality": "image", "caption": "a blue triangle", "media": "media/x.png"}]},
 ]  # fmt: skip
+DRAW2 = [DRAW[0], {**DRAW[1], "content": "Sure, here is an image of a blue triangle."}]
 T_TOOL = {"kind": "tool", "tool": "calculator", "call": CALL, "answer": "The answer is 155."}
 T_DRAW = {"kind": "generate", "modality": "image", "answer": "Here is a blue triangle."}
 
@@ -61,7 +62,10 @@ def data_dir(tmp_path_factory):
         _rec("b", [(TOOL_TURN, T_TOOL), (again + TOOL_TURN[1:], T_TOOL)]),
         # the caption is wrong in both settings; the drawing right in both
         _rec("c", [_caption("a red circle"), (DRAW, T_DRAW)], ["media/blue.png"]),
-    ]
+        # a generation is right when its answer names the caption (training words answers two ways)
+        _rec("d", [(DRAW2, {**T_DRAW, "answer": DRAW2[1]["content"]}), _caption("a blue square")],
+             ["media/blue.png"]),
+    ]  # fmt: skip
     (root / "heldout").mkdir()
     (root / "heldout" / "multiturn.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return root
@@ -97,15 +101,18 @@ def test_chat_turns_give_each_turn_its_own_media(data_dir):
 
 def test_every_assistant_turn_is_scored_in_the_chat_and_alone(rt, data_dir):
     out = evaluate_multiturn(rt, data_dir, None, batch_size=2)
-    # in the chats: a 3/3, b 2/2, c 1/2; alone: a 3/3, b 1/2 (no key: the model ends at once), c 1/2
-    assert out["n_conversations"] == 3 and out["n_turns"] == 7
-    assert out["turn_accuracy"] == pytest.approx(6 / 7)
-    assert out["single_turn_accuracy"] == pytest.approx(5 / 7)
-    assert out["ratio"] == pytest.approx(6 / 5)
-    assert out["conversation_exact"] == pytest.approx(2 / 3)
+    # in the chats: a 3/3, b 2/2, c 1/2, d 2/2; alone: a 3/3, b 1/2 (no key: the model ends at once), c 1/2, d 2/2
+    assert out["n_conversations"] == 4 and out["n_turns"] == 9
+    assert out["turn_accuracy"] == pytest.approx(8 / 9)
+    assert out["single_turn_accuracy"] == pytest.approx(7 / 9)
+    assert out["ratio"] == pytest.approx(8 / 7)
+    assert out["conversation_exact"] == pytest.approx(3 / 4)
     assert out["per_kind"]["tool"] == {"multi": 1.0, "single": pytest.approx(2 / 3), "n": 3}
-    assert out["per_kind"]["caption"]["multi"] == 0.5 and out["per_kind"]["generate"]["multi"] == 1.0
-    assert out["per_turn_index"] == {"turn_1": pytest.approx(2 / 3), "turn_2": 1.0, "turn_3": 1.0}
+    assert (
+        out["per_kind"]["caption"]["multi"] == pytest.approx(2 / 3)
+        and out["per_kind"]["generate"]["multi"] == 1.0
+    )
+    assert out["per_turn_index"] == {"turn_1": 0.75, "turn_2": 1.0, "turn_3": 1.0}
     [miss] = out["misses"]
     assert miss["id"] == "c" and miss["turn"] == 1 and miss["expected"] == "a red circle"
     assert rt.engine.signal_hook is rt.decoder  # the span marker was only lent for the evaluation

@@ -18,7 +18,8 @@ never saw? Everything goes through the one loader (``toollmm.load``) and the one
   generation) played turn by turn through real chat sessions (``toollmm.infer.session``: each turn's
   prompt holds the model's own earlier turns, tool results included). Every assistant turn is scored:
   a tool turn by its first call (``same_call``), a caption turn by the exact caption, a generation turn by
-  its exact answer text plus a complete signal span of the right modality (the span is what the output
+  an answer that names the requested caption (training answers word it two ways) plus a complete signal
+  span of the right modality (the span is what the output
   projection reads; decoding it with the tiny random diffusion decoders would cost seconds per turn and
   say nothing about the LM, so the engine's signal hook here records the span without decoding, and the
   session writes it back into the history as it writes a decoded one). ``turn_accuracy`` is over all turns;
@@ -290,11 +291,26 @@ def turn_correct(ref: dict, out: dict, row) -> bool:
     if ref["kind"] == "tool":
         call, _ = first_tool_call(row.raw_text)
         return call is not None and same_call(call, ref["call"])
-    if out["text"].strip() != ref["answer"]:
-        return False
-    if ref["kind"] == "generate":
-        return any(ev.modality == ref["modality"] and ev.error is None for ev in row.signals)
-    return True
+    if ref["kind"] == "generate":  # the answer names what was asked for (its wording varies in training)
+        said = out["text"].strip()
+        named = ref["caption"] in said if ref.get("caption") else said == ref["answer"]
+        return named and any(ev.modality == ref["modality"] and ev.error is None for ev in row.signals)
+    return out["text"].strip() == ref["answer"]
+
+
+def _with_captions(rec: dict, ref: list[dict]) -> list[dict]:
+    """``ref`` with each generation turn's caption (from the record's ``generate`` entry) filled in."""
+    caps, turn = [], -1
+    for msg in rec["messages"]:
+        if msg["role"] == "user":
+            turn += 1
+            caps.append(None)
+        elif msg.get("generate") and turn >= 0 and caps[turn] is None:
+            caps[turn] = msg["generate"][0].get("caption")
+    return [
+        {**t, "caption": t.get("caption") or c} if t.get("kind") == "generate" else t
+        for t, c in zip(ref, caps)
+    ]
 
 
 def span_marker(*, row: int, modality: str, positions: list[int], hidden, state) -> dict:
@@ -331,7 +347,7 @@ def evaluate_multiturn(runtime, data_dir: Path, limit: int | None, batch_size: i
             raise EvalError(
                 f"{path}: record {r.get('id')}: eval.reference needs one entry per user turn (>= 2)"
             )
-        refs.append(ref)
+        refs.append(_with_captions(r, ref))
         convs.append(turns)
     hook, runtime.engine.signal_hook = runtime.engine.signal_hook, span_marker
     try:

@@ -163,7 +163,7 @@ def _generate_turn(r: Render, rng: np.random.Generator) -> tuple[list[dict], dic
     q, a = text.t2x_turns(r.modality, r.caption, rng)
     gen = {"modality": r.modality, "caption": r.caption, "media": r.path}
     msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a, "generate": [gen]}]
-    return msgs, {"kind": "generate", "modality": r.modality, "answer": a}
+    return msgs, {"kind": "generate", "modality": r.modality, "caption": r.caption, "answer": a}
 
 
 def _tool_turn(tool: str, split: str, rng: np.random.Generator) -> tuple[list[dict], dict]:
