@@ -90,7 +90,7 @@ def test_records_are_schema_valid_and_each_placeholder_has_one_existing_medium(c
         assert ("eval" in rec) == (split == "heldout"), rec["id"]
         n += 1
     summary = json.loads((corpus / "summary.json").read_text())
-    assert n == summary["records_total"] and 300 <= n <= 1500
+    assert n == summary["records_total"] and 300 <= n <= 1700
     for split, tasks in summary["counts"].items():
         for task, count in tasks.items():
             assert len(_load(corpus, split, task)) == count
@@ -319,3 +319,70 @@ def test_instruct_answers_agree_with_the_medium(corpus):
                     assert any(answer.endswith(f" {w}.") for w in words), (rec["id"], answer)
                 else:
                     assert any(w in answer for w in words), (rec["id"], answer)
+
+
+def _user_turns(rec: dict) -> list[int]:
+    return [i for i, m in enumerate(rec["messages"]) if m["role"] == "user"]
+
+
+def test_multiturn_chats_mix_tools_media_input_and_generation(corpus):
+    """2-3 turn chats, each turn written as its single-turn record writes it; media attached in later turns."""
+    kinds, modalities, later_media = set(), set(), 0
+    for split in ("train", "heldout"):
+        recs = _load(corpus, split, "multiturn")
+        assert recs, split
+        for rec in recs:
+            users = _user_turns(rec)
+            assert 2 <= len(users) <= 3, rec["id"]
+            assert len(set(rec["meta"]["turns"])) >= 2, rec["id"]  # never one kind repeated
+            assert rec["messages"][-1]["role"] == "assistant"
+            for n, (i, kind) in enumerate(zip(users, rec["meta"]["turns"])):
+                kinds.add(kind)
+                msgs = rec["messages"][i : (users + [len(rec["messages"])])[n + 1]]
+                placeholders = PLACEHOLDER_RE.findall(msgs[0]["content"])
+                if kind == "tool":
+                    call = msgs[1]["tool_calls"][0]["function"]
+                    assert msgs[2] == {"role": "tool", "name": call["name"],
+                                       "content": json.dumps(run_demo_tool(call["name"], call["arguments"]),
+                                                             sort_keys=True)}  # fmt: skip
+                    assert not placeholders and len(msgs) == 4
+                elif kind == "caption":
+                    assert len(placeholders) == 1 and len(msgs) == 2, rec["id"]
+                    modalities.add(placeholders[0])
+                    later_media += n > 0
+                else:
+                    [gen] = msgs[1]["generate"]
+                    assert gen["caption"] in msgs[0]["content"] and not placeholders
+                    modalities.add(gen["modality"])
+            if split == "heldout":
+                ref = rec["eval"]["reference"]
+                assert [t["kind"] for t in ref] == rec["meta"]["turns"]
+    assert kinds == {"tool", "caption", "generate"} and modalities == {"image", "audio", "video"}
+    assert later_media > 0  # a medium attached after the first turn (the chat case that broke)
+
+
+def test_heldout_multiturn_chats_share_no_values_phrasings_or_media_with_training(corpus):
+    train_users, train_values, train_media = set(), set(), set()
+    for split, _, rec in _all(corpus):
+        if split != "train":
+            continue
+        train_media |= {p for k in MEDIA_KEY.values() for p in rec.get(k, [])}
+        for msg in rec["messages"]:
+            if msg["role"] == "user":
+                train_users.add(msg["content"])
+            for c in msg.get("tool_calls", []):
+                train_values |= _free_values(c["function"])
+            train_media |= {g["media"] for g in msg.get("generate", [])}
+    n_tool = 0
+    for rec in _load(corpus, "heldout", "multiturn"):
+        users = _user_turns(rec)
+        for i, turn in zip(users, rec["eval"]["reference"]):
+            if turn["kind"] == "tool":
+                n_tool += 1
+                assert rec["messages"][i]["content"] not in train_users, rec["id"]
+                assert rec["messages"][i + 1]["tool_calls"][0]["function"] == turn["call"]
+                assert not _free_values(turn["call"]) & train_values, rec["id"]
+        media = {p for k in MEDIA_KEY.values() for p in rec.get(k, [])}
+        media |= {g["media"] for m in rec["messages"] for g in m.get("generate", [])}
+        assert media and all("/heldout/" in p for p in media) and not media & train_media, rec["id"]
+    assert n_tool > 0

@@ -61,6 +61,14 @@ def test_small_demo_writes_every_metric(small_demo):
     assert 0.0 <= m["stage2"]["heldout_retrieval_top1"] <= 1.0
     for k in ("heldout_tool_name_accuracy", "heldout_tool_call_exact"):
         assert 0.0 <= m["stage3"][k] <= 1.0
+    mt = m["stage3"]["heldout_multiturn"]
+    assert mt["n_turns"] > mt["n_conversations"] > 0 and 0.0 <= mt["turn_accuracy"] <= 1.0
+    assert [t["user"] for t in m["chat"]["turns"]] == [
+        "What is 120 plus 35?",
+        "Caption this image.",
+        "Draw a blue triangle.",
+    ]
+    assert all(t["output"] is not None for t in m["chat"]["turns"])
     for n in (1, 2, 3):
         assert m[f"stage{n}"]["wall_s"] > 0 and m[f"stage{n}"]["real_tokens_per_s"] > 0
     for n in range(4):
@@ -84,4 +92,7 @@ def test_small_demo_prints_the_summary_table(small_demo):
     out, _, wall, _ = small_demo
     assert "caption retrieval top-1" in out and "tool call exact" in out
     assert "[demo] stage_3" in out and "metrics:" in out
+    assert (
+        "multi-turn chats: every turn" in out and "3-turn chat" in out and "user: Caption this image." in out
+    )
     assert wall < TIME_LIMIT_S

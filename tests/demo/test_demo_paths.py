@@ -104,10 +104,13 @@ def test_demo_sh_out_puts_every_step_under_the_folder(tmp_path):
     assert run.returncode == 0, run.stderr
     steps = dict(line.split(": ", 1) for line in run.stdout.strip().splitlines())
     assert list(steps) == ["corpus", "base_models", "stage_0", "stage_1", "eval_stage_1", "stage_2",
-                           "eval_stage_2", "stage_3", "eval_stage_3", "inference", "report"]  # fmt: skip
+                           "eval_stage_2", "stage_3", "eval_stage_3", "inference", "chat", "report"]  # fmt: skip
     assert "outputs/demo" not in run.stdout and " data/demo" not in run.stdout
     assert f"--output {out}/data" in steps["corpus"] and f"--output {out}/base" in steps["base_models"]
     assert f"--checkpoint {out}/stage_3" in steps["eval_stage_3"] and f"--run {out}" in steps["report"]
+    assert (
+        f"--checkpoint {out}/stage_3 --chat" in steps["chat"] and f"--output-dir {out}/chat" in steps["chat"]
+    )
     assert not (out).exists()  # a dry run writes nothing
     # each stage's train.py config (the overrides demo.sh passes) has every path under --out
     for stage in range(4):

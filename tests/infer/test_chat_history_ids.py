@@ -110,3 +110,76 @@ def test_chat_prompt_equals_a_request_with_the_same_history(rt, image_file):
     finally:
         del rt.engine.generate
     assert prompts[0] == rt.prompt(req)
+
+
+def _session_prompts(rt, image_file) -> list[list[int]]:
+    """Each turn's prompt ids of a ``ChatSession`` (inference.py --chat, the app) over ``TURNS``."""
+    rt.new_chat()
+    prompts: list[list[int]] = []
+    inner_generate = rt.engine.generate
+
+    def recording_generate(p, media, **kw):
+        prompts.append(list(p[0]))
+        return inner_generate(p, media, **kw)
+
+    rt.engine.generate = recording_generate
+    try:
+        for text, img in TURNS:
+            rt.conversation.send(text, [("image", str(image_file))] if img else [])
+    finally:
+        del rt.engine.generate
+    return prompts
+
+
+def test_a_served_chat_renders_each_turn_as_the_chat_session_does(rt, image_file):
+    """``serve.py --run-tools``: a client appends each reply as it got it (the ``tool_results`` extension,
+    generated media as content parts) and sends the image as a content part; each turn's prompt ids then
+    equal the chat session's for the same turns (so also the training renderer's for the record)."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from toollmm.serve.app import Server, build_app
+
+    expected = _session_prompts(rt, image_file)
+    server = Server(rt, model_name="tiny", run_tools=True, media_root=image_file.parent, batch_wait_ms=0)
+    history: list[dict] = []
+    try:
+        with TestClient(build_app(server)) as tc:
+            for n, (text, img) in enumerate(TURNS):
+                content = text
+                if img:
+                    part = {"type": "image_url", "image_url": {"url": str(image_file)}}
+                    content = [part, {"type": "text", "text": text}]
+                history.append({"role": "user", "content": content})
+                body = {"model": "tiny", "messages": history}
+                _, prompt, _, _ = server.prepare(json.dumps(body).encode())
+                assert prompt == expected[n], (
+                    f"turn {n + 1}: the served prompt differs from the chat session's"
+                )
+                reply = tc.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+                history.append(reply)
+    finally:
+        server.batcher.close()
+    assert history[1]["tool_results"][0]["name"] == "calculator"
+
+
+def test_batched_turns_grow_each_history_as_send_does(rt, image_file):
+    """``send_turns`` (the held-out multi-turn evaluation plays many chats per generate call) leaves each
+    session with the messages and media a one-by-one ``send`` leaves."""
+    from toollmm.infer.session import send_turns
+
+    one = rt.session()
+    for text, img in TURNS:
+        one.send(text, [("image", str(image_file))] if img else [])
+    many = [rt.session(), rt.session()]
+    for text, img in TURNS:
+        media = [("image", str(image_file))] if img else []
+        outs, rows = send_turns(many, [(text, media), (text, media)])
+        assert all(r is not None for r in rows) and [o["errors"] for o in outs] == [[], []]
+    for s in many:
+        assert s.media == one.media
+        strip = [{k: v for k, v in m.items() if k != "generate"} for m in one.messages]
+        assert [{k: v for k, v in m.items() if k != "generate"} for m in s.messages] == strip
+        gens = [[g["modality"] for g in m.get("generate", [])] for m in s.messages]
+        assert gens == [[g["modality"] for g in m.get("generate", [])] for m in one.messages]

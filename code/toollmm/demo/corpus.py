@@ -3,7 +3,7 @@
 Layout of ``out`` (every media path in a record is relative to ``out``, the corpus's media root)::
 
     media/{image,audio,video}/{train,heldout}/NNNNN.{png,wav,mp4}
-    train/{x2t_image,x2t_audio,x2t_video,t2x_image,t2x_audio,t2x_video,instruct,tools,lm_pretrain}.jsonl
+    train/{x2t_image,x2t_audio,x2t_video,t2x_image,t2x_audio,t2x_video,instruct,tools,multiturn,lm_pretrain}.jsonl
     heldout/{same tasks except lm_pretrain}.jsonl   (records carry ``eval``)
     tokenizer/        Llama-style sentencepiece tokenizer trained on the training text (no toollmm tokens)
     summary.json      counts, attribute value sets, captions, seed, generation time
@@ -49,6 +49,7 @@ class DemoSizes:
     t2x: dict = field(default_factory=lambda: {"image": 240, "audio": 135, "video": 240})  # train records
     instruct: tuple = (300, 50)  # per modality (train, held-out)
     tools: tuple = (200, 50)  # per tool (train, held-out)
+    multiturn: tuple = (500, 40)  # 2-3 turn chats (train, held-out)
     lm_copy: int = 300  # per modality
     lm_instruct: int = 100  # per modality
     lm_t2x: int = 60  # per modality
@@ -62,6 +63,7 @@ SMALL = DemoSizes(
     t2x={"image": 24, "audio": 18, "video": 24},
     instruct=(30, 10),
     tools=(60, 8),
+    multiturn=(80, 10),
     lm_copy=40,
     lm_instruct=15,
     lm_t2x=10,
@@ -136,6 +138,17 @@ def tool_records(split: str, seed: int, sizes: DemoSizes) -> list[dict]:
     ]
 
 
+def multiturn_records(renders: dict, split: str, seed: int, sizes: DemoSizes) -> list[dict]:
+    """2-3 turn chats of ``split`` (tools, media input, generation; ``records.multi_turn``)."""
+    rs = {m: renders[m][split] for m in GENERATION_ORDER}
+    return [
+        records.multi_turn(
+            rs, f"demo-{split}-multiturn-{i:05d}", split, rng_for(seed, f"multiturn/{split}", i)
+        )
+        for i in range(sizes.multiturn[SPLITS.index(split)])
+    ]
+
+
 def build_lm_text(seed: int, sizes: DemoSizes) -> list[dict]:
     """Stand-in LM pretraining text: copy patterns plus every training conversation template, shuffled."""
     out = []
@@ -158,7 +171,8 @@ def build_lm_text(seed: int, sizes: DemoSizes) -> list[dict]:
 def build_records(renders: dict, seed: int, sizes: DemoSizes) -> dict[str, dict[str, list[dict]]]:
     """All task files: {split: {task: [records]}}."""
     files = {
-        s: media_task_records(renders, s, seed, sizes) | {"tools": tool_records(s, seed, sizes)}
+        s: media_task_records(renders, s, seed, sizes)
+        | {"tools": tool_records(s, seed, sizes), "multiturn": multiturn_records(renders, s, seed, sizes)}
         for s in SPLITS
     }
     files["train"]["lm_pretrain"] = build_lm_text(seed, sizes)

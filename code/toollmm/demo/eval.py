@@ -14,6 +14,17 @@ never saw? Everything goes through the one loader (``toollmm.load``) and the one
 * ``tools`` (stage 3): greedy answer to each held-out request (unseen argument values and phrasings)
   with the demo tools really run; the first ``<tool_call>`` is scored with ``same_call`` (canonical
   JSON equality, the benchmarks' scorer) and by tool name.
+* ``multiturn`` (stage 3): held-out 2-3 turn chats (tool calls, a medium attached in a later turn,
+  generation) played turn by turn through real chat sessions (``toollmm.infer.session``: each turn's
+  prompt holds the model's own earlier turns, tool results included). Every assistant turn is scored:
+  a tool turn by its first call (``same_call``), a caption turn by the exact caption, a generation turn by
+  an answer that names the requested caption (training answers word it two ways) plus a complete signal
+  span of the right modality (the span is what the output
+  projection reads; decoding it with the tiny random diffusion decoders would cost seconds per turn and
+  say nothing about the LM, so the engine's signal hook here records the span without decoding, and the
+  session writes it back into the history as it writes a decoded one). ``turn_accuracy`` is over all turns;
+  ``single_turn_accuracy`` scores the same turns each sent alone to a fresh session, and ``ratio`` =
+  turn_accuracy / single_turn_accuracy (the demo's target: >= 0.9).
 
 ``evaluate_stage(checkpoint, data_dir, tasks)`` returns ``{task: metrics}``; ``code/evaluate.py demo``
 writes it to ``<checkpoint>/eval/demo.json``.
@@ -40,7 +51,7 @@ from .text import PULSE_WORDS
 
 log = logging.getLogger(__name__)
 
-TASKS = ("x2t", "t2x", "tools")
+TASKS = ("x2t", "t2x", "tools", "multiturn")
 REPORT_ORDER = ("image", "audio", "video")
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -251,6 +262,137 @@ def evaluate_tools(runtime, data_dir: Path, limit: int | None, batch_size: int) 
     }
 
 
+# ------------------------------------------------------------------------------------- multi-turn
+def chat_turns(rec: dict, data_dir: Path, where: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """A record's user turns as ``(text, [(modality, path)])``: each turn takes the next media of every
+    placeholder it holds (the record's media lists are in placeholder order), paths under ``data_dir``."""
+    from ..core.tokens import PLACEHOLDER_RE
+
+    used = dict.fromkeys(REPORT_ORDER, 0)
+    turns = []
+    for msg in rec["messages"]:
+        if msg["role"] != "user":
+            continue
+        media = []
+        for m in PLACEHOLDER_RE.findall(msg["content"]):
+            items = rec.get(MEDIA_KEY[m]) or []
+            if used[m] >= len(items):
+                raise EvalError(
+                    f"{where}: record {rec.get('id')}: more <{m}> placeholders than {MEDIA_KEY[m]}"
+                )
+            media.append((m, str(data_dir / items[used[m]])))
+            used[m] += 1
+        turns.append((msg["content"], media))
+    return turns
+
+
+def turn_correct(ref: dict, out: dict, row) -> bool:
+    """One assistant turn against its reference (``records.multi_turn``'s ``eval.reference`` entries)."""
+    if row is None:
+        return False
+    if ref["kind"] == "tool":
+        call, _ = first_tool_call(row.raw_text)
+        return call is not None and same_call(call, ref["call"])
+    if ref["kind"] == "generate":  # the answer names what was asked for (its wording varies in training)
+        said = out["text"].strip()
+        named = ref["caption"] in said if ref.get("caption") else said == ref["answer"]
+        return named and any(ev.modality == ref["modality"] and ev.error is None for ev in row.signals)
+    return out["text"].strip() == ref["answer"]
+
+
+def _with_captions(rec: dict, ref: list[dict]) -> list[dict]:
+    """``ref`` with each generation turn's caption (from the record's ``generate`` entry) filled in."""
+    caps, turn = [], -1
+    for msg in rec["messages"]:
+        if msg["role"] == "user":
+            turn += 1
+            caps.append(None)
+        elif msg.get("generate") and turn >= 0 and caps[turn] is None:
+            caps[turn] = msg["generate"][0].get("caption")
+    return [
+        {**t, "caption": t.get("caption") or c} if t.get("kind") == "generate" else t
+        for t, c in zip(ref, caps)
+    ]
+
+
+def span_marker(*, row: int, modality: str, positions: list[int], hidden, state) -> dict:
+    """A signal hook that decodes nothing: the span's entry as the session stores it (no file written)."""
+    return {"modality": modality, "path": f"{modality}_span_{positions[0]}_not_decoded"}
+
+
+def _play(runtime, convs: list[list[tuple[str, list]]], batch_size: int) -> list[list[tuple[dict, object]]]:
+    """Each conversation's turns sent in order to its own chat session (``send_turns``: the history the
+    app and ``inference.py --chat`` keep), ``batch_size`` sessions per generate call; ``(output, row)``
+    per turn."""
+    from ..infer.session import send_turns
+
+    sessions = [runtime.session() for _ in convs]
+    results: list[list] = [[] for _ in convs]
+    for k in range(max((len(c) for c in convs), default=0)):
+        active = [i for i, c in enumerate(convs) if len(c) > k]
+        for j in range(0, len(active), batch_size):
+            idx = active[j : j + batch_size]
+            outs, rows = send_turns([sessions[i] for i in idx], [convs[i][k] for i in idx])
+            for i, out, row in zip(idx, outs, rows):
+                results[i].append((out, row))
+    return results
+
+
+def evaluate_multiturn(runtime, data_dir: Path, limit: int | None, batch_size: int) -> dict:
+    path = data_dir / "heldout" / "multiturn.jsonl"
+    recs = read_jsonl(path, limit)
+    refs, convs = [], []
+    for r in recs:
+        ref = (r.get("eval") or {}).get("reference")
+        turns = chat_turns(r, data_dir, str(path))
+        if not isinstance(ref, list) or len(ref) != len(turns) or len(turns) < 2:
+            raise EvalError(
+                f"{path}: record {r.get('id')}: eval.reference needs one entry per user turn (>= 2)"
+            )
+        refs.append(_with_captions(r, ref))
+        convs.append(turns)
+    hook, runtime.engine.signal_hook = runtime.engine.signal_hook, span_marker
+    try:
+        multi = _play(runtime, convs, batch_size)
+        alone = _play(runtime, [[t] for c in convs for t in c], batch_size)
+    finally:
+        runtime.engine.signal_hook = hook
+    flat_refs = [t for ref in refs for t in ref]
+    m_ok = [[turn_correct(t, o, row) for t, (o, row) in zip(ref, res)] for ref, res in zip(refs, multi)]
+    s_ok = [turn_correct(t, o, row) for t, [(o, row)] in zip(flat_refs, alone)]
+    m_flat = [x for c in m_ok for x in c]
+    per_kind: dict = defaultdict(lambda: {"multi": [], "single": []})
+    per_index: dict = defaultdict(list)
+    for t, mo, so in zip(flat_refs, m_flat, s_ok):
+        per_kind[t["kind"]]["multi"].append(mo)
+        per_kind[t["kind"]]["single"].append(so)
+    for c in m_ok:
+        for k, ok in enumerate(c):
+            per_index[f"turn_{k + 1}"].append(ok)
+    misses = []
+    for rec, ref, res, oks in zip(recs, refs, multi, m_ok):
+        for k, (t, (o, _), ok) in enumerate(zip(ref, res, oks)):
+            if not ok and len(misses) < 5:
+                want = t["call"] if t["kind"] == "tool" else t["answer"]
+                misses.append({"id": rec["id"], "turn": k + 1, "kind": t["kind"], "expected": want,
+                               "text": o["text"][:200], "errors": o["errors"][:2]})  # fmt: skip
+    mt, st = _mean(m_flat), _mean(s_ok)
+    return {
+        "turn_accuracy": mt,
+        "single_turn_accuracy": st,
+        "ratio": mt / st if st else 0.0,
+        "conversation_exact": _mean(all(c) for c in m_ok),
+        "per_kind": {
+            k: {"multi": _mean(v["multi"]), "single": _mean(v["single"]), "n": len(v["multi"])}
+            for k, v in sorted(per_kind.items())
+        },
+        "per_turn_index": {k: _mean(v) for k, v in sorted(per_index.items())},
+        "n_conversations": len(recs),
+        "n_turns": len(m_flat),
+        "misses": misses,
+    }
+
+
 # ------------------------------------------------------------------------------------- driver
 def headline(result: dict) -> dict:
     """The numbers worth a log line: top-level scalars, and each modality's exact / per-attribute acc."""
@@ -304,6 +446,8 @@ def evaluate_stage(
             out[task] = evaluate_x2t(runtime, data, limit, batch_size)
         elif task == "t2x":
             out[task] = evaluate_t2x(runtime.stage, data, limit)
+        elif task == "multiturn":
+            out[task] = evaluate_multiturn(runtime, data, limit, batch_size)
         else:
             out[task] = evaluate_tools(runtime, data, limit, batch_size)
         out.setdefault("eval_s", {})[task] = round(time.perf_counter() - t1, 2)

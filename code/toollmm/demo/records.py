@@ -143,3 +143,65 @@ def lm_repeat(rid: str, rng: np.random.Generator) -> dict:
     q, a = REPEAT_TEMPLATES[int(rng.integers(len(REPEAT_TEMPLATES)))]
     msgs = [{"role": "user", "content": q.format(s=text)}, {"role": "assistant", "content": a.format(s=text)}]
     return _record(rid, "instruct", msgs, "train", meta={"kind": "repeat"})
+
+
+# ------------------------------------------------------------------------------ multi-turn chats
+TURN_KINDS = ("tool", "caption", "generate")
+
+
+def _caption_turn(r: Render, rng: np.random.Generator) -> tuple[list[dict], dict]:
+    """A medium attached to this turn and a request for its caption -> the caption (as x2t answers)."""
+    msgs = [
+        {"role": "user", "content": f"{PLACEHOLDER[r.modality]}\n{text.x2t_turn(r.modality, rng)}"},
+        {"role": "assistant", "content": r.caption},
+    ]
+    return msgs, {"kind": "caption", "modality": r.modality, "answer": r.caption}
+
+
+def _generate_turn(r: Render, rng: np.random.Generator) -> tuple[list[dict], dict]:
+    """A text->X request -> the short answer and a signal span (as t2x answers; ``r`` is a reference)."""
+    q, a = text.t2x_turns(r.modality, r.caption, rng)
+    gen = {"modality": r.modality, "caption": r.caption, "media": r.path}
+    msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a, "generate": [gen]}]
+    return msgs, {"kind": "generate", "modality": r.modality, "caption": r.caption, "answer": a}
+
+
+def _tool_turn(tool: str, split: str, rng: np.random.Generator) -> tuple[list[dict], dict]:
+    """A tool request -> call -> result -> answer (the single-turn tool conversation of ``split``)."""
+    msgs, info = tool_conversation(tool, split, rng)
+    call = msgs[1]["tool_calls"][0]["function"]
+    return msgs, {"kind": "tool", "tool": tool, "call": call, "answer": msgs[-1]["content"]}
+
+
+def turn_plan(rng: np.random.Generator, n_turns: int) -> list[str]:
+    """``n_turns`` turn kinds, at least two different ones (a chat mixes tools, media input, generation)."""
+    while True:
+        kinds = [TURN_KINDS[int(rng.integers(len(TURN_KINDS)))] for _ in range(n_turns)]
+        if len(set(kinds)) > 1:
+            return kinds
+
+
+def multi_turn(renders: dict, rid: str, split: str, rng: np.random.Generator) -> dict:
+    """Stage 3: a 2-3 turn chat mixing tool calls, media input (attached in the turn that asks about it) and
+    generation, written exactly as the single-turn tool / x2t / t2x records write each turn. ``renders`` is
+    ``{modality: [Render]}`` of ``split``; tool turns use ``split``'s argument values and phrasings.
+    Held-out records carry ``eval.reference``: per assistant turn its kind and expected call / answer."""
+    msgs: list[dict] = []
+    media: dict[str, list[str]] = {}
+    turns = []
+    for kind in turn_plan(rng, int(rng.integers(2, 4))):
+        if kind == "tool":
+            part, info = _tool_turn(TOOL_NAMES[int(rng.integers(len(TOOL_NAMES)))], split, rng)
+        else:
+            m = ("image", "audio", "video")[int(rng.integers(3))]
+            r = renders[m][int(rng.integers(len(renders[m])))]
+            if kind == "caption":
+                part, info = _caption_turn(r, rng)
+                media.setdefault(MEDIA_KEY[m], []).append(r.path)
+            else:
+                part, info = _generate_turn(r, rng)
+        msgs += part
+        turns.append(info)
+    ev = {"reference": turns, "split": "unseen_arguments_and_phrasings; new renders"}
+    meta = {"kind": "multi_turn", "turns": [t["kind"] for t in turns]}
+    return _record(rid, "instruct", msgs, split, **media, tools=DEMO_TOOLS, eval=ev, meta=meta)

@@ -5,7 +5,9 @@ logged window) and ``<run>/stage_N/eval/demo.json`` (``toollmm.demo.eval``), and
 
     {"stage1": {"heldout": {<modality>: {exact, chance, per_attribute: {<attr>: {acc, chance}}}}, wall_s, ...},
      "stage2": {"heldout_align_l2": {initial, final, mean_predictor}, "heldout_retrieval_top1", wall_s, ...},
-     "stage3": {"heldout_tool_name_accuracy", "heldout_tool_call_exact", wall_s, ...},
+     "stage3": {"heldout_tool_name_accuracy", "heldout_tool_call_exact", "heldout_multiturn": {turn_accuracy,
+                single_turn_accuracy, ratio, ...}, wall_s, ...},
+     "chat": {"turns": [{user, images, output}]}   (demo.sh's 3-turn chat, <run>/chat.json, when present)
      "stage0": {...}, "targets": {...}, "total_wall_s", "small"}
 
 ``initial`` is stage 2's metric on stage 1's folder (stage 2's starting point), ``final`` on stage 2's.
@@ -26,6 +28,7 @@ L2_FRACTION = 0.5  # stage 2: final L2 <= half the mean predictor's
 RETRIEVAL_MIN = 0.8
 TOOL_NAME_MIN = 0.95  # stage 3
 TOOL_EXACT_MIN = 0.9
+MULTITURN_RATIO_MIN = 0.9  # every turn of a held-out chat, against the same turns sent alone
 
 
 def _read_json(path: Path) -> dict | None:
@@ -82,6 +85,9 @@ def build_metrics(run_dir: str | Path, small: bool, total_wall_s: float | None =
         "heldout_tool_call_exact": tools.get("tool_call_exact"),
         "per_tool_exact": tools.get("per_tool_exact"),
     } | stage_timing(run / "stage_3")
+    mt = ev[3].get("multiturn")
+    if mt:
+        out["stage3"]["heldout_multiturn"] = {k: v for k, v in mt.items() if k != "misses"}
     if ev[3].get("x2t"):
         out["stage3"]["after_stage3"] = {"x2t": _drop_examples(ev[3]["x2t"])}
     if ev[3].get("t2x"):
@@ -89,6 +95,9 @@ def build_metrics(run_dir: str | Path, small: bool, total_wall_s: float | None =
         out["stage3"].setdefault("after_stage3", {})["t2x"] = {
             k: t3.get(k) for k in ("l2", "mean_predictor", "retrieval_top1")
         }
+    chat = _read_json(run / "chat.json")
+    if chat:
+        out["chat"] = chat
     out["targets"] = check_targets(out)
     out["total_wall_s"] = round(total_wall_s, 1) if total_wall_s is not None else None
     out["small"] = bool(small)
@@ -116,6 +125,8 @@ def check_targets(metrics: dict) -> dict:
     s3 = metrics["stage3"]
     out["stage3.tool_name_accuracy"] = _target(s3.get("heldout_tool_name_accuracy"), TOOL_NAME_MIN, ">=")
     out["stage3.tool_call_exact"] = _target(s3.get("heldout_tool_call_exact"), TOOL_EXACT_MIN, ">=")
+    mt = s3.get("heldout_multiturn") or {}
+    out["stage3.multiturn_ratio"] = _target(mt.get("ratio"), MULTITURN_RATIO_MIN, ">=")
     return out
 
 
@@ -157,6 +168,10 @@ def format_table(metrics: dict) -> str:
                  t["stage3.tool_name_accuracy"]["target"], met("stage3.tool_name_accuracy")))  # fmt: skip
     rows.append(("3", "tool call exact (canonical JSON)", _f(s3["heldout_tool_call_exact"]), "",
                  t["stage3.tool_call_exact"]["target"], met("stage3.tool_call_exact")))  # fmt: skip
+    mt = s3.get("heldout_multiturn") or {}
+    rows.append(("3", "multi-turn chats: every turn / same turns alone",
+                 f"{_f(mt.get('turn_accuracy'))} / {_f(mt.get('single_turn_accuracy'))} = {_f(mt.get('ratio'))}",
+                 "", t["stage3.multiturn_ratio"]["target"], met("stage3.multiturn_ratio")))  # fmt: skip
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -166,7 +181,24 @@ def format_table(metrics: dict) -> str:
         for n in range(4)
     )
     lines.append(f"training wall time: {times}; whole demo: {_f(metrics.get('total_wall_s'), 1)} s")
+    lines += chat_lines(metrics.get("chat"))
     return "\n".join(lines)
+
+
+def chat_lines(chat: dict | None) -> list[str]:
+    """demo.sh's 3-turn chat, one line per user turn and one per answer (tool calls and media named)."""
+    if not chat:
+        return []
+    lines = ["3-turn chat (code/inference.py --chat):"]
+    for t in chat.get("turns", []):
+        o = t.get("output") or {}
+        image = f"  [image {t['images'][0]}]" if t.get("images") else ""
+        calls = "".join(f"  [{c['name']}({json.dumps(c['arguments'])}) -> {c['result']}]"
+                        for c in o.get("tool_calls", []))  # fmt: skip
+        media = "".join(f"  [{m['modality']}: {m['path']}]" for m in o.get("media", []))
+        errors = f"  errors: {o['errors']}" if o.get("errors") else ""
+        lines += [f"  user: {t.get('user')}{image}", f"  model: {o.get('text')!r}{calls}{media}{errors}"]
+    return lines
 
 
 def write_metrics(run_dir: str | Path, small: bool, total_wall_s: float | None = None) -> Path:

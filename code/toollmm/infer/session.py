@@ -62,22 +62,51 @@ class ChatSession:
         on_text: Callable[[int, str], None] | None = None,
     ) -> dict:
         """One user turn (text and ``[(modality, path)]``) -> the turn's output dict; history grows."""
+        outs, _ = send_turns([self], [(text, media)], on_text=on_text)
+        return outs[0]
+
+    def request(self, text: str = "", media: Sequence[tuple[str, str]] = ()):
+        """The ``Request`` for the next turn: the history plus this user message and its media."""
         user = {"role": "user", "content": with_placeholders(text, media)}
         new = split_media(media)
-        req = Request(
+        return Request(
             messages=[*self.messages, user],
             tools=self.tools,
             **{k: self.media[k] + new[k] for k in MEDIA_KEYS.values()},
         )
-        [out], [row] = self.runtime.run_rows([req], on_text=on_text)
-        if row is not None:  # the turn ran: it joins the history
-            self.messages += [user, *assistant_messages(row, self.runtime.react)]
+
+    def commit(self, req, out: dict, row: RowResult | None) -> None:
+        """Record a turn run from ``self.request(...)``: a turn that ran joins the history."""
+        if row is not None:
+            self.messages += [req.messages[-1], *assistant_messages(row, self.runtime.react)]
             for k in MEDIA_KEYS.values():
-                self.media[k] += new[k]
+                self.media[k] = list(getattr(req, k))
         self.turns.append(out)
-        return out
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.media = {k: [] for k in MEDIA_KEYS.values()}
         self.turns = []
+
+
+def send_turns(
+    sessions: Sequence[ChatSession],
+    turns: Sequence[tuple[str, Sequence[tuple[str, str]]]],
+    *,
+    on_text: Callable[[int, str], None] | None = None,
+) -> tuple[list[dict], list[RowResult | None]]:
+    """One user turn ``(text, media)`` for each session (all of one runtime), generated as one batch;
+    each session's history grows exactly as ``ChatSession.send`` grows it. Returns the turns' output
+    dicts and engine rows (None for a turn that could not run), as ``Runtime.run_rows``."""
+    if len(sessions) != len(turns):
+        raise ValueError(f"{len(sessions)} sessions but {len(turns)} turns")
+    if not sessions:
+        return [], []
+    runtime = sessions[0].runtime
+    if any(s.runtime is not runtime for s in sessions):
+        raise ValueError("send_turns: every session must belong to the same runtime")
+    reqs = [s.request(text, media) for s, (text, media) in zip(sessions, turns)]
+    outs, rows = runtime.run_rows(reqs, on_text=on_text)
+    for s, req, out, row in zip(sessions, reqs, outs, rows):
+        s.commit(req, out, row)
+    return outs, rows

@@ -298,6 +298,33 @@ def _tool_calls(calls: Any, where: str, ids: dict[str, str]) -> list[dict]:
     return out
 
 
+def _ran_tools(raw: Any, where: str) -> list[dict]:
+    """The ``tool_results`` extension of an assistant message (what a ``--run-tools`` server returned,
+    echoed back by the client) -> the call and tool messages that precede the answer in the history, as
+    ``ChatSession`` records a turn whose tools ran (a malformed call, name ``?``, was never in the
+    history's form and is left out the same way), so the next turn renders the ids the model saw."""
+    if not isinstance(raw, list):
+        raise bad(where, "must be a list of {name, arguments, result, error} objects")
+    out: list[dict] = []
+    for j, r in enumerate(raw):
+        w = f"{where}[{j}]"
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+            raise bad(w, "must be an object with a `name` string")
+        for key in ("result", "error"):
+            if r.get(key) is not None and not isinstance(r[key], str):
+                raise bad(f"{w}.{key}", "must be a string or null")
+        args = r.get("arguments")
+        if isinstance(args, str):  # a ReAct call keeps its raw Action Input
+            args = {"input": args}
+        if r["name"] == "?" or not isinstance(args, dict):
+            continue
+        call = {"type": "function", "function": {"name": r["name"], "arguments": args}}
+        seen = r.get("result") if r.get("error") is None else f"error: {r['error']}"
+        out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        out.append({"role": "tool", "name": r["name"], "content": seen or ""})
+    return out
+
+
 def parse_messages(raw: Any, store: MediaStore) -> tuple[list[dict], dict[str, list[str]], list]:
     if not isinstance(raw, list) or not raw:
         raise bad("messages", "must be a non-empty list of messages")
@@ -344,6 +371,8 @@ def parse_messages(raw: Any, store: MediaStore) -> tuple[list[dict], dict[str, l
                 msg["generate"] = generated
             if m.get("tool_calls"):
                 msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls", call_names)
+            if m.get("tool_results") is not None:  # the calls a --run-tools server ran in this turn
+                msgs += _ran_tools(m["tool_results"], f"{where}.tool_results")
             msgs.append(msg)
         else:  # tool
             text = _text_of(m.get("content"), f"{where}.content", allow_media=False, store=None, media=[])
