@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from toollmm.data.toolcall import canonical_json
 
 import toollmm
 from inference_fixtures import IMAGE_SPAN, steer
+from toollmm.core.toolcall import canonical_json
 from toollmm.demo.eval import chat_turns, demo_registry, evaluate_multiturn
 from toollmm.demo.report import build_metrics, format_table
 
