@@ -133,45 +133,11 @@ def image_prompts(split: str) -> list[str]:
 
 # Made-up spellings for the LM's copy drills: onsets, vowels and codas with the clusters and doubled letters
 # real words have ("ch", "wh", "ff", "mm"), so the drills cover the tokenizer pieces an unseen word splits into.
-_ONSETS = list(_CONSONANTS) + [
-    "ch",
-    "sh",
-    "th",
-    "ph",
-    "wh",
-    "tr",
-    "br",
-    "gr",
-    "st",
-    "sk",
-    "sl",
-    "pl",
-    "kr",
-    "sn",
-]
+_ONSETS = list(_CONSONANTS) + ["ch", "sh", "th", "ph", "wh", "tr", "br", "gr", "st", "sk", "sl", "pl", "kr",
+                              "sn"]  # fmt: skip
 _NUCLEI = list(_VOWELS) + ["ai", "ea", "oo", "ou", "ie", "ee"]
-_CODAS = [
-    "",
-    "",
-    "",
-    "",
-    "n",
-    "r",
-    "s",
-    "t",
-    "l",
-    "m",
-    "k",
-    "ck",
-    "ff",
-    "mm",
-    "nn",
-    "ss",
-    "rr",
-    "x",
-    "z",
-    "ch",
-]
+_CODAS = ["", "", "", "", "n", "r", "s", "t", "l", "m", "k", "ck", "ff", "mm", "nn", "ss", "rr", "x", "z",
+          "ch"]  # fmt: skip
 
 
 def pseudo_name(rng: np.random.Generator, capital: bool) -> str:
