@@ -5,6 +5,7 @@
 #   bash scripts/demo.sh --small    # small corpus (a few minutes; what the slow test runs)
 #   bash scripts/demo.sh --out /tmp/demo --small    # everything under /tmp/demo (the checkout is not touched)
 #   bash scripts/demo.sh --dry-run [--out DIR]      # print each step's command, run nothing
+#   bash scripts/demo.sh --rebuild                  # retrain the stage-0 stand-in even if it could be reused
 #   bash scripts/demo.sh -- train.optim.lr=1e-3      # key=value overrides after -- go to every train.sh call
 #
 # 1. setup (.venv)  2. corpus -> data/demo/  3. base models -> outputs/demo/base/ (a user places real
@@ -15,17 +16,21 @@
 # With --out DIR: the run folder is DIR (base models, caches, stage folders, logs, metrics.json) and the
 # corpus DIR/data (run.output_root, run.name and vars.demo_data of config/demo.yaml are set to match).
 # Starts from a clean run folder (stage folders, logs and metrics of a previous demo are removed; base
-# models are rebuilt; the encoder-feature and caption caches under <run>/cache/ are reused).
+# models are rebuilt; the encoder-feature and caption caches under <run>/cache/ are reused). The stage-0
+# stand-in LM (stage_0/ and base/llm/) is reused when its inputs are unchanged: the stage-0 text, the
+# tokenizer, the initial LM, config/demo.yaml and config/stage_0.yaml, the code (git tree of code/ plus
+# uncommitted edits), the ranks and the overrides, hashed into stage_0/demo_inputs.sha256. --rebuild retrains it.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
-SMALL=0; EXTRA=(); OUT=""; DRY=0
+SMALL=0; EXTRA=(); OUT=""; DRY=0; REBUILD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) SMALL=1; shift ;;
     --out) [ $# -ge 2 ] || { echo "demo.sh: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
     --dry-run) DRY=1; shift ;;
+    --rebuild) REBUILD=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "demo.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -35,6 +40,21 @@ SMALL_FLAG=(); [ "$SMALL" = 1 ] && SMALL_FLAG=(--small)
 
 # Tiny matrices: one thread per process is fastest, and several threads on a busy machine are far slower.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Both cores: on a CPU host with >= 2 cores each stage runs as 2 gloo ranks (scripts/train.sh --num_gpus 2)
+# with micro batch 8 per rank, so the global batch (16) and the optimiser steps equal a one-process run's.
+# DEMO_RANKS=1 runs one process. On a GPU host train.sh uses the local GPUs as usual (one rank here).
+if [ -z "${DEMO_RANKS:-}" ]; then
+  DEMO_RANKS=1
+  if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q "^GPU"; }; then
+    # (nproc counts OMP_NUM_THREADS, set above: ask without it)
+    [ "$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)" -ge 2 ] && DEMO_RANKS=2
+  fi
+fi
+case "$DEMO_RANKS" in 1) RANK_ARGS=() ;; 2) RANK_ARGS=(--num_gpus 2 train.micro_batch_size=8) ;;
+  *) echo "demo.sh: DEMO_RANKS must be 1 or 2, got '$DEMO_RANKS'" >&2; exit 2 ;; esac
+# a free port per demo, so two demos (or a demo and a test) on one machine do not collide on 29500
+[ "$DEMO_RANKS" = 1 ] || [ -n "${MASTER_PORT:-}" ] || export MASTER_PORT="$("$PYTHON" -c \
+  'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 CONFIG="config/demo.yaml"
 if [ -n "$OUT" ]; then   # a folder typed on the command line: relative to the current directory
   case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
@@ -67,20 +87,47 @@ run_step() {
 cd "$REPO"
 if [ "$DRY" = 0 ]; then
   bash "$REPO/scripts/setup.sh"
-  rm -rf "$RUN"/stage_0 "$RUN"/stage_1 "$RUN"/stage_2 "$RUN"/stage_3 "$RUN/metrics.json" "$RUN/chat.json" "$RUN/chat" "$LOGS"
+  rm -rf "$RUN"/stage_1 "$RUN"/stage_2 "$RUN"/stage_3 "$RUN/metrics.json" "$RUN/chat.json" "$RUN/chat" "$LOGS"   # stage_0: see below
   mkdir -p "$LOGS"
-  echo "[demo] $( [ "$SMALL" = 1 ] && echo small || echo full ) run in $RUN, OMP_NUM_THREADS=$OMP_NUM_THREADS, logs in $LOGS"
+  echo "[demo] $( [ "$SMALL" = 1 ] && echo small || echo full ) run in $RUN, $DEMO_RANKS rank(s), OMP_NUM_THREADS=$OMP_NUM_THREADS, logs in $LOGS"
 fi
 
 run_step corpus "$PYTHON" code/prepare_data.py demo --output "$DATA" ${SMALL_FLAG[@]+"${SMALL_FLAG[@]}"}
 run_step base_models "$PYTHON" code/prepare_data.py demo-base --config "$CONFIG" --corpus "$DATA" \
   --output "$RUN/base"
 
+# The inputs of stage 0, hashed: a stage_0/ (and its export base/llm/) trained on the same is reused.
+stage0_key() {
+  {
+    sha256sum "$DATA/train/lm_pretrain.jsonl" "$DATA/tokenizer/tokenizer.model" "$RUN"/base/llm_init/*.safetensors \
+      "$CONFIG" config/stage_0.yaml | cut -d' ' -f1
+    git -C "$REPO" rev-parse HEAD:code 2>/dev/null || echo "no git"
+    git -C "$REPO" diff HEAD -- code config 2>/dev/null || true
+    printf '%s\n' "ranks=$DEMO_RANKS" ${WHERE[@]+"${WHERE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+  } | sha256sum | cut -d' ' -f1
+}
+STAGE0_KEY=""
+if [ "$DRY" = 0 ]; then
+  STAGE0_KEY=$(stage0_key)
+  if [ "$REBUILD" = 0 ] && [ -f "$RUN/stage_0/demo_inputs.sha256" ] && [ -f "$RUN/base/llm/config.json" ] \
+     && [ "$(cat "$RUN/stage_0/demo_inputs.sha256")" = "$STAGE0_KEY" ]; then
+    STAGE0_REUSED=1
+  else
+    STAGE0_REUSED=0
+    rm -rf "$RUN/stage_0" "$RUN/base/llm"
+  fi
+fi
+
 # Stage N's held-out tasks: stage 1 is also scored on t2x (the alignment before stage 2 trained it).
 EVAL_TASKS=("" "x2t,t2x" "t2x" "tools,multiturn,x2t,t2x")
 for STAGE in 0 1 2 3; do
+  if [ "$STAGE" = 0 ] && [ "$DRY" = 0 ] && [ "$STAGE0_REUSED" = 1 ]; then
+    echo "[demo] stage_0                    reused: its inputs are unchanged (--rebuild retrains it)"
+    continue
+  fi
   run_step "stage_$STAGE" bash scripts/train.sh --stage "$STAGE" --config "$CONFIG" \
-    ${WHERE[@]+"${WHERE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+    ${RANK_ARGS[@]+"${RANK_ARGS[@]}"} ${WHERE[@]+"${WHERE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+  [ "$STAGE" != 0 ] || [ "$DRY" = 1 ] || echo "$STAGE0_KEY" > "$RUN/stage_0/demo_inputs.sha256"
   if [ -n "${EVAL_TASKS[$STAGE]}" ]; then
     run_step "eval_stage_$STAGE" "$PYTHON" code/evaluate.py demo --checkpoint "$RUN/stage_$STAGE" \
       --data "$DATA" --tasks "${EVAL_TASKS[$STAGE]}"

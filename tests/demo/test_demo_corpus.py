@@ -19,7 +19,7 @@ from toollmm.core.paths import DATA_DIR, REPO_ROOT
 from toollmm.core.tokens import PLACEHOLDER_RE, TokenContract
 from toollmm.demo import media
 from toollmm.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
-from toollmm.demo.tools import DEMO_TOOLS, REQUESTS, run_demo_tool
+from toollmm.demo.tools import CITIES, DEMO_TOOLS, REQUESTS, WORDS, pseudo_name, run_demo_tool
 
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -143,6 +143,29 @@ def test_heldout_tool_arguments_and_phrasings_never_occur_in_training(corpus):
         for v in ("city", "word"):
             if v in call["arguments"]:
                 assert call["arguments"][v] not in joined, rec["id"]
+
+
+def test_made_up_values_spell_like_real_words_and_stage_3_training_copies_them(corpus):
+    """Copying is what the held-out tool calls test: the made-up names of the copy drills must cover the
+    clusters and doubled letters that held-out words have (a CV-only generator never wrote "ch" or "ff"),
+    and stage 3's own training calls must copy made-up values, not only the 52 training cities."""
+    rng = np.random.default_rng(0)
+    names = [pseudo_name(rng, capital=bool(i % 2)) for i in range(2000)]
+    held = [h.lower() for h in CITIES["heldout"] + WORDS["heldout"]]
+    assert not [n for n in names if any(h in n.lower() for h in held)]
+    joined = " ".join(names).lower()
+    for cluster in ("ch", "ff", "mm", "wh", "sk", "oo", "nn", "ss"):
+        assert cluster in joined, cluster
+    assert len(set(names)) > 1500
+    calls = [r["messages"][1]["tool_calls"][0]["function"] for r in _load(corpus, "train", "tools")]
+    for key, known in (("city", CITIES["train"]), ("word", WORDS["train"])):
+        values = [c["arguments"][key] for c in calls if key in c["arguments"]]
+        made_up = [v for v in values if v not in known]
+        assert len(values) >= 20 and 0.3 <= len(made_up) / len(values) <= 0.7, (
+            key,
+            len(made_up),
+            len(values),
+        )
 
 
 def test_tool_messages_are_the_backends_results_and_calls_match_the_specs(corpus):

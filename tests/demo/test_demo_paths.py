@@ -9,6 +9,7 @@ the resolved configs of every stage), so the slow test never replaces a user's `
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -119,6 +120,32 @@ def test_demo_sh_out_puts_every_step_under_the_folder(tmp_path):
         cfg = load_config(stage=stage, config_files=[DEMO], overrides=overrides).config
         assert str(resolve(cfg.run.output_root) / cfg.run.name) == str(out)
         assert all(p.startswith(f"{out}/") for p in _paths(cfg)), _paths(cfg)
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_demo_sh_runs_each_stage_on_both_cores_with_the_global_batch_of_one_process(tmp_path, ranks):
+    """DEMO_RANKS=2 (the default on a CPU host with >= 2 cores): every stage is 2 gloo ranks through
+    train.sh --num_gpus 2, micro batch 8 per rank, so the optimiser sees the one-process batch (16)."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | {"DEMO_RANKS": ranks}
+    run = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--dry-run", "--out", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    steps = dict(line.split(": ", 1) for line in run.stdout.strip().splitlines())
+    for stage in range(4):
+        argv = shlex.split(steps[f"stage_{stage}"])
+        assert argv[:2] == ["bash", "scripts/train.sh"]
+        nproc = int(argv[argv.index("--num_gpus") + 1]) if "--num_gpus" in argv else 1
+        assert nproc == int(ranks)
+        overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+        cfg = load_config(stage=stage, config_files=[DEMO], overrides=overrides).config
+        assert cfg.train.micro_batch_size * cfg.train.grad_accum * nproc == 16, stage
+    bad = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "demo.sh"), "--dry-run", "--out", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=60, env=env | {"DEMO_RANKS": "3"},
+    )  # fmt: skip
+    assert bad.returncode == 2 and "DEMO_RANKS" in bad.stderr
 
 
 def test_slow_demo_test_writes_only_into_a_temporary_folder():

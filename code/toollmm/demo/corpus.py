@@ -53,8 +53,10 @@ class DemoSizes:
     lm_copy: int = 300  # per modality
     lm_instruct: int = 100  # per modality
     lm_t2x: int = 60  # per modality
-    lm_tools: int = 1500
-    lm_repeat: int = 1500  # copy drills (numbers, made-up names)
+    # tool conversations (mostly made-up values): many distinct records seen few times teach copying;
+    # few records seen many times (1500 x 12 epochs) let the LM memorise values instead
+    lm_tools: int = 4000
+    lm_repeat: int = 1000  # copy drills (numbers, made-up names)
 
 
 FULL = DemoSizes()

@@ -82,8 +82,11 @@ def instruct(r: Render, rid: str, split: str, rng: np.random.Generator) -> dict:
 
 
 def tool_use(tool: str, rid: str, split: str, rng: np.random.Generator) -> dict:
-    """Stage 3: request -> tool call -> tool result -> answer, with the demo tool set offered."""
-    msgs, info = tool_conversation(tool, split, rng)
+    """Stage 3: request -> tool call -> tool result -> answer, with the demo tool set offered. Half the
+    training cities and words are made up (``pseudo_name``): with only the fixed training lists, the LoRA
+    learns to write a known city instead of copying the request's (held-out "Zurich" came out "Zuku")."""
+    pseudo = split == "train" and bool(rng.random() < 0.5)
+    msgs, info = tool_conversation(tool, split, rng, pseudo=pseudo)
     call = msgs[1]["tool_calls"][0]["function"]
     ev = {"acceptable": [call], "reference": [call], "split": "unseen_arguments_and_phrasings"}
     meta = {"tool": tool, "template": info["template"]}
@@ -114,10 +117,10 @@ def lm_t2x(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> di
 
 
 def lm_tool(index: int, rid: str, rng: np.random.Generator) -> dict:
-    """A training-template tool conversation; half the cities and words are made up, so the LM learns to
+    """A training-template tool conversation; most cities and words are made up, so the LM learns to
     copy spellings it has never seen (held-out cities and words are unseen)."""
     tool = TOOL_NAMES[index % len(TOOL_NAMES)]
-    msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < 0.5))
+    msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < 0.7))
     meta = {"kind": "tool", "tool": tool, "template": info["template"]}
     return _record(rid, "instruct", msgs, "train", tools=DEMO_TOOLS, meta=meta)
 

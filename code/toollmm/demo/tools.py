@@ -131,13 +131,27 @@ def image_prompts(split: str) -> list[str]:
     return [caption("image", {"colour": c, "shape": s}) for c, s in pairs]
 
 
+# Made-up spellings for the LM's copy drills: onsets, vowels and codas with the clusters and doubled letters
+# real words have ("ch", "wh", "ff", "mm"), so the drills cover the tokenizer pieces an unseen word splits into.
+_ONSETS = list(_CONSONANTS) + ["ch", "sh", "th", "ph", "wh", "tr", "br", "gr", "st", "sk", "sl", "pl", "kr",
+                              "sn"]  # fmt: skip
+_NUCLEI = list(_VOWELS) + ["ai", "ea", "oo", "ou", "ie", "ee"]
+_CODAS = ["", "", "", "", "n", "r", "s", "t", "l", "m", "k", "ck", "ff", "mm", "nn", "ss", "rr", "x", "z",
+          "ch"]  # fmt: skip
+
+
 def pseudo_name(rng: np.random.Generator, capital: bool) -> str:
-    """A made-up 2-3 syllable name (never a held-out value): LM text that teaches copying any spelling."""
+    """A made-up 2-3 syllable name (never contains a held-out value): LM text that teaches copying any
+    spelling. Syllables are (onset) vowel (coda), onsets and codas including clusters and doubled letters."""
     while True:
-        n = int(rng.integers(2, 4))
-        name = "".join(_CONSONANTS[rng.integers(20)] + _VOWELS[rng.integers(6)] for _ in range(n))
+        name = ""
+        for _ in range(int(rng.integers(2, 4))):
+            onset = _ONSETS[rng.integers(len(_ONSETS))] if rng.random() < 0.85 else ""
+            name += onset + _NUCLEI[rng.integers(len(_NUCLEI))] + _CODAS[rng.integers(len(_CODAS))]
         name = name.capitalize() if capital else name
-        if not any(h.lower() in name.lower() for h in CITIES["heldout"] + WORDS["heldout"]):
+        if 4 <= len(name) <= 10 and not any(
+            h.lower() in name.lower() for h in CITIES["heldout"] + WORDS["heldout"]
+        ):
             return name
 
 
