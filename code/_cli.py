@@ -19,6 +19,7 @@ __all__ = [
     "add_bind_args",
     "add_checkpoint_arg",
     "add_config_args",
+    "add_media_root_arg",
     "add_output_dir_arg",
     "add_verbose_arg",
 ]
@@ -50,6 +51,11 @@ def add_output_dir_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_media_root_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--media-root DIR`` (taken from the cwd): where relative media paths start or must stay inside."""
+    p.add_argument("--media-root", default=None, type=cli_path, help=help)
+
+
 def add_verbose_arg(p: argparse.ArgumentParser, help: str = "print the traceback of an error") -> None:
     """``--verbose`` (``toollmm.core.errors.cli_errors`` prints the traceback of an error with it)."""
     p.add_argument("--verbose", action="store_true", help=help)
@@ -72,7 +78,6 @@ def add_config_args(parser: argparse.ArgumentParser, example: str = "train.optim
         help="print the resolved config with each value's source and exit",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
-
 
 
 class Subcommands(dict[str, tuple[Configure, Run]]):

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from _cli import Subcommands, add_checkpoint_arg
+from _cli import Subcommands, add_checkpoint_arg, add_media_root_arg
 from toollmm.core.errors import cli_errors
 from toollmm.core.paths import cli_path, repo_default
 from toollmm.eval import (
@@ -144,11 +144,8 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
         help="feed back reference observations, or run free",
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument(
-        "--media-root",
-        default=None,
-        type=cli_path,
-        help="folder that relative media paths in --data are taken from (default: each --data file's folder)",
+    add_media_root_arg(
+        p, "folder that relative media paths in --data are taken from (default: each --data file's folder)"
     )
     p.add_argument(
         "--output",

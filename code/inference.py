@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from _cli import add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg
+from _cli import add_checkpoint_arg, add_config_args, add_media_root_arg, add_output_dir_arg, add_verbose_arg
 from toollmm.core.errors import UserError, as_user_error, cli_errors
 from toollmm.core.paths import cli_path
 
@@ -56,12 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tools", default=None, help="comma-separated tool names to enable (default: all)")
     p.add_argument("--batch", default=None, type=cli_path, metavar="IN.jsonl", help="one request per line")
     p.add_argument("--out", default=None, type=cli_path, metavar="OUT.jsonl", help="--batch results")
-    p.add_argument(
-        "--media-root",
-        default=None,
-        type=cli_path,
-        help="--batch: relative media paths start here (default: its folder)",
-    )
+    add_media_root_arg(p, "--batch: relative media paths start here (default: its folder)")
     p.add_argument("--batch-size", type=int, default=8, help="--batch: requests per generate call")
     p.add_argument("--resume", action="store_true", help="--batch: continue a killed batch from OUT.partial")
     add_verbose_arg(p, help="log the library's progress (INFO); tracebacks for errors")

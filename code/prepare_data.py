@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from _cli import Subcommands, add_config_args
+from _cli import Subcommands, add_config_args, add_media_root_arg
 from toollmm.core.errors import cli_errors
 from toollmm.core.paths import cli_config_file, cli_path, repo_default
 from toollmm.data.convert import REGISTRY, ConversionError, convert_file
@@ -44,12 +44,7 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=sorted(REGISTRY), help="source format")
     p.add_argument("--input", required=True, type=cli_path, help="source file (JSON array or JSONL)")
     p.add_argument("--output", required=True, type=cli_path, help="unified JSONL to write")
-    p.add_argument(
-        "--media-root",
-        default=None,
-        type=cli_path,
-        help="check that every referenced media file exists under DIR",
-    )
+    add_media_root_arg(p, "check that every referenced media file exists under DIR")
     p.add_argument(
         "--on-error", choices=("raise", "skip"), default="raise", help="bad record: stop or count it"
     )
@@ -139,12 +134,7 @@ def _configure_shard(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, type=cli_path, help="shard folder, e.g. data/shards/NAME/")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=float, default=3e9, help="bytes per shard at most (default 3e9)")
-    p.add_argument(
-        "--media-root",
-        default=None,
-        type=cli_path,
-        help="folder media paths are relative to (default: input's folder)",
-    )
+    add_media_root_arg(p, "folder media paths are relative to (default: input's folder)")
     p.add_argument(
         "--captions",
         default=None,

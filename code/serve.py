@@ -19,9 +19,15 @@ import os
 import sys
 from pathlib import Path
 
-from _cli import add_bind_args, add_checkpoint_arg, add_config_args, add_output_dir_arg, add_verbose_arg
+from _cli import (
+    add_bind_args,
+    add_checkpoint_arg,
+    add_config_args,
+    add_media_root_arg,
+    add_output_dir_arg,
+    add_verbose_arg,
+)
 from toollmm.core.errors import UserError, as_user_error, cli_errors
-from toollmm.core.paths import cli_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,12 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model-name", default=None, help="the model id clients send (default: from --checkpoint)"
     )
     add_output_dir_arg(p)
-    p.add_argument(
-        "--media-root",
-        default=None,
-        type=cli_path,
-        help="folder that file paths in media parts must stay inside",
-    )
+    add_media_root_arg(p, "folder that file paths in media parts must stay inside")
     p.add_argument(
         "--run-tools",
         action="store_true",
