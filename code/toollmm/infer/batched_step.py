@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from toollmm.core.batch import Batch
-
 from ..agent.protocol import StepOutput
+from .step import RowEmbedder
 
 
 @dataclass
@@ -37,28 +36,12 @@ class _Batch:
     lengths: list[int]  # real tokens per row (the next position id)
 
 
-class BatchedStepModel:
-    max_append = None  # any number of tokens per row per step
-
-    def __init__(self, model):
-        self.model = model.eval()
-        self.llm = model.llm
-        self.device = next(model.parameters()).device
-
+class BatchedStepModel(RowEmbedder):
     @torch.no_grad()
     def start(self, prompts: list[list[int]], media=None) -> tuple[_Batch, StepOutput]:
         """Each row embedded on its own (its media written at its placeholders, as in training), the
         embeddings left-padded into one batch and prefilled in one forward."""
-        media = media or [{} for _ in prompts]
-        if len(media) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but media for {len(media)} rows")
-        if any(not p for p in prompts):
-            raise ValueError("every prompt needs at least one token (e.g. BOS)")
-        rows = []
-        for ids, row_media in zip(prompts, media):
-            t = torch.tensor([ids], dtype=torch.long, device=self.device)
-            batch = Batch(t, torch.full_like(t, -100), torch.ones_like(t), media=dict(row_media or {}))
-            rows.append(self.model.embed(batch.to(self.device))[0])
+        rows = [self._embed(ids, row_media)[0] for ids, row_media in self._rows(prompts, media)]
         lengths = [len(p) for p in prompts]
         b, longest = len(prompts), max(lengths)
         x = rows[0].new_zeros(b, longest, rows[0].shape[-1])

@@ -18,7 +18,10 @@ from toollmm.core.batch import Batch, MediaInputs
 from ..agent.protocol import StepOutput
 
 
-class ToolLMMStepModel:
+class RowEmbedder:
+    """What both step models share: the model in eval mode, its LLM and device, the prompts checked, and
+    a prompt's embeddings with its media written at its placeholders (exactly as training's ``ToolLMM.embed``)."""
+
     max_append = None  # any number of tokens per row per step
 
     def __init__(self, model):
@@ -26,6 +29,23 @@ class ToolLMMStepModel:
         self.llm = model.llm
         self.device = next(model.parameters()).device
 
+    @staticmethod
+    def _rows(prompts: list[list[int]], media) -> list[tuple[list[int], dict]]:
+        media = media or [{} for _ in prompts]
+        if len(media) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but media for {len(media)} rows")
+        if any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token (e.g. BOS)")
+        return [(ids, dict(m or {})) for ids, m in zip(prompts, media)]
+
+    def _embed(self, ids: list[int], media: dict[str, MediaInputs]) -> torch.Tensor:
+        """``[1, len(ids), hidden]``: the prompt's input embeddings, media at the placeholders."""
+        t = torch.tensor([ids], dtype=torch.long, device=self.device)
+        batch = Batch(t, torch.full_like(t, -100), torch.ones_like(t), media=media)
+        return self.model.embed(batch.to(self.device))
+
+
+class ToolLMMStepModel(RowEmbedder):
     def _run(self, embeds: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor, Any]:
         out = self.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, output_hidden_states=True)
         return out.logits[0, -1].float(), out.hidden_states[-1][0], out.past_key_values
@@ -33,16 +53,9 @@ class ToolLMMStepModel:
     @torch.no_grad()
     def start(self, prompts: list[list[int]], media: list[dict[str, MediaInputs]] | None = None):
         """``media[row]``: that row's media per modality (cached features or pixels), in placeholder order."""
-        media = media or [{} for _ in prompts]
-        if len(media) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but media for {len(media)} rows")
         caches, logits, hidden = [], [], []
-        for ids, row_media in zip(prompts, media):
-            if not ids:
-                raise ValueError("every prompt needs at least one token (e.g. BOS)")
-            t = torch.tensor([ids], dtype=torch.long, device=self.device)
-            batch = Batch(t, torch.full_like(t, -100), torch.ones_like(t), media=dict(row_media or {}))
-            lg, hs, cache = self._run(self.model.embed(batch.to(self.device)), None)
+        for ids, row_media in self._rows(prompts, media):
+            lg, hs, cache = self._run(self._embed(ids, row_media), None)
             caches.append(cache)
             logits.append(lg)
             hidden.append(hs)
