@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import string
 from pathlib import Path
 
 import yaml
@@ -89,17 +90,14 @@ def _stages_md(history: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- snippets
-def toollmm_snippet(repo_id: str) -> str:
-    return f'''```python
-# toollmm: text, tools and media in; text, tool results and media out
-import toollmm
-from toollmm.infer.requests import Request
+def _snippet(name: str, **values: str) -> str:
+    """A usage snippet of the card (``snippets/<name>.py.tmpl``, ``$name`` placeholders) in a python fence."""
+    text = (Path(__file__).parent / "snippets" / f"{name}.py.tmpl").read_text(encoding="utf-8")
+    return "```python\n" + string.Template(text).substitute(values).rstrip("\n") + "\n```"
 
-REPO = "{repo_id}"  # or a local copy of this folder
-runtime = toollmm.load(REPO)  # add overrides=["model.llm.path=/my/copy", ...] for local base copies
-result = runtime.generate([Request(messages=[{{"role": "user", "content": "Hello! What can you do?"}}])])[0]
-print(result.text, result.tool_results, result.signals)
-```'''
+
+def toollmm_snippet(repo_id: str) -> str:
+    return _snippet("toollmm_usage", repo_id=repo_id)
 
 
 def peft_snippet(repo_id: str, llm_ref: str, lora: bool) -> str:
@@ -108,39 +106,7 @@ def peft_snippet(repo_id: str, llm_ref: str, lora: bool) -> str:
         if lora
         else "model = base.eval()  # this release has no LoRA adapter"
     )
-    return f'''```python
-# transformers + peft only: the LLM with its new tokens (text in, text out; media need toollmm)
-import json
-import os
-
-import torch
-from huggingface_hub import snapshot_download
-from peft import PeftModel
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-REPO = "{repo_id}"  # or a local copy of this folder
-BASE = "{llm_ref}"  # the base LLM: Hub id or your local copy
-folder = REPO if os.path.isdir(REPO) else snapshot_download(REPO, ignore_patterns=["merged/*"])
-tok = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
-base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
-# 1. resize the base vocabulary to hold the released tokens, 2. write their trained rows
-base.resize_token_embeddings(max(len(tok), base.get_input_embeddings().num_embeddings), mean_resizing=False)
-with open(os.path.join(folder, "config.json")) as f:
-    token_rows = json.load(f)["token_rows"]  # group -> token ids, in the row order of delta.safetensors
-emb, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
-with safe_open(os.path.join(folder, "delta.safetensors"), "pt") as f, torch.no_grad():
-    for group, ids in token_rows.items():
-        emb[ids] = f.get_tensor(f"token_rows.embed.{{group}}").to(emb.dtype)
-        if f"token_rows.head.{{group}}" in f.keys():  # untied lm_head
-            head[ids] = f.get_tensor(f"token_rows.head.{{group}}").to(head.dtype)
-# 3. the LoRA adapter (peft format: adapter_config.json + adapter_model.safetensors at the root)
-{adapter}
-messages = [{{"role": "user", "content": "Hello! What can you do?"}}]
-prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-out = model.generate(**prompt, max_new_tokens=32, do_sample=False)
-print(tok.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True))
-```'''
+    return _snippet("peft_usage", repo_id=repo_id, llm_ref=llm_ref, adapter=adapter)
 
 
 # ------------------------------------------------------------------------------------------ the card
