@@ -131,9 +131,7 @@ class Engine:
         opts = list(options) if options is not None else [None] * len(prompts)
         if len(opts) != len(prompts):
             raise ValueError(f"options: {len(opts)} entries for {len(prompts)} prompts")
-        rows = [RowState(i, len(p), stop_at_call=bool(s)) for i, (p, s) in enumerate(zip(prompts, stops))]
-        for r, o in zip(rows, opts):
-            self._apply_options(r, o)
+        rows = [self.new_row(i, len(p), bool(s), o) for i, (p, s, o) in enumerate(zip(prompts, stops, opts))]
         hook = signal_hook if signal_hook is not None else self.signal_hook
         state, out = self.model.start([list(p) for p in prompts], media)
         model_s = time.perf_counter() - t0
@@ -141,12 +139,7 @@ class Engine:
             starts = [len(r.gen) for r in rows]
             appends = []
             for r in rows:
-                if not r.finish_reason and r.cancelled is not None and r.cancelled():
-                    self._finish(r, "cancelled", t0)
-                toks = [] if r.finish_reason else self._advance(r, out.logits[r.index], t0)
-                if not toks and not r.finish_reason:  # defensive: a row must progress or finish
-                    self._finish(r, "error", t0, "internal: the row made no progress")
-                appends.append(toks)
+                appends.append(self.next_tokens(r, out.logits[r.index], t0))
             if not any(appends):
                 break
             ts = time.perf_counter()
@@ -155,10 +148,30 @@ class Engine:
             for r, toks, s in zip(rows, appends, starts):
                 if toks:
                     hid = out.hidden[r.index] if out.hidden is not None else None
-                    self._collect(r, r.prompt_len + s, len(toks), hid, state, hook)
+                    self.collect(r, r.prompt_len + s, len(toks), hid, state, hook)
                     if on_tokens is not None:
                         on_tokens(r.index, list(toks))
-        return [self._result(r, model_s) for r in rows]
+        return [self.result(r, model_s) for r in rows]
+
+    # The per-row steps of a decode loop: ``generate`` above and the server's continuous batch
+    # (``serve/batcher.py``) both drive rows through exactly these.
+    def new_row(
+        self, index: int, prompt_len: int, stop_at_call: bool, options: RowOptions | None
+    ) -> RowState:
+        """A row's decode state: the engine's defaults, then ``options`` (limits, sampling, prefix, stops)."""
+        row = RowState(index, prompt_len, stop_at_call=stop_at_call)
+        self._apply_options(row, options)
+        return row
+
+    def next_tokens(self, row: RowState, logits: torch.Tensor, t0: float) -> list[int]:
+        """The tokens ``row`` appends next from its latest ``logits`` (sampled, forced or a tool result);
+        ``[]`` once it has finished (a cancelled row finishes ``cancelled`` here)."""
+        if not row.finish_reason and row.cancelled is not None and row.cancelled():
+            self._finish(row, "cancelled", t0)
+        toks = [] if row.finish_reason else self._advance(row, logits, t0)
+        if not toks and not row.finish_reason:  # defensive: a row must progress or finish
+            self._finish(row, "error", t0, "internal: the row made no progress")
+        return toks
 
     def _apply_options(self, row: RowState, o: RowOptions | None) -> None:
         row.max_new_tokens = self.cfg.max_new_tokens
@@ -266,9 +279,7 @@ class Engine:
         )
         return False
 
-    def _collect(
-        self, row: RowState, start: int, n: int, hidden, state: Any, hook: SignalHook | None
-    ) -> None:
+    def collect(self, row: RowState, start: int, n: int, hidden, state: Any, hook: SignalHook | None) -> None:
         """Attach hidden states of the tokens just appended; fire the hook for spans now complete."""
         for j, pos in enumerate(range(start, start + n)):
             span = row.wanted.pop(pos, None)
@@ -424,7 +435,7 @@ class Engine:
                 shown.append(tid)
         return shown
 
-    def _result(self, row: RowState, model_s: float) -> RowResult:
+    def result(self, row: RowState, model_s: float) -> RowResult:
         shown = self.visible_ids(row.gen)
         text = self.tok.decode(shown, skip_special_tokens=True)
         cut = text.rfind(row.stop_string) if row.stop_string is not None else -1

@@ -21,6 +21,7 @@ the rows they carried (``step_rows / steps`` = mean rows per forward).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -75,6 +76,7 @@ class Batcher:
         self.steps = 0  # decode steps run by the continuous loop
         self.step_rows = 0  # rows those steps carried
         self.joined = 0  # jobs prefilled into a batch that was already decoding
+        self._ids = itertools.count(1)  # row ids of the continuous loop
         self._thread = threading.Thread(target=self._loop, name="toollmm-batcher", daemon=True)
         self._thread.start()
 
@@ -218,13 +220,8 @@ class Batcher:
         leave), then one forward appends every row's tokens."""
         appends, starts, keep = [], [], []
         for k, row in enumerate(rows):
-            st = row.st
-            start = len(st.gen)
-            if not st.finish_reason and row.job.cancelled.is_set():
-                engine._finish(st, "cancelled", row.t0)
-            toks = [] if st.finish_reason else engine._advance(st, row.logits, row.t0)
-            if not toks and not st.finish_reason:  # defensive: a row must progress or finish
-                engine._finish(st, "error", row.t0, "internal: the row made no progress")
+            start = len(row.st.gen)
+            toks = engine.next_tokens(row.st, row.logits, row.t0)  # its options carry the job's cancel flag
             if toks:
                 appends.append(toks)
                 starts.append(start)
@@ -245,7 +242,7 @@ class Batcher:
             row.model_s += dt
             row.logits = out.logits[k]
             hid = out.hidden[k] if out.hidden is not None else None
-            engine._collect(row.st, row.st.prompt_len + start, len(toks), hid, state, engine.signal_hook)
+            engine.collect(row.st, row.st.prompt_len + start, len(toks), hid, state, engine.signal_hook)
             row.job.emitted = True
             if row.job.stream:
                 row.job.on_event("tokens", list(toks))
@@ -275,16 +272,15 @@ class Batcher:
             self.joined += len(group) if rows else 0
             dt = time.perf_counter() - t0
             for k, j in enumerate(group):
-                st = RowState(self._next_id(), len(j.prompt), stop_at_call=not j.run_tools)
                 j.options.cancelled = j.cancelled.is_set
-                engine._apply_options(st, j.options)
+                st = engine.new_row(next(self._ids), len(j.prompt), not j.run_tools, j.options)
                 rows.append(_Row(j, st, out.logits[k], t0, dt))
         return state
 
     def _answer(self, engine, row: _Row) -> None:
         self.finished[row.st.finish_reason] += 1
         row.answered = True  # never rerun, even if delivering the answer fails
-        row.job.on_event("done", engine._result(row.st, round(row.model_s, 4)))
+        row.job.on_event("done", engine.result(row.st, round(row.model_s, 4)))
 
     def _retry_alone(self, job: Job) -> None:
         if job.stream and job.emitted:
@@ -292,10 +288,6 @@ class Batcher:
             return
         job.emitted = False
         self._run([job])
-
-    def _next_id(self) -> int:
-        self._ids = getattr(self, "_ids", 0) + 1
-        return self._ids
 
 
 @dataclass
