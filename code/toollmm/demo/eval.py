@@ -380,7 +380,7 @@ def evaluate_multiturn(runtime, data_dir: Path, limit: int | None, batch_size: i
     return {
         "turn_accuracy": mt,
         "single_turn_accuracy": st,
-        "ratio": mt / st if st else 0.0,
+        "ratio": mt / st if st else None,  # undefined (not 0) when no turn sent alone was right
         "conversation_exact": _mean(all(c) for c in m_ok),
         "per_kind": {
             k: {"multi": _mean(v["multi"]), "single": _mean(v["single"]), "n": len(v["multi"])}
