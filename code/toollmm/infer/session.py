@@ -11,24 +11,32 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..agent.spec import ToolResult
 from ..agent.state import RowResult
 from ..core.react import read_react
 from ..core.toolcall import UNREAD
 from .requests import MEDIA_KEYS, Request, split_media, with_placeholders
 
 
+def tool_messages(result: ToolResult) -> list[dict]:
+    """A tool call that ran and what the model was shown, as the history's call + tool messages; ``[]``
+    for a malformed call (name ``UNREAD``, or arguments that are not an object): nothing the renderer
+    could write back."""
+    args = result.arguments
+    if isinstance(args, str):  # a ReAct call keeps its raw Action Input
+        args = {"input": args}
+    if result.name == UNREAD or not isinstance(args, dict):
+        return []
+    call = {"type": "function", "function": {"name": result.name, "arguments": args}}
+    return [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": result.name, "content": result.observation()},
+    ]
+
+
 def assistant_messages(row: RowResult, react: bool) -> list[dict]:
     """The assistant turn of ``row`` as messages (calls + tool results, then the answer)."""
-    msgs: list[dict] = []
-    for r in row.tool_results:
-        args = r.arguments
-        if isinstance(args, str):  # a ReAct call keeps its raw Action Input
-            args = {"input": args}
-        if r.name == UNREAD or not isinstance(args, dict):
-            continue  # malformed: nothing the renderer could write back
-        call = {"type": "function", "function": {"name": r.name, "arguments": args}}
-        msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        msgs.append({"role": "tool", "name": r.name, "content": r.observation()})
+    msgs = [m for r in row.tool_results for m in tool_messages(r)]
     text = row.text.strip()
     if react:
         final = read_react(row.text).final

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..agent.spec import ToolResult
 from ..core.toolcall import call_from_value
 from ..infer.requests import with_placeholders
+from ..infer.session import tool_messages
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MEDIA_PARTS = {"image_url": "image", "video_url": "video", "input_audio": "audio"}
@@ -313,15 +315,8 @@ def _ran_tools(raw: Any, where: str) -> list[dict]:
         for key in ("result", "error"):
             if r.get(key) is not None and not isinstance(r[key], str):
                 raise bad(f"{w}.{key}", "must be a string or null")
-        args = r.get("arguments")
-        if isinstance(args, str):  # a ReAct call keeps its raw Action Input
-            args = {"input": args}
-        if r["name"] == "?" or not isinstance(args, dict):
-            continue
-        call = {"type": "function", "function": {"name": r["name"], "arguments": args}}
-        seen = r.get("result") if r.get("error") is None else f"error: {r['error']}"
-        out.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        out.append({"role": "tool", "name": r["name"], "content": seen or ""})
+        ran = ToolResult(r["name"], r.get("arguments"), r.get("result") or "", r.get("error"), 0.0)
+        out += tool_messages(ran)
     return out
 
 
