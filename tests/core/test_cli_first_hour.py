@@ -4,7 +4,6 @@ train.py, train.sh and evaluate.py print, and where a config error or a busy por
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import socket
@@ -19,6 +18,7 @@ from test_inference_cli import Loader
 from test_inference_cli import cli as inference_cli
 
 import toollmm
+from entry_points import load_script
 from toollmm.checkpoint.stage import stage_config
 from toollmm.core.config import ConfigError, load_config
 from toollmm.core.paths import REPO_ROOT
@@ -26,11 +26,7 @@ from toollmm.infer.runtime import INFERENCE_YAML
 
 
 def _app():
-    spec = importlib.util.spec_from_file_location("app_entry_first_hour", REPO_ROOT / "code" / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/app.py", "app_entry_first_hour")
 
 
 app_cli = _app()
@@ -185,10 +181,7 @@ def test_output_means_a_folder_for_score_and_run(three, tmp_path, capsys):  # no
 
 # ------------------------------------------------------------------------------------------ item 10
 def _train_entry():
-    spec = importlib.util.spec_from_file_location("train_entry_first_hour", REPO_ROOT / "code" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/train.py", "train_entry_first_hour")
 
 
 class Terminal:

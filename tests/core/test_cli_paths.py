@@ -8,23 +8,20 @@ looked up in the repo. A text-only request creates no (empty) output folder.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 import toollmm
+from entry_points import load_script
 from inference_fixtures import IMAGE_SPAN, steer
 from toollmm.core.config import load_config
 from toollmm.core.paths import REPO_ROOT, resolve
 
 
 def _entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_paths_entry", REPO_ROOT / "code" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"code/{name}.py", f"{name}_paths_entry")
 
 
 inference, evaluate, train = _entry("inference"), _entry("evaluate"), _entry("train")

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
 
 import pytest
 
+from entry_points import load_script
 from toollmm.core.paths import REPO_ROOT
 
 CODE = REPO_ROOT / "code"
@@ -19,11 +18,7 @@ SHARED_FLAGS = {"--checkpoint", "--host", "--port", "--output-dir", "--verbose",
 
 
 def entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_entry_shared", CODE / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # app.py's dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"code/{name}.py", f"{name}_entry_shared")
 
 
 #: each entry point's way to parse ``extra`` flags (plus what it needs to parse at all)

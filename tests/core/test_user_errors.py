@@ -3,24 +3,18 @@ adds the traceback. A bug still shows its traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from entry_points import load_script
 from toollmm.checkpoint.stage import MANIFEST, file_hashes
-from toollmm.core.paths import REPO_ROOT
 
 
 def entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_entry_ue", REPO_ROOT / "code" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # app.py's dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"code/{name}.py", f"{name}_entry_ue")
 
 
 def one_line_error(err: str, *needles: str) -> None:

@@ -5,23 +5,17 @@ and counted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import soundfile as sf
 
 from _media import write_image, write_mp4, write_wav
-from toollmm.core.paths import REPO_ROOT
+from entry_points import load_script
 
 
 def entry():
-    spec = importlib.util.spec_from_file_location("prepare_data_cm", REPO_ROOT / "code" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/prepare_data.py", "prepare_data_cm")
 
 
 def rec(rid: str, key: str, path: str) -> dict:

@@ -5,15 +5,14 @@ byte offset; under ``on_error=skip`` the line is counted under its own reason.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from entry_points import load_script
 from toollmm.core.config import ConfigError
 from toollmm.core.configlib import load_yaml
-from toollmm.core.paths import REPO_ROOT
 from toollmm.data.convert import ConversionError, convert_file
 from toollmm.data.records import BadSample, RecordError, load_jsonl
 from toollmm.data.sources import JsonlSource
@@ -23,10 +22,7 @@ BAD = b"\xff\xfe caf\xe9"  # latin-1 text in a UTF-8 file
 
 
 def entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_entry", REPO_ROOT / "code" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"code/{name}.py", f"{name}_entry")
 
 
 def with_bad_line(src: Path, dst: Path, at: int) -> tuple[int, int]:

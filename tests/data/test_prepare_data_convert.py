@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import pytest
 
-from toollmm.core.paths import REPO_ROOT
+from entry_points import load_script
 from toollmm.data.convert import ConversionError, convert_file
 
 FIX = Path(__file__).parents[1] / "fixtures"
 
 
 def _load_entry():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO_ROOT / "code" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/prepare_data.py", "prepare_data")
 
 
 prepare_data = _load_entry()

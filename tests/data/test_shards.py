@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from _datastream import make_source, png_bytes, write_jsonl
-from toollmm.core.paths import REPO_ROOT
+from entry_points import load_script
 from toollmm.data.captions import CaptionStore, caption_key, embed_captions
 from toollmm.data.records import BadSample
 from toollmm.data.shardfmt import index_tar
@@ -21,12 +20,7 @@ from toollmm.data.sources import JsonlSource
 
 def _prepare_data():
     """``code/prepare_data.py`` (an entry point, not a package module), where the parsers live."""
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data_shards", REPO_ROOT / "code" / "prepare_data.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/prepare_data.py", "prepare_data_shards")
 
 
 prepare_data = _prepare_data()

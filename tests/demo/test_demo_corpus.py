@@ -4,7 +4,6 @@ and the tokenizer loads and round-trips the corpus text."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from toollmm.core.paths import DATA_DIR, REPO_ROOT
+from entry_points import load_script
+from toollmm.core.paths import DATA_DIR
 from toollmm.core.tokens import PLACEHOLDER_RE, TokenContract
 from toollmm.demo import media
 from toollmm.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
@@ -25,10 +25,7 @@ MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
 
 
 def _load_entry():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO_ROOT / "code" / "prepare_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/prepare_data.py", "prepare_data")
 
 
 prepare_data = _load_entry()  # the corpus's command line: code/prepare_data.py demo

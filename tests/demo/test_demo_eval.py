@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from entry_points import load_script
 from toollmm.demo import media
 from toollmm.demo.eval import alignment_metrics, caption_metrics, demo_registry, named_value
 from toollmm.demo.report import build_metrics, format_table, write_metrics
@@ -149,13 +150,7 @@ def test_metrics_report_missing_stage_is_not_a_pass(tmp_path):
 
 
 def test_evaluate_cli_demo_report(tmp_path, capsys):
-    import importlib.util
-
-    from toollmm.core.paths import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO_ROOT / "code" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("code/evaluate.py", "evaluate_cli")
     run = _fake_run(tmp_path / "demo")
     assert cli.main(["demo-report", "--run", str(run), "--small", "--total-wall-s", "9"]) == 0
     out = capsys.readouterr().out

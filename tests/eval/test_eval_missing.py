@@ -10,14 +10,13 @@ holding only ``id``/``instruction``/``output`` (what the published scorer reads)
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from _media import write_image, write_mp4, write_wav
-from toollmm.core.paths import REPO_ROOT
+from entry_points import load_script
 from toollmm.eval import ScoreOptions, score_files
 
 FIX = Path(__file__).parents[1] / "fixtures" / "samples"
@@ -26,12 +25,7 @@ G4T = FIX / "gpt4tools" / "gpt4tools_val_seen.json"
 
 
 def _entry():
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_entry_missing", REPO_ROOT / "code" / "evaluate.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/evaluate.py", "evaluate_entry_missing")
 
 
 evaluate = _entry()

@@ -3,13 +3,12 @@ written, re-scored by ``score``), the output forms, and bad input named clearly.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from toollmm.core.paths import REPO_ROOT
+from entry_points import load_script
 from toollmm.eval import EvalError, run_benchmark
 from toollmm.eval.common import load_references
 from toollmm.eval.run import generate_predictions, read_step, split_reference
@@ -18,10 +17,7 @@ FIX = Path(__file__).parents[1] / "fixtures" / "samples"
 
 
 def _load_entry():
-    spec = importlib.util.spec_from_file_location("evaluate", REPO_ROOT / "code" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/evaluate.py", "evaluate")
 
 
 evaluate = _load_entry()

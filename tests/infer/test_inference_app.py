@@ -3,10 +3,8 @@ uploads reach the model, tool calls are visible, generated media come back, sess
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,12 @@ import pytest
 from PIL import Image
 
 import toollmm
+from entry_points import load_script
 from inference_fixtures import IMAGE_SPAN, call_text, steer
-from toollmm.core.paths import REPO_ROOT
 
 
 def _entry():
-    spec = importlib.util.spec_from_file_location("app_entry", REPO_ROOT / "code" / "app.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/app.py", "app_entry")
 
 
 def _free_port() -> int:

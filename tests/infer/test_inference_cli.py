@@ -3,7 +3,6 @@ scripted stdin, terminal streaming, config layering, and bad input named before 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -15,6 +14,7 @@ import soundfile as sf
 from PIL import Image
 
 import toollmm
+from entry_points import load_script
 from inference_fixtures import IMAGE_SPAN, call_text, steer
 from toollmm.core.paths import REPO_ROOT
 
@@ -27,10 +27,7 @@ RULES = [
 
 
 def _entry():
-    spec = importlib.util.spec_from_file_location("inference_entry", REPO_ROOT / "code" / "inference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/inference.py", "inference_entry")
 
 
 cli = _entry()

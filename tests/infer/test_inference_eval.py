@@ -4,25 +4,21 @@ step reported without being run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 import toollmm
+from entry_points import load_script
 from inference_fixtures import call_text, steer
-from toollmm.core.paths import REPO_ROOT
 from toollmm.infer.requests import Request
 
 FIX = Path(__file__).parents[1] / "fixtures" / "samples" / "viot"
 
 
 def _entry():
-    spec = importlib.util.spec_from_file_location("evaluate_entry", REPO_ROOT / "code" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/evaluate.py", "evaluate_entry")
 
 
 evaluate = _entry()

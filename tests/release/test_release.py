@@ -11,7 +11,6 @@ already written by ``scripts/release.sh --dry-run --out``)."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 
+from entry_points import load_script
 from toollmm.checkpoint.bases import local_base_overrides
 from toollmm.checkpoint.delta import delta_tensors
 from toollmm.checkpoint.stage import load_stage, read_manifest, save_stage
@@ -35,7 +35,7 @@ from toollmm.core.config import (
     SourceConfig,
     load_config,
 )
-from toollmm.core.paths import REPO_ROOT, resolve
+from toollmm.core.paths import resolve
 from toollmm.core.tokens import MODALITIES
 from toollmm.model.tiny import TinyLlama, build_base_models
 from toollmm.model.toollmm_model import build_model
@@ -55,10 +55,7 @@ DEMO_EVAL = Path(__file__).parents[1] / "fixtures" / "demo_eval" / "demo.json"
 
 
 def _load_entry():
-    spec = importlib.util.spec_from_file_location("release", REPO_ROOT / "code" / "release.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/release.py", "release")
 
 
 release_cli = _load_entry()

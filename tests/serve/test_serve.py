@@ -9,7 +9,6 @@ batched step model, so the batching tests see real numerics.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import socket
@@ -27,6 +26,7 @@ import pytest
 from PIL import Image
 
 import toollmm
+from entry_points import load_script
 from inference_fixtures import IMAGE_SPAN, Steered, call_text
 from toollmm.agent.engine import RowOptions
 from toollmm.agent.protocol import StepOutput
@@ -457,10 +457,7 @@ def test_row_options_seed_banned_prefix_and_stop(tiny_stage_dir, tmp_path):
 
 
 def _entry():
-    spec = importlib.util.spec_from_file_location("serve_entry", REPO_ROOT / "code" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/serve.py", "serve_entry")
 
 
 def test_cli_binds_localhost_and_requires_its_key(tiny_stage_dir, tmp_path):

@@ -4,13 +4,13 @@ a stage whose data has no media never builds it; ranks split the uncached media 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
 import pytest
 
 from _train_world import TINY_ENCODER, read_jsonl
+from entry_points import load_script
 from toollmm.core.config import load_config
 from toollmm.core.paths import REPO_ROOT
 from toollmm.train.build import has_media
@@ -18,10 +18,7 @@ from toollmm.train.features import owned_keys
 
 
 def _entry(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_entry", REPO_ROOT / "code" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"code/{name}.py", f"{name}_entry")
 
 
 PREPARE = _entry("prepare_data")

@@ -3,13 +3,11 @@ the formula worked by hand from Vicuna-7B's published numbers."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toollmm.core.paths import REPO_ROOT
+from entry_points import load_script
 from toollmm.train import memory as mem
 
 GiB = 2**30
@@ -18,12 +16,7 @@ NEW_ROWS = 43  # 3 placeholders + 36 signal tokens + 4 tool tokens
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "memory_estimate", REPO_ROOT / "scripts" / "memory_estimate.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/memory_estimate.py", "memory_estimate")
 
 
 @pytest.mark.parametrize("kv_heads,tied", [(4, False), (2, True)])

@@ -3,7 +3,6 @@ are cumulative, rank-0 logging writes its files, CPU runs are fp32, and the CLI'
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -14,9 +13,9 @@ from deepspeed.runtime.config import DeepSpeedConfig
 from safetensors.torch import load_file
 
 from _train_world import read_jsonl
+from entry_points import load_script
 from toollmm.checkpoint.stage import load_into, load_stage, stage_config
 from toollmm.core.config import load_config
-from toollmm.core.paths import REPO_ROOT
 from toollmm.model.toollmm_model import build_model
 from toollmm.train.build import seed_all
 from toollmm.train.ds import build_ds_config, compute_dtype
@@ -29,10 +28,7 @@ STAGE_3_NO_INPUT_PROJ = (
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_entry", REPO_ROOT / "code" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("code/train.py", "train_entry")
 
 
 TRAIN = _train_module()
