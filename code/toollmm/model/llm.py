@@ -156,6 +156,7 @@ def prepare_llm(
     lora: LoraSettings,
     gradient_checkpointing: bool = False,
     token_ids: TokenIds | None = None,
+    fused_projections: bool = False,
 ) -> LLMBundle:
     """Add the token contract to ``tokenizer`` (or use ``token_ids`` as given, e.g. for a meta-device
     model without a matching tokenizer), attach per-group token rows, checkpointing and LoRA; freeze all."""
@@ -177,6 +178,12 @@ def prepare_llm(
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     wrapped = apply_lora(model, lora) if lora.enabled else model
+    if fused_projections:
+        from .fused import fuse_llama_layers
+
+        fuse_llama_layers(wrapped, shared_dropout=lora.enabled and lora.shared_dropout)
+    elif lora.enabled and lora.shared_dropout:
+        raise UserError("model.llm.lora.shared_dropout needs model.llm.fused_projections: true")
     for p in wrapped.parameters():
         p.requires_grad_(False)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
@@ -188,4 +195,11 @@ def build_llm(
 ) -> LLMBundle:
     """Load ``llm_cfg.path`` and prepare it (tokens, rows, checkpointing, LoRA)."""
     model, tokenizer = load_causal_lm(llm_cfg, device)
-    return prepare_llm(model, tokenizer, tokens_cfg, llm_cfg.lora, llm_cfg.gradient_checkpointing)
+    return prepare_llm(
+        model,
+        tokenizer,
+        tokens_cfg,
+        llm_cfg.lora,
+        llm_cfg.gradient_checkpointing,
+        fused_projections=llm_cfg.fused_projections,
+    )

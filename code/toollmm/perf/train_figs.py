@@ -83,6 +83,7 @@ def mfu(world: World, profile_to=None) -> dict:
     init_distributed()
     model, _, stream, _ = build_run(cfg, 0, 1)
     engine, dtype = make_engine(cfg, model, 10**6, 1)
+    engine.train()  # as run_stage does (from_pretrained leaves the base layers in eval mode)
     it = _batches(stream)
     for _ in range(s.warmup):
         train_step(engine, next(it), dtype)
