@@ -3,16 +3,20 @@
 ``fuse_llama_layers(model)`` gives every ``LlamaAttention`` and ``LlamaMLP`` inside ``model`` (peft-wrapped or
 not) a training forward that
 
-- computes the frozen base projections that read the same input in ONE product: q/k/v (``[N, H] x [H, q+k+v]``)
-  and gate/up (``[N, H] x [H, 2I]``), against a concatenated copy of the base weights that is rebuilt whenever a
-  weight changes (its storage, version counter, dtype or device), so a merge, a load or ``.to()`` is seen;
+- on CUDA, computes the base projections that read the same input in ONE product: q/k/v (``[N, H] x [H, q+k+v]``)
+  and gate/up (``[N, H] x [H, 2I]``) (``CONCAT``: on this project's 2-core CPU the concatenated products ran no
+  faster than three and the split's backward cost a copy, so the CPU keeps one product per module);
+- draws each LoRA dropout mask as ``torch.rand >= p`` (Bernoulli(1 - p), as ``nn.Dropout``) and applies it with
+  ``where``, leaving the 1 / (1 - p) rescale to the small LoRA product (CPU ``bernoulli_`` + divide + multiply
+  took ~2.5x as long over a 1000 x 768 input);
 - adds each module's LoRA update into its slice of that output in place (``addmm_(A(dropout(x)), B^T,
   alpha=scaling)``), instead of peft's ``result + B(A(dropout(x))) * scaling`` (two extra passes over the
   output per module); ``o_proj`` / ``down_proj`` get the same in-place update on their own base product.
 
-Exactness: the sum is the same (fp32 rounding differs at the 1e-6 level), and each module's dropout module is
-called on the same input in the same order as peft calls them, so with the same RNG state the masks are
-the same: loss and gradients match the unfused path (``tests/model/test_fused.py``). LoRA semantics are
+Exactness: the sum is the same (fp32 rounding differs at the 1e-6 level) and the masks are drawn in the order
+peft draws them (q, k, v, o), so the loss and gradients equal those of the unfused model whose dropout draws
+its mask the same way (``tests/model/test_fused.py``, with and without activation checkpointing, sdpa and
+eager); without dropout they equal plain peft's. LoRA semantics are
 unchanged unless ``model.llm.lora.shared_dropout`` is set, which draws ONE dropout mask for the modules of a
 group (q/k/v; gate/up when they carry adapters) and runs their A matrices as one product: a different
 regulariser (the three updates see the same dropped input), offered as an option and measured in
@@ -70,34 +74,17 @@ def _lora_parts(mod: nn.Module) -> tuple[nn.Linear, list[tuple]]:
     return base, parts
 
 
-def _weight_key(w: torch.Tensor) -> tuple:
-    return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-
-
-def _fused_weight(
-    owner: nn.Module, attr: str, bases: list[nn.Linear]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The bases' weights (and biases) concatenated along the output dimension. Frozen weights: a cached copy
-    (rebuilt when any weight changes); trainable ones: concatenated in the graph every call."""
+def _fused_weight(bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The bases' weights (and biases) concatenated along the output dimension, in the graph, every call: a
+    cache would miss in-place changes made through ``.data`` (peft's merge does that), and the copy is small
+    against the product (3 x H^2 elements per layer). Without activation checkpointing the copy lives until
+    the layer's backward, like the activations."""
     weights = [b.weight for b in bases]
     biases = [b.bias for b in bases]
-    if any(hasattr(w, "ds_id") for w in weights):
-        raise _Unfusable("DeepSpeed ZeRO-3 partitioned weights")
     has_bias = [x is not None for x in biases]
     if any(has_bias) and not all(has_bias):
         raise _Unfusable("some projections have a bias and some not")
-    if len(bases) == 1:
-        return weights[0], biases[0]
-    if any(w.requires_grad for w in weights) or any(x is not None and x.requires_grad for x in biases):
-        return torch.cat(weights), (torch.cat(biases) if all(has_bias) else None)
-    key = tuple(_weight_key(w) for w in weights) + tuple(_weight_key(x) for x in biases if x is not None)
-    cached = owner.__dict__.get(attr)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            w = torch.cat(weights)
-            b = torch.cat(biases) if all(has_bias) else None
-        owner.__dict__[attr] = cached = (key, w, b)
-    return cached[1], cached[2]
+    return torch.cat(weights), (torch.cat(biases) if all(has_bias) else None)
 
 
 #: concatenate the base weights of a group into one GEMM (False: one GEMM per module, each output contiguous)
@@ -120,7 +107,7 @@ def _mask_input(drop: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     return torch.where(torch.rand_like(x) >= p, x, 0.0), 1.0 / (1.0 - p)
 
 
-def fused_linear(owner: nn.Module, attr: str, mods: list[nn.Module], x: torch.Tensor, shared_dropout: bool):
+def fused_linear(mods: list[nn.Module], x: torch.Tensor, shared_dropout: bool):
     """``[mod(x) for mod in mods]`` as base products plus in-place LoRA updates (see the module docstring)."""
     plan = [_lora_parts(m) for m in mods]
     sizes = [base.out_features for base, _ in plan]
@@ -129,14 +116,14 @@ def fused_linear(owner: nn.Module, attr: str, mods: list[nn.Module], x: torch.Te
         -1, x.shape[-1]
     )  # 2-D throughout: an in-place update of a view would cost a clone in backward
     concat = len(mods) > 1 and CONCAT.get(x.device.type, False)
+    for base, _ in plan:
+        if hasattr(base.weight, "ds_id"):
+            raise _Unfusable("DeepSpeed ZeRO-3 partitioned weights")
     if concat:
-        w, b = _fused_weight(owner, attr, [base for base, _ in plan])
+        w, b = _fused_weight([base for base, _ in plan])
         fused = F.linear(x, w, b)
         outs = list(fused.split(sizes, dim=-1))
     else:
-        for base, _ in plan:
-            if hasattr(base.weight, "ds_id"):
-                raise _Unfusable("DeepSpeed ZeRO-3 partitioned weights")
         outs = [F.linear(x, base.weight, base.bias) for base, _ in plan]
     adapted = [i for i, (_, parts) in enumerate(plan) if parts]
     if shared_dropout and len(adapted) > 1:
@@ -188,9 +175,7 @@ def _attention_forward(
 
     try:
         _lora_parts(self.o_proj)  # checked first: a fallback must not have drawn dropout masks already
-        q, k, v = fused_linear(
-            self, "_toollmm_qkv", [self.q_proj, self.k_proj, self.v_proj], hidden_states, self._toollmm_shared
-        )
+        q, k, v = fused_linear([self.q_proj, self.k_proj, self.v_proj], hidden_states, self._toollmm_shared)
     except _Unfusable as e:
         _note_fallback(self, e)
         return self._toollmm_own_forward(
@@ -210,7 +195,7 @@ def _attention_forward(
         self, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **kwargs
     )
     out = out.reshape(*input_shape, -1).contiguous()
-    (out,) = fused_linear(self, "_toollmm_o", [self.o_proj], out, False)
+    (out,) = fused_linear([self.o_proj], out, False)
     return out, weights
 
 
@@ -220,13 +205,11 @@ def _mlp_forward(self, x):
         return self._toollmm_own_forward(x)
     try:
         _lora_parts(self.down_proj)
-        gate, up = fused_linear(
-            self, "_toollmm_gate_up", [self.gate_proj, self.up_proj], x, self._toollmm_shared
-        )
+        gate, up = fused_linear([self.gate_proj, self.up_proj], x, self._toollmm_shared)
     except _Unfusable as e:
         _note_fallback(self, e)
         return self._toollmm_own_forward(x)
-    (out,) = fused_linear(self, "_toollmm_down", [self.down_proj], self.act_fn(gate) * up, False)
+    (out,) = fused_linear([self.down_proj], self.act_fn(gate) * up, False)
     return out
 
 
@@ -259,7 +242,7 @@ def fuse_llama_layers(model: nn.Module, shared_dropout: bool = False) -> int:
 
 
 def unfuse(model: nn.Module) -> None:
-    """Restore the own forwards and drop the cached weights."""
+    """Restore the own forwards."""
     for mod in model.modules():
         own = mod.__dict__.pop("_toollmm_own_forward", None)
         if own is not None:
