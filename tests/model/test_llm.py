@@ -113,7 +113,8 @@ def test_gradient_checkpointing_reaches_lora(use_reentrant, llm_dir):
         calls = []
         # a pre-hook inside the checkpointed forward (the recompute stops early, so no post-hook on
         # late submodules, and layer hooks stay outside the checkpoint)
-        q = model.bundle.hf_model.model.layers[0].self_attn.q_proj
+        # (on the attention module: the fused training forward computes q/k/v without calling q_proj)
+        q = model.bundle.hf_model.model.layers[0].self_attn
         hook = q.register_forward_pre_hook(lambda *a, c=calls: c.append(1))
         maker = BatchMaker(model)
         model(maker.batch(mixed_samples(maker)))["loss"].backward()
