@@ -110,7 +110,8 @@ def _bench() -> dict:
         "mfu_cpu_stage1": 0.5, "mfu_cpu_stage2": 0.4,
         "stage_steps": {
             "stage1": {"time_split": {"forward_s": 0.5, "backward_s": 0.9, "grad_reduce_s": 0.01,
-                                      "optimizer_s": 0.02, "total_s": 1.43}},
+                                      "optimizer_s": 0.02, "total_s": 1.43},
+                       "output_proj_forward_time_share": 0.15},
             "stage2": {"time_split": {"forward_s": 0.3, "backward_s": 0.5, "grad_reduce_s": 0.04,
                                       "optimizer_s": 0.06, "total_s": 0.9},
                        "output_proj_flop_share": 0.012, "output_proj_forward_time_share": 0.2}},
@@ -152,7 +153,10 @@ def test_markdown_marks_misses():
     # the stage-1 / stage-2 MFU rows: reported figures without a target, their time split in the notes
     s1, s2 = rows["MFU stage 1 (CPU)"].split("|"), rows["MFU stage 2 (CPU)"].split("|")
     assert s1[2].strip() == "0.5" and s1[3].strip() == s1[4].strip() == ""
-    assert "fwd / bwd / reduce / optimiser 0.5 / 0.9 / 0.01 / 0.02 s" in s1[5]
+    assert (
+        "fwd / bwd / reduce / optimiser 0.5 / 0.9 / 0.01 / 0.02 s; output projections 15 % of forward"
+        in s1[5]
+    )
     assert s2[2].strip() == "0.4" and "1.2 % of FLOPs, 20 % of forward time" in s2[5]
 
 
@@ -168,7 +172,7 @@ def test_harness_runs_and_reports_the_stage_figures():
     split = b["stage_steps"]["stage2"]
     figs = {
         "mfu": [{"mfu": 0.7, "gemm_gflops": 80.0}],
-        "mfu_stage1": [{"mfu": 0.5, "step_s": 1.4, "time_split": b["stage_steps"]["stage1"]["time_split"]}],
+        "mfu_stage1": [{"mfu": 0.5, "step_s": 1.4, **b["stage_steps"]["stage1"]}],
         "mfu_stage2": [{"mfu": 0.4, "step_s": 0.9, "extra": 1, **split}],
         "ours": [{"real_tokens_per_s": 500.0}],
         "hf": [{"real_tokens_per_s": 400.0}],

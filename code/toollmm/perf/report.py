@@ -120,11 +120,10 @@ def _stage_rows(bench: dict, mk: str) -> list[str]:
             parts = ("forward_s", "backward_s", "grad_reduce_s", "optimizer_s")
             note += "; fwd / bwd / reduce / optimiser " + " / ".join(f"{split.get(k, 0):.3g}" for k in parts)
             note += " s"
-        if "output_proj_flop_share" in step:
-            note += (
-                f"; output projections {100 * step['output_proj_flop_share']:.1f} % of FLOPs, "
-                f"{100 * step['output_proj_forward_time_share']:.0f} % of forward time"
-            )
+        if "output_proj_forward_time_share" in step:
+            share = step.get("output_proj_flop_share")
+            flop = f"{100 * share:.1f} % of FLOPs, " if share is not None else ""
+            note += f"; output projections {flop}{100 * step['output_proj_forward_time_share']:.0f} % of forward time"
         rows.append(_row(f"MFU stage {n} ({'CPU' if mk == 'mfu_cpu' else 'GPU'})", bench[key], None, note))
     return rows
 

@@ -213,8 +213,9 @@ def mfu_stage(world: World, stage: int, profile_to=None) -> dict:
     """MFU of a stage-1 or stage-2 step, measured as ``mfu`` measures stage 3 (``s.stage_rounds`` rounds),
     plus where a step's time goes: ``time_split`` (forward, backward, gradient reduction, optimiser step
     of the median of ``s.steps_per_round`` separately timed steps, ``toollmm.perf.train_step.split_step``)
-    and, with ``profile_to``, torch.profiler's top operators of two steps. Stage 2 also reports the output
-    projections' share of the step's FLOPs and of its forward time."""
+    and, with ``profile_to``, torch.profiler's top operators of two steps; the output projections' share
+    of the forward time (every projection call: stage 1 runs all of them on zero spans, stage 2 those of
+    the modalities a batch lacks) and, stage 2, of the step's counted FLOPs (real signal spans)."""
     s = world.sizes
     if stage == 1:
         cfg = stage1_captions(world, "mfu_stage1").config
@@ -230,26 +231,25 @@ def mfu_stage(world: World, stage: int, profile_to=None) -> dict:
     it = _batches(stream)
     out = _timed_steps(engine, it, dtype, lambda b: count(s.llm, model, b), s, s.stage_rounds)
     proj_clock = [0.0]
-    if stage == 2:
-        for proj in model.output_proj.values():
-            proj.forward = _Clocked(proj.forward, proj_clock, engine.device)
+    for proj in model.output_proj.values():  # stage 1 runs them too, on zero spans, without gradients
+        proj.forward = _Clocked(proj.forward, proj_clock, engine.device)
     splits, proj_share, proj_time = [], [], []
     for _ in range(s.steps_per_round):
         batch = next(it)
         proj_clock[0] = 0.0
         splits.append(split_step(engine, batch, dtype))
+        proj_time.append(proj_clock[0] / splits[-1]["forward_s"])
         if stage == 2:
             total = stage2_batch_flops(s.llm, model, batch)
             proj = sum(k * output_proj_train_flops(p, n) for p, n, k in signal_spans(model, batch))
             proj_share.append(proj / total)
-            proj_time.append(proj_clock[0] / splits[-1]["forward_s"])
     mid = sorted(splits, key=lambda x: x["total_s"])[len(splits) // 2]
     out["time_split"] = {k: round(v, 4) for k, v in mid.items()}
     out["trainable"] = counts
     out["encoder_in_step"] = model.encoder is not None
+    out["output_proj_forward_time_share"] = statistics.median(proj_time)
     if stage == 2:
         out["output_proj_flop_share"] = statistics.median(proj_share)
-        out["output_proj_forward_time_share"] = statistics.median(proj_time)
     if profile_to is not None:
         _profile(engine, it, dtype, profile_to, rows=15)
     return {**out, **_device_memory(engine.device)}
