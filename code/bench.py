@@ -44,6 +44,9 @@ def _run_named(name: str, world, out_dir: Path) -> dict:
 
     if name == "mfu":
         return train_figs.mfu(world, profile_to=out_dir / "profile_mfu.txt" if world.sizes.profile else None)
+    if name in ("mfu_stage1", "mfu_stage2"):
+        prof = out_dir / f"profile_{name}.txt" if world.sizes.profile else None
+        return train_figs.mfu_stage(world, int(name[-1]), profile_to=prof)
     if name == "ours":
         return train_figs.trainer_tokens(world)
     if name == "hf":

@@ -107,6 +107,14 @@ def _bench() -> dict:
             "concurrent_rps": 7.0, "sequential_rps": 2.0, "concurrent_p50_s": 1.1, "concurrent_p95_s": 1.3,
             "sequential_p50_s": 0.5, "sequential_p95_s": 0.6, "errors": 0, "checkpoint": "x/stage_3"},
         "peak_rss_mb": {"mfu": 1200.0},
+        "mfu_cpu_stage1": 0.5, "mfu_cpu_stage2": 0.4,
+        "stage_steps": {
+            "stage1": {"time_split": {"forward_s": 0.5, "backward_s": 0.9, "grad_reduce_s": 0.01,
+                                      "optimizer_s": 0.02, "total_s": 1.43},
+                       "output_proj_forward_time_share": 0.15},
+            "stage2": {"time_split": {"forward_s": 0.3, "backward_s": 0.5, "grad_reduce_s": 0.04,
+                                      "optimizer_s": 0.06, "total_s": 0.9},
+                       "output_proj_flop_share": 0.012, "output_proj_forward_time_share": 0.2}},
     }  # fmt: skip
 
 
@@ -118,13 +126,16 @@ def test_check_finds_missing_nonfinite_and_nonpositive_figures():
     bad["mfu_cpu"] = math.nan
     bad["loader_to_train_ratio"] = 0.0
     bad["gemm_gflops"] = True
+    del bad["mfu_cpu_stage2"]
     problems = report.check(bad)
-    assert len(problems) == 4
+    assert len(problems) == 5
+    assert any(p.startswith("mfu_cpu_stage2") for p in problems)
     assert any(p.startswith("feature_cache.video.efficiency") for p in problems)
     assert any(p.startswith("mfu_cpu") for p in problems) and any("gemm_gflops" in p for p in problems)
     gpu = _bench()
     gpu["machine"]["device"] = "NVIDIA A100"
     assert any(p.startswith("mfu_gpu") for p in report.check(gpu))
+    assert any(p.startswith("mfu_gpu_stage1") for p in report.check(gpu))
 
 
 def test_check_refuses_failed_serving_requests():
@@ -139,6 +150,45 @@ def test_markdown_marks_misses():
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert "**no**" in rows["MFU (CPU)"] and "**no**" in rows["ours / HF Trainer (tokens/s)"]
     assert "| yes |" in rows["real-token fraction, ours"] and "0.1" in md.splitlines()[0]
+    # the stage-1 / stage-2 MFU rows: reported figures without a target, their time split in the notes
+    s1, s2 = rows["MFU stage 1 (CPU)"].split("|"), rows["MFU stage 2 (CPU)"].split("|")
+    assert s1[2].strip() == "0.5" and s1[3].strip() == s1[4].strip() == ""
+    assert (
+        "fwd / bwd / reduce / optimiser 0.5 / 0.9 / 0.01 / 0.02 s; output projections 15 % of forward"
+        in s1[5]
+    )
+    assert s2[2].strip() == "0.4" and "1.2 % of FLOPs, 20 % of forward time" in s2[5]
+
+
+def test_harness_runs_and_reports_the_stage_figures():
+    """``mfu_stage1`` / ``mfu_stage2`` run right after ``mfu`` (quick and full) and land in bench.json as
+    ``<mfu key>_stage{1,2}`` with their time split."""
+    from toollmm.perf import harness
+
+    for sizes in (QUICK, FULL):
+        names = harness.figure_names(sizes)
+        assert names[names.index("mfu") + 1 : names.index("mfu") + 3] == ["mfu_stage1", "mfu_stage2"]
+    b = _bench()
+    split = b["stage_steps"]["stage2"]
+    figs = {
+        "mfu": [{"mfu": 0.7, "gemm_gflops": 80.0}],
+        "mfu_stage1": [{"mfu": 0.5, "step_s": 1.4, **b["stage_steps"]["stage1"]}],
+        "mfu_stage2": [{"mfu": 0.4, "step_s": 0.9, "extra": 1, **split}],
+        "ours": [{"real_tokens_per_s": 500.0}],
+        "hf": [{"real_tokens_per_s": 400.0}],
+        "tokens": [{"ours": 0.96, "naive": 0.8}],
+        "loader": [{"loader_samples_per_s": 30.0, "train_samples_per_s": 10.0}],
+        "inference": [{"speedup": 9.0}],
+        "serve": [{"speedup": 3.5, **b["serve"]}],
+        **{f"cache_{m}": [v] for m, v in b["feature_cache"].items()},
+    }
+    for gpu in (False, True):
+        mach = {**b["machine"], "device": "NVIDIA H100" if gpu else "cpu"}
+        out = harness.assemble(figs, {"mfu": 1.0}, mach, QUICK, True)
+        key = "mfu_gpu" if gpu else "mfu_cpu"
+        assert (out[f"{key}_stage1"], out[f"{key}_stage2"]) == (0.5, 0.4)
+        assert report.check(out) == []
+    assert out["stage_steps"]["stage2"] == {"step_s": 0.9, **split}
 
 
 def test_frozen_encoder_inside_a_deepspeed_engine(monkeypatch):

@@ -58,6 +58,13 @@ def subset(world: World, name: str, n: int) -> Path:
     return out
 
 
+def cache_subset(world: World, modality: str) -> Path:
+    """The ``x2t_<modality>`` subset a feature-cache figure steps through (``stage1_micro_batch x (warmup +
+    cache_steps)`` records); the stage-1 MFU figure trains on the same records, so both share the cache."""
+    s = world.sizes
+    return subset(world, f"x2t_{modality}", s.stage1_micro_batch * (s.warmup + s.cache_steps))
+
+
 class _Run:
     """One stage-1 setup ready to step: engine, its stream's iterator, and (cache off) the encoding clock."""
 
@@ -101,9 +108,8 @@ def flop_ratios(world: World, modality: str) -> dict:
 
 def feature_cache(world: World, modality: str) -> dict:
     s = world.sizes
-    n = s.stage1_micro_batch * (s.warmup + s.cache_steps)
     data = {
-        "train": [{"path": str(subset(world, f"x2t_{modality}", n)), "media_root": str(world.demo)}],
+        "train": [{"path": str(cache_subset(world, modality)), "media_root": str(world.demo)}],
         "num_workers": 0,
         "group_window": 1,  # each batch loads (and decodes) its own samples inside its own step
         "shuffle": False,

@@ -14,6 +14,20 @@ caller over a batch's real samples):
   ``6 d n (n+1)`` per layer. Packed rows' masked-out pairs and padding are not counted.
 * LoRA's own adapters (about 2% of a 7B model's q/k/v/o FLOPs at r 32) and the optimiser are not counted.
 
+Stages 1 and 2 train small parts on the frozen LLM, but the gradient still crosses the whole body, so the
+body, head and attention terms above hold for them too (``stage1_flops``, ``stage2_flops``):
+
+* stage 1 (``input_proj``): the projected media tokens are inputs of the first layer, so the backward
+  computes input gradients through every layer down to them; plus the input projection's own products
+  (``input_proj_train_flops``). With the feature cache on, the frozen encoder does not run in the step.
+* stage 2 (``output_proj.*``, ``token_rows.signal``): the trained signal-token rows of the input embedding
+  are inputs of the first layer and the LM loss is on (``lm: 1.0`` in config/stage_2.yaml), so the body
+  runs forward AND backward (not forward-only); plus the output projections on every real signal span
+  (``output_proj_train_flops``: 3 x forward, weights train and the input gradient flows on into the LLM).
+* not counted: the new token rows' own small products in the embedding and LM head (44 rows), the output
+  projections that run on a zero span for a modality the batch lacks (kept only so every ZeRO-3 rank
+  makes the same module calls; wasted work, like padding), norms' and activations' element-wise work.
+
 Encoder (ImageBind ViT towers, forward only, no grad): per token and block ``24 w^2`` (QKV, projection,
 MLP with ratio 4) plus ``4 n w`` attention; the patch embedding adds ``2 x patch volume x w`` per token.
 """
@@ -87,6 +101,90 @@ def forward_flops(shape: LlamaShape, lengths, logit_positions: int) -> float:
     tokens = sum(lengths)
     attn = sum(2 * shape.layers * shape.hidden * n * (n + 1) for n in lengths)
     return 2.0 * shape.body_params * tokens + 2.0 * shape.head_params * logit_positions + attn
+
+
+# ------------------------------------------------------------------------------ stages 1 and 2
+def input_proj_train_flops(in_dim: int, hidden: int, tokens_per_input: int, kind: str, vectors: int) -> float:
+    """The trained input projection on ``vectors`` encoder outputs (``toollmm.model.projections``):
+    forward ``2 x in x out`` per linear layer and vector, backward ``2 x in x out`` for its weight gradient,
+    plus ``2 x in x out`` input gradient for a layer whose input depends on a trained weight (the MLP's
+    second layer; the first layer's input is data). ``linear``: in -> hidden x k; ``mlp``: in -> hidden
+    -> hidden x k."""
+    out = hidden * tokens_per_input
+    if kind == "linear":
+        per = 4 * in_dim * out
+    elif kind == "mlp":
+        per = 4 * in_dim * hidden + 6 * hidden * out
+    else:
+        raise ValueError(f"unknown input projection type {kind!r} (linear, mlp)")
+    return float(per * vectors)
+
+
+@dataclass(frozen=True)
+class OutProjShape:
+    """One output projection (``toollmm.model.projections.OutputProjection``): Linear(hidden -> d) ->
+    pre-norm nn.Transformer (``enc_layers`` over the span, ``dec_layers`` over ``n_query`` learned queries,
+    feed-forward width ``ff``) -> Linear(d -> cond_dim)."""
+
+    hidden: int
+    d_model: int
+    ff: int
+    enc_layers: int
+    dec_layers: int
+    n_query: int
+    cond_dim: int
+
+    @classmethod
+    def of(cls, proj) -> OutProjShape:
+        """From a built ``OutputProjection`` module (its real layer counts and widths)."""
+        t = proj.transformer
+        return cls(
+            int(proj.hidden),
+            int(proj.inp.out_features),
+            int(t.encoder.layers[0].linear1.out_features),
+            len(t.encoder.layers),
+            len(t.decoder.layers),
+            int(proj.n_query),
+            int(proj.cond_dim),
+        )
+
+
+def output_proj_forward_flops(p: OutProjShape, span: int) -> float:
+    """Forward FLOPs of one signal span of ``span`` tokens: per encoder layer ``S (8 d^2 + 4 d ff)``
+    (q/k/v/o, MLP) plus ``4 S^2 d`` (full attention); per decoder layer, on ``Q`` queries, self-attention
+    ``Q 8 d^2 + 4 Q^2 d``, cross-attention ``Q 4 d^2`` (q, o) ``+ S 4 d^2`` (k, v on the span) ``+ 4 Q S d``,
+    MLP ``Q 4 d ff``; the input and output linears ``2 S hidden d + 2 Q d cond_dim``."""
+    s, q, d, f = span, p.n_query, p.d_model, p.ff
+    enc = s * (8 * d * d + 4 * d * f) + 4 * s * s * d
+    dec = q * (8 * d * d + 4 * d * f) + 4 * q * q * d + 4 * d * d * (q + s) + 4 * q * s * d
+    return float(2 * s * p.hidden * d + p.enc_layers * enc + p.dec_layers * dec + 2 * q * d * p.cond_dim)
+
+
+def output_proj_attention_flops(p: OutProjShape, span: int) -> float:
+    """The attention products' part of ``output_proj_forward_flops`` (scores and mixing: ``4 S^2 d`` per
+    encoder layer, ``4 Q^2 d + 4 Q S d`` per decoder layer)."""
+    s, q, d = span, p.n_query, p.d_model
+    return float(p.enc_layers * 4 * s * s * d + p.dec_layers * (4 * q * q * d + 4 * q * s * d))
+
+
+def output_proj_train_flops(p: OutProjShape, span: int) -> float:
+    """A trained output projection on one span: 3 x forward (every product also computes its weight's and
+    its input's gradient; the input gradient flows on into the LLM's hidden states)."""
+    return 3.0 * output_proj_forward_flops(p, span)
+
+
+def stage1_flops(shape: LlamaShape, lengths, logit_positions: int, input_proj: float) -> float:
+    """Stage 1 step: ``train_flops`` (the gradient crosses the frozen body to the media tokens) plus the
+    input projection's ``input_proj`` FLOPs (``input_proj_train_flops``)."""
+    return train_flops(shape, lengths, logit_positions) + input_proj
+
+
+def stage2_flops(shape: LlamaShape, lengths, logit_positions: int, spans) -> float:
+    """Stage 2 step: ``train_flops`` (trained signal rows are inputs of the body, and the LM loss is on)
+    plus ``output_proj_train_flops`` of each real signal span; ``spans``: ``(OutProjShape, span length,
+    number of spans)`` per modality."""
+    proj = sum(k * output_proj_train_flops(p, n) for p, n, k in spans)
+    return train_flops(shape, lengths, logit_positions) + proj
 
 
 # ------------------------------------------------------------------------------------------ encoder

@@ -30,7 +30,7 @@ FIGURE_ORDER = ("image", "audio", "video")
 
 
 def figure_names(sizes) -> list[str]:
-    names = ["tokens", "mfu"]
+    names = ["tokens", "mfu", "mfu_stage1", "mfu_stage2"]
     for _ in range(sizes.repeats):
         names += ["ours", "hf"]
     return names + [f"cache_{m}" for m in FIGURE_ORDER] + ["loader", "inference", "serve"]
@@ -101,6 +101,8 @@ def assemble(figs: dict[str, list[dict]], rss: dict[str, float], mach: dict, siz
         },
         "gemm_gflops": mfu["gemm_gflops"],
         report.mfu_key({"machine": mach}): mfu["mfu"],
+        **{report.mfu_key({"machine": mach}) + f"_stage{n}": figs[f"mfu_stage{n}"][0]["mfu"] for n in (1, 2)},
+        "stage_steps": {f"stage{n}": _stage_step(figs[f"mfu_stage{n}"][0]) for n in (1, 2)},
         "train_real_tokens_per_s": ours,
         "hf_trainer_real_tokens_per_s": hf,
         "vs_hf_trainer_tokens_per_s_ratio": statistics.median(pairs),
@@ -119,6 +121,18 @@ def assemble(figs: dict[str, list[dict]], rss: dict[str, float], mach: dict, siz
         "details": {k: v if len(v) > 1 else v[0] for k, v in figs.items()},
     }
     return bench
+
+
+def _stage_step(fig: dict) -> dict:
+    """What bench.json keeps of a stage-1/2 MFU figure beside its MFU (the rest is in ``details``)."""
+    keep = (
+        "step_s",
+        "tokens_per_s",
+        "time_split",
+        "output_proj_flop_share",
+        "output_proj_forward_time_share",
+    )
+    return {k: fig[k] for k in keep if k in fig}
 
 
 def run(out_dir: Path, sizes, work: Path, threads: int) -> tuple[dict, list[str]]:

@@ -28,6 +28,8 @@ def required(bench: dict) -> list[str]:
     names = [
         "gemm_gflops",
         mfu_key(bench),
+        mfu_key(bench) + "_stage1",
+        mfu_key(bench) + "_stage2",
         "train_real_tokens_per_s",
         "hf_trainer_real_tokens_per_s",
         "vs_hf_trainer_tokens_per_s_ratio",
@@ -100,6 +102,32 @@ def _serve_row(bench: dict) -> str:
     )
 
 
+#: what each stage's MFU row trains (docs/benchmarks.md)
+STAGE_TRAINS = {1: "input projection on captions (cached features)", 2: "output projections + signal rows"}
+
+
+def _stage_rows(bench: dict, mk: str) -> list[str]:
+    """The stage-1 and stage-2 MFU rows (reported figures, no target): the step's time split in the notes."""
+    rows = []
+    for n, what in STAGE_TRAINS.items():
+        key = f"{mk}_stage{n}"
+        if key not in bench:
+            continue
+        step = (bench.get("stage_steps") or {}).get(f"stage{n}", {})
+        split = step.get("time_split") or {}
+        note = f"stage-{n} step: {what}"
+        if split:
+            parts = ("forward_s", "backward_s", "grad_reduce_s", "optimizer_s")
+            note += "; fwd / bwd / reduce / optimiser " + " / ".join(f"{split.get(k, 0):.3g}" for k in parts)
+            note += " s"
+        if "output_proj_forward_time_share" in step:
+            share = step.get("output_proj_flop_share")
+            flop = f"{100 * share:.1f} % of FLOPs, " if share is not None else ""
+            note += f"; output projections {flop}{100 * step['output_proj_forward_time_share']:.0f} % of forward time"
+        rows.append(_row(f"MFU stage {n} ({'CPU' if mk == 'mfu_cpu' else 'GPU'})", bench[key], None, note))
+    return rows
+
+
 def _llm_size(bench: dict) -> str:
     """The benchmarked LLM's shape in a few words (the quick sizes are not the ~100M model)."""
     llm = (bench.get("sizes") or {}).get("llm") or {}
@@ -138,6 +166,7 @@ def markdown(bench: dict) -> str:
             TARGETS["mfu"],
             f"stage-3 step, {_llm_size(bench)} Llama; FLOPs: docs/benchmarks.md",
         ),
+        *_stage_rows(bench, mk),
         _row("our trainer, real tokens/s", bench["train_real_tokens_per_s"], None, "run_stage, stage 3"),
         _row(
             "HF Trainer + peft, real tokens/s",

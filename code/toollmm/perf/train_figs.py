@@ -12,9 +12,17 @@ import time
 import torch
 
 from toollmm.model.losses import next_token_targets
-from toollmm.perf.flops import LlamaShape, train_flops
+from toollmm.perf.flops import (
+    LlamaShape,
+    OutProjShape,
+    input_proj_train_flops,
+    output_proj_train_flops,
+    stage1_flops,
+    stage2_flops,
+    train_flops,
+)
 from toollmm.perf.gemm import BURST_SHAPES, gemm_gflops
-from toollmm.perf.train_step import train_step
+from toollmm.perf.train_step import split_step, train_step
 from toollmm.perf.world import World
 from toollmm.train.build import build_run
 from toollmm.train.ds import init_distributed
@@ -85,12 +93,20 @@ def mfu(world: World, profile_to=None) -> dict:
     engine, dtype = make_engine(cfg, model, 10**6, 1)
     engine.train()  # as run_stage does (from_pretrained leaves the base layers in eval mode)
     it = _batches(stream)
+    out = _timed_steps(engine, it, dtype, lambda b: batch_flops(s.llm, b), s, s.rounds)
+    if profile_to is not None:
+        _profile(engine, it, dtype, profile_to)
+    return {**out, **_device_memory(engine.device)}
+
+
+def _timed_steps(engine, it, dtype, flops_of, s, rounds: int) -> dict:
+    """``s.warmup`` untimed steps, then ``rounds x s.steps_per_round`` steps (``train_step``), each between
+    two GEMM bursts; the MFU figures of ``mfu`` (see there) with ``flops_of(batch)`` model FLOPs a step."""
     for _ in range(s.warmup):
         train_step(engine, next(it), dtype)
-    n = s.rounds * s.steps_per_round
     bursts = [gemm_gflops(s.gemm_seconds, engine.device, shapes=BURST_SHAPES)]
     steps, shapes = [], []
-    for _ in range(n):
+    for _ in range(rounds * s.steps_per_round):
         batch = next(it)
         shapes.append(tuple(batch.input_ids.shape))
         _sync(engine.device)
@@ -99,11 +115,11 @@ def mfu(world: World, profile_to=None) -> dict:
         _sync(engine.device)
         dt = time.perf_counter() - t0
         bursts.append(gemm_gflops(s.gemm_seconds, engine.device, shapes=BURST_SHAPES))
-        steps.append({"gflops": batch_flops(s.llm, batch) / dt / 1e9, "tokens_per_s": batch.real_tokens / dt})
+        steps.append(
+            {"gflops": flops_of(batch) / dt / 1e9, "tokens_per_s": batch.real_tokens / dt, "step_s": dt}
+        )
     g = [b["gflops"] for b in bursts]
     ratios = [st["gflops"] / ((g[i] + g[i + 1]) / 2) for i, st in enumerate(steps)]
-    if profile_to is not None:
-        _profile(engine, it, dtype, profile_to)
     step_rate = statistics.median(st["gflops"] for st in steps)
     return {
         "gemm_gflops": statistics.median(g),
@@ -112,11 +128,147 @@ def mfu(world: World, profile_to=None) -> dict:
         "mfu_vs_best_gemm": step_rate / max(g),
         "step_gflops": step_rate,
         "tokens_per_s": statistics.median(st["tokens_per_s"] for st in steps),
+        "step_s": statistics.median(st["step_s"] for st in steps),
         "per_step_mfu": [round(r, 3) for r in ratios],
         "batch_shapes": sorted(set(shapes)),
         "gemm_by_shape": bursts[-1]["by_shape"],
-        **_device_memory(engine.device),
     }
+
+
+# ------------------------------------------------------------------------------ stages 1 and 2
+def stage1_captions(world: World, name: str) -> object:
+    """Stage 1 (config/stage_1.yaml's trainable set, dsconfig/stage_1.json) on the demo's three X->text
+    caption files, media from the feature cache (the pre-pass fills it; the step never runs the encoder).
+    Each file contributes the same evenly spread subset the feature-cache figures use, so the two share
+    their cached features."""
+    from toollmm.perf.cache_fig import cache_subset
+
+    s = world.sizes
+    return world.config(
+        name,
+        1,
+        train={"micro_batch_size": s.stage1_micro_batch, "max_steps": 10**6},
+        data={
+            "train": [
+                {"path": str(cache_subset(world, m)), "media_root": str(world.demo), "task": "x2t"}
+                for m in ("image", "audio", "video")
+            ],
+            "max_length": s.max_length,
+        },
+    )
+
+
+def stage2_signals(world: World, name: str) -> object:
+    """Stage 2 (config/stage_2.yaml's trainable set and losses, dsconfig/stage_2.json) on the demo's three
+    text->X files; caption targets embedded once by the tiny decoders' text encoders (``data.captions``)."""
+    s = world.sizes
+    return world.config(
+        name,
+        2,
+        train={"micro_batch_size": s.stage1_micro_batch, "max_steps": 10**6},
+        data={"train": [world.source("train", f"t2x_{m}", task="t2x") for m in ("image", "audio", "video")]},
+    )
+
+
+def input_proj_flops(model, batch) -> float:
+    """``input_proj_train_flops`` of the batch's media vectors through ``model``'s input projection."""
+    proj = model.input_proj
+    kind = "linear" if isinstance(proj.net, torch.nn.Linear) else "mlp"
+    vectors = sum(int(m.features.shape[0] * m.features.shape[1]) for m in batch.media.values() if len(m))
+    return input_proj_train_flops(proj.in_dim, proj.hidden, proj.tokens_per_input, kind, vectors)
+
+
+def stage1_batch_flops(shape: LlamaShape, model, batch) -> float:
+    """Model FLOPs of one stage-1 step (``toollmm.perf.flops.stage1_flops``)."""
+    if any(m.features is None for m in batch.media.values() if len(m)):
+        raise ValueError(
+            "stage-1 MFU counts cached features only; this batch carries pixels (encoder in the step)"
+        )
+    keep, _ = next_token_targets(batch.labels, _starts(batch))
+    return stage1_flops(shape, sample_lengths(batch), int(keep.sum()), input_proj_flops(model, batch))
+
+
+def signal_spans(model, batch) -> list[tuple]:
+    """``(OutProjShape, span length, spans)`` per modality with real signal targets in the batch."""
+    out = []
+    for m, t in batch.signal_targets.items():
+        k = int(t.positions.shape[0])
+        if k:
+            span = len(model.bundle.token_ids.signal[m])
+            out.append((OutProjShape.of(model.output_proj[m]), span, k))
+    return out
+
+
+def stage2_batch_flops(shape: LlamaShape, model, batch) -> float:
+    """Model FLOPs of one stage-2 step (``toollmm.perf.flops.stage2_flops``)."""
+    keep, _ = next_token_targets(batch.labels, _starts(batch))
+    return stage2_flops(shape, sample_lengths(batch), int(keep.sum()), signal_spans(model, batch))
+
+
+def _starts(batch):
+    return (batch.position_ids == 0) if batch.attention_mask.dim() == 4 else None
+
+
+def mfu_stage(world: World, stage: int, profile_to=None) -> dict:
+    """MFU of a stage-1 or stage-2 step, measured as ``mfu`` measures stage 3 (``s.stage_rounds`` rounds),
+    plus where a step's time goes: ``time_split`` (forward, backward, gradient reduction, optimiser step
+    of the median of ``s.steps_per_round`` separately timed steps, ``toollmm.perf.train_step.split_step``)
+    and, with ``profile_to``, torch.profiler's top operators of two steps; the output projections' share
+    of the forward time (every projection call: stage 1 runs all of them on zero spans, stage 2 those of
+    the modalities a batch lacks) and, stage 2, of the step's counted FLOPs (real signal spans)."""
+    s = world.sizes
+    if stage == 1:
+        cfg = stage1_captions(world, "mfu_stage1").config
+    elif stage == 2:
+        cfg = stage2_signals(world, "mfu_stage2").config
+    else:
+        raise ValueError(f"mfu_stage: stages 1 and 2 (stage 3 is `mfu`), got {stage}")
+    init_distributed()
+    model, counts, stream, _ = build_run(cfg, 0, 1)
+    engine, dtype = make_engine(cfg, model, 10**6, 1)
+    engine.train()  # as run_stage does
+    count = stage1_batch_flops if stage == 1 else stage2_batch_flops
+    it = _batches(stream)
+    out = _timed_steps(engine, it, dtype, lambda b: count(s.llm, model, b), s, s.stage_rounds)
+    proj_clock = [0.0]
+    for proj in model.output_proj.values():  # stage 1 runs them too, on zero spans, without gradients
+        proj.forward = _Clocked(proj.forward, proj_clock, engine.device)
+    splits, proj_share, proj_time = [], [], []
+    for _ in range(s.steps_per_round):
+        batch = next(it)
+        proj_clock[0] = 0.0
+        splits.append(split_step(engine, batch, dtype))
+        proj_time.append(proj_clock[0] / splits[-1]["forward_s"])
+        if stage == 2:
+            total = stage2_batch_flops(s.llm, model, batch)
+            proj = sum(k * output_proj_train_flops(p, n) for p, n, k in signal_spans(model, batch))
+            proj_share.append(proj / total)
+    mid = sorted(splits, key=lambda x: x["total_s"])[len(splits) // 2]
+    out["time_split"] = {k: round(v, 4) for k, v in mid.items()}
+    out["trainable"] = counts
+    out["encoder_in_step"] = model.encoder is not None
+    out["output_proj_forward_time_share"] = statistics.median(proj_time)
+    if stage == 2:
+        out["output_proj_flop_share"] = statistics.median(proj_share)
+    if profile_to is not None:
+        _profile(engine, it, dtype, profile_to, rows=15)
+    return {**out, **_device_memory(engine.device)}
+
+
+class _Clocked:
+    """Wraps a callable and adds its wall time (device synchronised on both ends) to ``clock[0]``."""
+
+    def __init__(self, fn, clock: list, device):
+        self.fn, self.clock, self.device = fn, clock, device
+
+    def __call__(self, *a, **kw):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*a, **kw)
+        finally:
+            _sync(self.device)
+            self.clock[0] += time.perf_counter() - t0
 
 
 def _sync(device) -> None:
@@ -133,15 +285,16 @@ def _device_memory(device) -> dict:
     }
 
 
-def _profile(engine, it, dtype, out_path) -> None:
-    """Two steps under torch.profiler; the operator table (self CPU time) goes to ``out_path``."""
+def _profile(engine, it, dtype, out_path, rows: int = 30) -> None:
+    """Two steps under torch.profiler; the operator table (self CPU time, top ``rows``) goes to
+    ``out_path``."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(2):
             train_step(engine, next(it), dtype)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
     shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)
     out_path.write_text(table + "\n\nby input shape:\n" + shapes)
 

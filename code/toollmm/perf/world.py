@@ -50,11 +50,12 @@ class Sizes:
     llm: LlamaShape
     demo_small: bool
     micro_batch: int  # stage 3 (tool file): ~1000 real tokens per step at full size
-    stage1_micro_batch: int
+    stage1_micro_batch: int  # stages 1 and 2 (both 32 in config/stage_{1,2}.yaml)
     max_length: int = 512
     warmup: int = 2
     rounds: int = 5  # MFU: rounds x steps_per_round timed steps, each between two GEMM bursts
     steps_per_round: int = 3
+    stage_rounds: int = 3  # stage-1 / stage-2 MFU: fewer rounds (they are reported figures, not targets)
     trainer_steps: int = 12  # vs-HF runs, each side
     cache_steps: int = 8  # feature-cache runs, each side
     loader_batches: int = 20
@@ -87,6 +88,7 @@ QUICK = Sizes(
     warmup=1,
     rounds=2,
     steps_per_round=2,
+    stage_rounds=1,
     trainer_steps=4,
     cache_steps=2,
     loader_batches=6,
