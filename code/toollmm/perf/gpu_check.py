@@ -407,6 +407,9 @@ def _prepared_llm(cfg, work: Path, shape: dict, device, dtype):
 #: unfused bf16 path's own error against it, plus one bf16 unit roundoff (2^-8) relative
 FUSED_FACTOR, FUSED_FLOOR = 2.0, 2.0**-8
 FUSED_TIMED_STEPS = 3  # per variant, after one warm-up step each (Triton compiles liger's kernels there)
+#: the section's sizes and dtypes (the functions below take them as arguments so that they can be dry-run)
+FUSED_SIZES = {"numerics_llm": INVARIANT_LLM["gpu"], "speed_llm": VICUNA_7B, "dtype": torch.bfloat16,
+               "ref_dtype": torch.float32}  # fmt: skip
 
 
 def section_fused_kernels(work: Path, cpu: bool) -> dict:
@@ -444,18 +447,18 @@ def section_fused_kernels(work: Path, cpu: bool) -> dict:
         build_tiny_decoders(work / "decoders")
     ensure_torch_extensions_dir()
     rank, _, world = init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device())
     out: dict = {"liger_kernel": version("liger-kernel"), "factor": FUSED_FACTOR, "floor": FUSED_FLOOR}
-    out["numerics"] = _fused_numerics(work, rank, world)
+    out["numerics"] = _fused_numerics(work, rank, world, device, False, FUSED_SIZES)
     out["pass"] = out["numerics"]["pass"]
     _emit_partial(out)
-    out["speed"] = _fused_speed(work, rank, world)
+    out["speed"] = _fused_speed(work, rank, world, device, False, FUSED_SIZES)
     return out
 
 
-def _fused_bundle(cfg, work: Path, shape: dict, dtype, on: bool):
+def _fused_bundle(cfg, work: Path, shape: dict, device, dtype, on: bool):
     from toollmm.model.llm import prepare_llm
 
-    device = torch.device("cuda", torch.cuda.current_device())
     hf = _llm(shape, cfg.model.llm.attn_implementation, device, dtype)
     return prepare_llm(
         hf, _tokenizer(work), cfg.model.tokens, cfg.model.llm.lora, cfg.model.llm.gradient_checkpointing,
@@ -467,22 +470,21 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30))
 
 
-def _fused_numerics(work: Path, rank: int, world: int) -> dict:
+def _fused_numerics(work: Path, rank: int, world: int, device, cpu: bool, sizes: dict) -> dict:
     from toollmm.model.kernels import has_fused_kernels
     from toollmm.model.losses import next_token_targets
     from toollmm.model.toollmm_model import build_model
     from toollmm.train.build import build_run
     from toollmm.train.loop import batches
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    cfg = stage_config(work, 3, False).config
+    cfg = stage_config(work, 3, cpu).config
     cfg.model.llm.lora.dropout = 0.0  # no random masks: the three runs differ by their kernels only
-    shape = INVARIANT_LLM["gpu"]
+    shape = sizes["numerics_llm"]
     off, _, stream, _ = build_run(
-        cfg, rank, world, None, llm=_fused_bundle(cfg, work, shape, torch.bfloat16, False)
+        cfg, rank, world, None, llm=_fused_bundle(cfg, work, shape, device, sizes["dtype"], False)
     )
     src = batches(stream)
-    batch = next(src)
+    batch = _covering_batch(src, 8)
     src.close()
     packed = batch.attention_mask.dim() == 4 and batch.position_ids is not None
     _, targets = next_token_targets(batch.labels, (batch.position_ids == 0) if packed else None)
@@ -495,10 +497,9 @@ def _fused_numerics(work: Path, rank: int, world: int) -> dict:
         for r in off.bundle.rows.values():  # trained rows differ from the frozen matrices' copies
             for p in r.rows.values():
                 p.add_(torch.randn(p.shape, generator=g, device=device).to(p.dtype) * 0.02)
-    for name, dtype, on in (("on", torch.bfloat16, True), ("ref", torch.float32, False)):
-        m = build_model(
-            cfg.model, llm=_fused_bundle(cfg, work, shape, dtype, on), loss_weights=cfg.train.loss_weights
-        )
+    for name, dtype, on in (("on", sizes["dtype"], True), ("ref", sizes["ref_dtype"], False)):
+        llm = _fused_bundle(cfg, work, shape, device, dtype, on)
+        m = build_model(cfg.model, llm=llm, loss_weights=cfg.train.loss_weights)
         m.to(device).load_state_dict(off.state_dict())
         models[name] = m
     assert has_fused_kernels(models["on"].llm) and not has_fused_kernels(off.llm)
@@ -529,9 +530,11 @@ def _fused_numerics(work: Path, rank: int, world: int) -> dict:
     worst = max(cmp.values(), key=lambda r: r["rel_on_off"])
     return {
         "shape": shape,
-        "dtype": "bfloat16 (ref float32)",
+        "dtype": f"{sizes['dtype']} (ref {sizes['ref_dtype']})",
         "real_tokens": batch.real_tokens,
         "supervised_targets": int(targets.numel()),
+        "media": {m: len(v) for m, v in batch.media.items()},
+        "signal_spans": {m: int(v.positions.shape[0]) for m, v in batch.signal_targets.items()},
         "compare": cmp,
         "max_rel_on_off": worst["rel_on_off"],
         "failed": [k for k, r in cmp.items() if not r["pass"]],
@@ -539,7 +542,25 @@ def _fused_numerics(work: Path, rank: int, world: int) -> dict:
     }
 
 
-def _fused_speed(work: Path, rank: int, world: int) -> dict:
+def _covering_batch(src, tries: int):
+    """The first of up to ``tries`` batches with media and signal spans (so that the input and output
+    projections' gradients are compared too), else the one with the most of them."""
+
+    def coverage(b) -> tuple[int, int]:
+        return (sum(len(v) for v in b.media.values()),
+                sum(int(v.positions.shape[0]) for v in b.signal_targets.values()))  # fmt: skip
+
+    best = None
+    for _ in range(tries):
+        b = next(src)
+        if min(coverage(b)) > 0:
+            return b
+        if best is None or coverage(b) > coverage(best):
+            best = b
+    return best
+
+
+def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: dict) -> dict:
     from toollmm.model.kernels import disable_fused_kernels, enable_fused_kernels
     from toollmm.perf.flops import LlamaShape
     from toollmm.perf.train_figs import batch_flops
@@ -547,18 +568,19 @@ def _fused_speed(work: Path, rank: int, world: int) -> dict:
     from toollmm.train.build import build_run
     from toollmm.train.loop import batches, make_engine
 
-    torch.cuda.empty_cache()
-    device = torch.device("cuda", torch.cuda.current_device())
-    cfg = stage_config(work, 3, False).config
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    cfg = stage_config(work, 3, cpu).config
     t0 = time.perf_counter()
-    llm = _fused_bundle(cfg, work, VICUNA_7B, torch.bfloat16, False)
+    llm = _fused_bundle(cfg, work, sizes["speed_llm"], device, sizes["dtype"], False)
     model, _, stream, _ = build_run(cfg, rank, world, None, llm=llm)
     engine, dtype = make_engine(cfg, model, 2 * (FUSED_TIMED_STEPS + 1), world)
     src = batches(stream)
     data = [next(src) for _ in range(FUSED_TIMED_STEPS + 1)]
     src.close()
-    out: dict = {"shape": "vicuna_7b", "build_s": round(time.perf_counter() - t0, 2)}
-    shape = LlamaShape.of(type("C", (), VICUNA_7B))
+    out: dict = {"llm": sizes["speed_llm"], "build_s": round(time.perf_counter() - t0, 2)}
+    shape = LlamaShape.of(type("C", (), sizes["speed_llm"]))
     steps: dict = {"off": [], "on": []}
 
     def step(variant: str, batch) -> None:
@@ -567,16 +589,18 @@ def _fused_speed(work: Path, rank: int, world: int) -> dict:
         else:
             disable_fused_kernels(model.llm)
         model.bundle.fused_kernels = variant == "on"  # the loss
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
         window = train_step(engine, batch, dtype)
-        torch.cuda.synchronize(device)
+        _sync(device)
         dt = time.perf_counter() - t
+        peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
         steps[variant].append({"seconds": round(dt, 4), "real_tokens": batch.real_tokens,
                                "rows": list(batch.input_ids.shape), "loss": float(window.mean("loss")),
                                "model_tflops": batch_flops(shape, batch) / 1e12,
-                               "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)})  # fmt: skip
+                               "peak_gib": peak})  # fmt: skip
 
     step("off", data[0])  # a warm-up each (liger's Triton kernels compile in the first "on" step)
     step("on", data[0])
@@ -590,11 +614,11 @@ def _fused_speed(work: Path, rank: int, world: int) -> dict:
             "steps": steps[variant],
             "tokens_per_s": med["real_tokens"] / med["seconds"],
             "model_tflop_per_s": med["model_tflops"] / med["seconds"],
-            "peak_gib": max(st["peak_gib"] for st in steps[variant]),
+            "peak_gib": max(st["peak_gib"] for st in steps[variant]) if cuda else None,
             "loss_finite": all(math.isfinite(st["loss"]) for st in steps[variant]),
         }
     out["tokens_per_s_ratio"] = out["on"]["tokens_per_s"] / out["off"]["tokens_per_s"]
-    out["peak_gib_saved"] = round(out["off"]["peak_gib"] - out["on"]["peak_gib"], 2)
+    out["peak_gib_saved"] = round(out["off"]["peak_gib"] - out["on"]["peak_gib"], 2) if cuda else None
     return out
 
 
