@@ -116,3 +116,13 @@ def test_the_fused_loss_is_not_taken_off_cuda(llm_dir):
     model.bundle.fused_kernels = True
     assert model._fused_loss_head() is None
     torch.testing.assert_close(model(batch)["lm"], want)
+
+
+def test_a_stage_trained_with_fused_kernels_loads_for_inference_on_cpu(tiny_stage_dir):
+    """The kernels are training-only: ``load_stage`` (evaluation) builds without them, so a stage whose saved
+    config sets the option (trained on a GPU host) still loads here."""
+    from toollmm.checkpoint.stage import load_stage
+
+    loaded = load_stage(tiny_stage_dir, overrides=["model.llm.fused_kernels=true"])
+    assert loaded.model.bundle.fused_kernels is False and not loaded.model.training
+    assert not kernels.has_fused_kernels(loaded.model.llm)

@@ -3,7 +3,9 @@
 ``build_llm(llm_cfg, tokens_cfg)`` loads the model and tokenizer, adds the token contract
 (``toollmm.core.tokens``), gives the new tokens their own trainable rows in the input embedding and the lm_head
 (``toollmm.model.token_rows``), turns on gradient checkpointing if asked, and wraps the model with a peft
-LoRA adapter (r 32, alpha 32, dropout 0.1, q/k/v/o by default). Every parameter leaves this module
+LoRA adapter (r 32, alpha 32, dropout 0.1, q/k/v/o by default), then the fused projections
+(``toollmm.model.fused``) and, with ``model.llm.fused_kernels``, liger-kernel's kernels
+(``toollmm.model.kernels``; CUDA only, refused with a UserError elsewhere). Every parameter leaves this module
 frozen; ``ToolLMM.trainable_parameters`` decides what trains.
 """
 
