@@ -431,7 +431,8 @@ def section_fused_kernels(work: Path, cpu: bool) -> dict:
     from toollmm.model.kernels import unavailable
 
     if cpu or not torch.cuda.is_available():
-        return {"skipped": "no CUDA (a CPU run): model.llm.fused_kernels " + unavailable(cuda=False)}
+        where = "a --cpu run" if cpu else "torch sees no CUDA device"
+        return {"skipped": f"no CUDA ({where}): model.llm.fused_kernels {unavailable(cuda=False)}"}
     why = unavailable(cuda=True)
     if why:
         raise RuntimeError(
