@@ -1,7 +1,9 @@
 """Rewrite constraints.txt from the current environment (called by `scripts/setup.sh --refreeze`).
 
 The torch-specific pins (torch, torchvision, torchaudio, triton, nvidia-*, cuda-*) go in a marked block
-that `setup.sh --torch cu128` removes, so the CUDA 12.8 set can resolve its own.
+that `setup.sh --torch cu128` removes, so the CUDA 12.8 set can resolve its own. The ``gpu-only`` block
+(packages this environment never installs, e.g. liger-kernel for ``model.llm.fused_kernels``, carried to a
+GPU host by ``scripts/gpu_check.sh --wheelhouse``) is kept as it stands.
 """
 
 from __future__ import annotations
@@ -10,6 +12,16 @@ import subprocess
 import sys
 
 VARIANT = ("torch==", "torchvision==", "torchaudio==", "triton==", "nvidia-", "cuda-")
+
+
+def kept_block(text: str, name: str = "gpu-only") -> list[str]:
+    """The lines of the ``# >>> name`` ... ``# <<< name`` block of ``text`` (markers included), or []."""
+    lines = text.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.startswith(f"# >>> {name}")), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith(f"# <<< {name}")), len(lines) - 1)
+    return lines[start : end + 1]
 
 
 def main(path: str) -> None:
@@ -31,6 +43,11 @@ def main(path: str) -> None:
         *variant,
         "# <<< torch-cu130",
     ]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines += kept_block(f.read())
+    except FileNotFoundError:
+        pass
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     sys.stderr.write(f"freeze_constraints: wrote {len(pins)} pins to {path}\n")

@@ -17,12 +17,15 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Not carried: numpy (the image's 2.5 under its own compiled stack), huggingface_hub (its 1.33 satisfies
 # transformers, diffusers and peft; 2.x would add httpx2), av (36 MB; the check then leaves video files out
 # of stage 1 and encodes synthetic video), wandb (the check runs with wandb disabled).
+# liger-kernel (model.llm.fused_kernels, the fused_kernels section) is pure Python over the image's torch /
+# triton; the venv here never installs it (CUDA only): its pin is constraints.txt's gpu-only block.
 WHEELS=(
   deepspeed hjson pydantic pydantic_core annotated-types typing-inspection
   transformers tokenizers peft sentencepiece diffusers importlib_metadata
   imagebind-unofficial ftfy wcwidth iopath pytorchvideo setuptools
   jsonschema jsonschema-specifications referencing rpds-py
   soundfile cffi pycparser platformdirs sniffio
+  liger-kernel
 )
 
 pin() {  # NAME -> NAME==VERSION from constraints.txt / requirements.txt (case and -/_ insensitive)

@@ -13,7 +13,7 @@ import pytest
 
 from toollmm.core.paths import REPO_ROOT
 
-SECTIONS = ("env", "gemm", "invariants", "stage_1", "stage_2", "stage_3", "encoder")
+SECTIONS = ("env", "gemm", "invariants", "stage_1", "stage_2", "stage_3", "encoder", "fused_kernels")
 
 
 @pytest.mark.slow
@@ -48,6 +48,7 @@ def test_gpu_check_cpu_writes_every_section(tmp_path):
     assert report["sections"]["stage_1"]["features"]["media"], "stage 1 encodes its media"
     assert report["sections"]["stage_2"]["features"] is None  # no media: the encoder is never built
     assert report["sections"]["gemm"]["tflops"] > 0
+    assert "no CUDA" in report["sections"]["fused_kernels"]["skipped"]  # recorded, no numbers
     assert proc.returncode == (0 if report["invariants_pass"] else 1), proc.stdout
     assert report["invariants_pass"] == (not inv["failed"])
 
@@ -71,3 +72,72 @@ def test_invariant_verdict_counts_only_kernels_the_config_accepts():
     sdpa_bad = dict(flex_bad, sdpa={"packed_logits": bad})
     assert not verdict(sdpa_bad, accepted)["pass"]
     assert not verdict(dict(flex_bad, eager={"error": "OSError: x"}), accepted)["pass"]
+
+
+def test_fused_kernels_section_is_skipped_without_cuda(tmp_path, monkeypatch):
+    """A CPU run records why the fused_kernels section did not run (no CUDA), with no numbers; the driver's
+    summary says so and the skip neither fails the check nor counts as a passed numerics check."""
+    import json
+
+    from entry_points import load_script
+    from toollmm.perf.gpu_check import run_section, section_fused_kernels
+
+    got = section_fused_kernels(tmp_path, cpu=True)
+    assert (
+        set(got) == {"skipped"}
+        and "no CUDA" in got["skipped"]
+        and "model.llm.fused_kernels" in got["skipped"]
+    )
+    out = tmp_path / "section.json"
+    monkeypatch.chdir(REPO_ROOT)  # run_section works from the repo root; restored after the test
+    run_section("fused_kernels", tmp_path, True, out)  # what the driver's child process runs
+    written = json.loads(out.read_text())
+    assert written["skipped"] == got["skipped"] and "numerics" not in written and "speed" not in written
+    driver = load_script("scripts/gpu_check.py", "gpu_check_driver")
+    assert "fused_kernels" in driver.ORDER and "fused_kernels" in driver.TIMEOUT
+    report = {"mode": "cpu", "status": "running", "wall_s": 1.0, "sections": {
+        "invariants": {"ok": True, "pass": True}, "fused_kernels": {"ok": True, **written}}}  # fmt: skip
+    driver.derived(report)
+    driver.finish(report)
+    assert report["status"] == "pass" and report["invariants_pass"]
+    assert any("fused_kernels skipped: no CUDA" in line for line in driver.summary(report))
+
+
+def test_failed_fused_numerics_fail_the_check_and_speed_gets_mfu():
+    """Where the section ran (a GPU host), its numerics verdict joins the invariants, and the driver adds MFU
+    to each variant's speed against the gemm section's rate."""
+    from entry_points import load_script
+
+    driver = load_script("scripts/gpu_check.py", "gpu_check_driver")
+    speed = {v: {"tokens_per_s": t, "model_tflop_per_s": f, "peak_gib": 40.0} for v, t, f in
+             (("off", 1000.0, 300.0), ("on", 1200.0, 360.0))}  # fmt: skip
+    fused = {"ok": True, "pass": False, "liger_kernel": "x", "speed": speed,
+             "numerics": {"failed": ["grad.lora"], "max_rel_on_off": 0.5}}  # fmt: skip
+    report = {"mode": "gpu", "status": "running", "wall_s": 1.0, "sections": {
+        "gemm": {"ok": True, "tflops": 600.0, "dtype": "bf16"},
+        "invariants": {"ok": True, "pass": True}, "fused_kernels": fused}}  # fmt: skip
+    driver.derived(report)
+    assert speed["off"]["mfu"] == pytest.approx(0.5) and speed["on"]["mfu"] == pytest.approx(0.6)
+    driver.finish(report)
+    assert report["status"] == "fail" and not report["invariants_pass"] and report["sections_ok"]
+    lines = driver.summary(report)
+    assert any("FAIL" in line and "grad.lora" in line for line in lines)
+    fused["pass"] = True
+    driver.finish(report)
+    assert report["status"] == "pass"
+
+
+def test_liger_kernel_is_pinned_for_the_wheelhouse_and_survives_a_refreeze():
+    """gpu_check.sh carries liger-kernel (WHEELS), pinned in constraints.txt's gpu-only block, which
+    ``setup.sh --refreeze`` (freeze_constraints.py) keeps although this environment never installs it."""
+    from entry_points import load_script
+
+    sh = (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
+    wheels = sh.split("WHEELS=(", 1)[1].split(")", 1)[0].split()
+    assert "liger-kernel" in wheels
+    text = (REPO_ROOT / "constraints.txt").read_text()
+    freeze = load_script("scripts/freeze_constraints.py", "freeze_constraints")
+    block = freeze.kept_block(text)
+    pins = [x for x in block if x.startswith("liger-kernel==")]
+    assert len(pins) == 1 and block[0].startswith("# >>> gpu-only") and block[-1] == "# <<< gpu-only"
+    assert freeze.kept_block("a==1\n") == []

@@ -297,6 +297,9 @@ def load_stage(
     # the folder's tokenizer, Hub ids of known bases -> their pretrained_checkpoint/ copies, then the caller's
     cfg = load_stage_config(d, overrides, config_files).config
     check_bases(manifest, cfg.model, d)
+    # training-only kernels (liger-kernel, CUDA): an evaluation model never runs them, and a stage trained
+    # with them on a GPU host must load anywhere
+    cfg.model.llm.fused_kernels = False
     model = build_model(cfg.model, with_encoder=with_encoder)
     if device is not None:
         model.to(device)

@@ -138,6 +138,11 @@ class LLMConfig:
         "training: q/k/v and gate/up base projections as one GEMM each, LoRA updates added in place (Llama "
         "layers; same loss and gradients; ZeRO-3 and LoRA variants take the unfused forward)",
     )
+    fused_kernels: bool = opt(
+        False,
+        "CUDA only: liger-kernel's RMSNorm, SwiGLU, RoPE for Llama layers and a fused linear cross-entropy over "
+        "the supervised positions only (training; needs the liger-kernel package and fused_projections)",
+    )
     lora: LoraSettings = opt(factory=LoraSettings, help="LoRA adapter")
 
 

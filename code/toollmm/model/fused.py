@@ -26,6 +26,11 @@ The fused forward runs in training mode only (evaluation and decoding with a KV 
 forward), and falls back to the own forward, per call, for anything it does not cover: DeepSpeed ZeRO-3
 (partitioned weights are gathered by hooks on each module, which one product would bypass), merged or
 disabled adapters, DoRA / LoRA variants, LoRA biases, mixed-adapter batches, or base weights that train.
+
+With ``model.llm.fused_kernels`` (``toollmm.model.kernels``) this forward is also where liger-kernel's RoPE
+and SwiGLU run: the kernels module leaves ``_toollmm_rope`` / ``_toollmm_swiglu`` on the instances and the
+forward below calls them instead of transformers' ``apply_rotary_pos_emb`` / ``act_fn(gate) * up`` (CUDA
+tensors only). A fallback to the own forward runs transformers' versions: the same math.
 """
 
 from __future__ import annotations
@@ -159,6 +164,11 @@ def fused_linear(mods: list[nn.Module], x: torch.Tensor, shared_dropout: bool):
     return [o.view(*lead, n) for o, n in zip(outs, sizes)]
 
 
+def on_kernel_device(t: torch.Tensor) -> bool:
+    """Whether liger's Triton kernels (``model.llm.fused_kernels``) take ``t``: CUDA tensors only."""
+    return t.is_cuda
+
+
 def _attention_forward(
     self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
 ):
@@ -187,7 +197,9 @@ def _attention_forward(
     k = k.view(hidden_shape).transpose(1, 2)
     v = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    # model.llm.fused_kernels (toollmm.model.kernels), CUDA only
+    rope = self.__dict__.get("_toollmm_rope")
+    q, k = (rope if rope is not None and on_kernel_device(q) else apply_rotary_pos_emb)(q, k, cos, sin)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, eager_attention_forward
     )
@@ -209,7 +221,10 @@ def _mlp_forward(self, x):
     except _Unfusable as e:
         _note_fallback(self, e)
         return self._toollmm_own_forward(x)
-    (out,) = fused_linear([self.down_proj], self.act_fn(gate) * up, False)
+    # model.llm.fused_kernels (toollmm.model.kernels), CUDA only
+    swiglu = self.__dict__.get("_toollmm_swiglu")
+    act = swiglu(gate, up) if swiglu is not None and on_kernel_device(gate) else self.act_fn(gate) * up
+    (out,) = fused_linear([self.down_proj], act, False)
     return out
 
 

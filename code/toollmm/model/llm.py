@@ -3,7 +3,9 @@
 ``build_llm(llm_cfg, tokens_cfg)`` loads the model and tokenizer, adds the token contract
 (``toollmm.core.tokens``), gives the new tokens their own trainable rows in the input embedding and the lm_head
 (``toollmm.model.token_rows``), turns on gradient checkpointing if asked, and wraps the model with a peft
-LoRA adapter (r 32, alpha 32, dropout 0.1, q/k/v/o by default). Every parameter leaves this module
+LoRA adapter (r 32, alpha 32, dropout 0.1, q/k/v/o by default), then the fused projections
+(``toollmm.model.fused``) and, with ``model.llm.fused_kernels``, liger-kernel's kernels
+(``toollmm.model.kernels``; CUDA only, refused with a UserError elsewhere). Every parameter leaves this module
 frozen; ``ToolLMM.trainable_parameters`` decides what trains.
 """
 
@@ -134,6 +136,7 @@ class LLMBundle:
     rows: dict[str, TokenRows]  # {"embed": ..., "head": ...}; the same object when tied
     lora: bool
     attn_implementation: str
+    fused_kernels: bool = False  # model.llm.fused_kernels (toollmm.model.kernels): ToolLMM's loss reads it
 
     @property
     def hf_model(self):
@@ -157,9 +160,13 @@ def prepare_llm(
     gradient_checkpointing: bool = False,
     token_ids: TokenIds | None = None,
     fused_projections: bool = False,
+    fused_kernels: bool = False,
 ) -> LLMBundle:
     """Add the token contract to ``tokenizer`` (or use ``token_ids`` as given, e.g. for a meta-device
-    model without a matching tokenizer), attach per-group token rows, checkpointing and LoRA; freeze all."""
+    model without a matching tokenizer), attach per-group token rows, checkpointing and LoRA, the fused
+    projections and liger's kernels when asked; freeze all."""
+    if fused_kernels:
+        _check_fused_kernels(fused_projections)
     contract = TokenContract.from_config(tokens_cfg)
     known = False
     if token_ids is None:
@@ -184,16 +191,35 @@ def prepare_llm(
         fuse_llama_layers(wrapped, shared_dropout=lora.enabled and lora.shared_dropout)
     elif lora.enabled and lora.shared_dropout:
         raise UserError("model.llm.lora.shared_dropout needs model.llm.fused_projections: true")
+    if fused_kernels:
+        from .kernels import enable_fused_kernels
+
+        enable_fused_kernels(wrapped)
     for p in wrapped.parameters():
         p.requires_grad_(False)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    return LLMBundle(wrapped, tokenizer, contract, token_ids, rows, lora.enabled, impl)
+    return LLMBundle(wrapped, tokenizer, contract, token_ids, rows, lora.enabled, impl, fused_kernels)
+
+
+def _check_fused_kernels(fused_projections: bool) -> None:
+    """``model.llm.fused_kernels``: a CUDA device, the liger-kernel package and the fused projections (whose
+    training forward runs liger's RoPE and SwiGLU), or a :class:`UserError` naming the option."""
+    from .kernels import require_fused_kernels
+
+    require_fused_kernels()
+    if not fused_projections:
+        raise UserError(
+            "model.llm.fused_kernels needs model.llm.fused_projections: true (liger's RoPE and SwiGLU run "
+            "inside its training forward)"
+        )
 
 
 def build_llm(
     llm_cfg: LLMConfig, tokens_cfg: TokenConfig, device: torch.device | str | None = None
 ) -> LLMBundle:
-    """Load ``llm_cfg.path`` and prepare it (tokens, rows, checkpointing, LoRA)."""
+    """Load ``llm_cfg.path`` and prepare it (tokens, rows, checkpointing, LoRA, fused projections / kernels)."""
+    if llm_cfg.fused_kernels:  # before loading gigabytes of weights
+        _check_fused_kernels(llm_cfg.fused_projections)
     model, tokenizer = load_causal_lm(llm_cfg, device)
     return prepare_llm(
         model,
@@ -202,4 +228,5 @@ def build_llm(
         llm_cfg.lora,
         llm_cfg.gradient_checkpointing,
         fused_projections=llm_cfg.fused_projections,
+        fused_kernels=llm_cfg.fused_kernels,
     )

@@ -20,6 +20,7 @@ from toollmm.core.config import ModelConfig, OptimConfig
 from toollmm.core.tokens import MODALITIES
 
 from .decoders import condition_shape
+from .kernels import fused_lm_loss, fused_loss_head
 from .llm import LLMBundle, build_llm
 from .losses import (
     align_weight,
@@ -201,8 +202,13 @@ class ToolLMM(nn.Module):
         # hidden state, below), so this depends on the model, never on a rank's data.
         keep, targets = next_token_targets(batch.labels, starts)
         needs_hidden = bool(self.output_proj)
-        out = self.run_llm(batch, embeds, logits_at=keep, hidden_states=needs_hidden)
-        losses = {"lm": lm_loss_at(out.logits, targets)}
+        head = self._fused_loss_head()
+        if head is None:
+            out = self.run_llm(batch, embeds, logits_at=keep, hidden_states=needs_hidden)
+            losses = {"lm": lm_loss_at(out.logits, targets)}
+        else:  # model.llm.fused_kernels: the same loss from the final hidden states, no [N, V] logits
+            out = self.run_llm(batch, embeds, logits_at=torch.zeros_like(keep), hidden_states=True)
+            losses = {"lm": fused_lm_loss(out.hidden_states[-1][keep], head, targets)}
         total = self.loss_weights.get("lm", 1.0) * losses["lm"]
         hidden = out.hidden_states[-1] if needs_hidden else None
         orphan = [
@@ -233,6 +239,13 @@ class ToolLMM(nn.Module):
                 total = total + w * term
         losses["loss"] = total
         return losses
+
+    def _fused_loss_head(self) -> nn.Module | None:
+        """The LM head when ``model.llm.fused_kernels`` computes this training call's LM loss (liger's fused
+        linear cross-entropy, ``toollmm.model.kernels``), else None."""
+        if not (self.bundle.fused_kernels and self.training):
+            return None
+        return fused_loss_head(self.llm)
 
     def _align(self, m: str, batch: Batch, hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         targets = batch.signal_targets[m]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -132,7 +133,8 @@ def section_env(work: Path, cpu: bool) -> dict:
         except PackageNotFoundError:
             return None
 
-    names = ("torch", "transformers", "peft", "deepspeed", "diffusers", "imagebind-unofficial", "flash-attn")
+    names = ("torch", "transformers", "peft", "deepspeed", "diffusers", "imagebind-unofficial", "flash-attn",
+             "triton", "liger-kernel")  # fmt: skip
     out = {"versions": {n: ver(n) for n in names}, "cuda": torch.cuda.is_available()}
     out["flash_attn_importable"] = importlib.util.find_spec("flash_attn") is not None
     if torch.cuda.is_available():
@@ -400,6 +402,230 @@ def _prepared_llm(cfg, work: Path, shape: dict, device, dtype):
     )
 
 
+# ------------------------------------------------------------------------- model.llm.fused_kernels
+#: the numerics' bar: the fused kernels' error against an fp32 reference may be at most FUSED_FACTOR x the
+#: unfused bf16 path's own error against it, plus one bf16 unit roundoff (2^-8) relative
+FUSED_FACTOR, FUSED_FLOOR = 2.0, 2.0**-8
+FUSED_TIMED_STEPS = 3  # per variant, after one warm-up step each (Triton compiles liger's kernels there)
+#: the section's sizes and dtypes (the functions below take them as arguments so that they can be dry-run)
+FUSED_SIZES = {"numerics_llm": INVARIANT_LLM["gpu"], "speed_llm": VICUNA_7B, "dtype": torch.bfloat16,
+               "ref_dtype": torch.float32}  # fmt: skip
+
+
+def section_fused_kernels(work: Path, cpu: bool) -> dict:
+    """``model.llm.fused_kernels`` (liger-kernel) on vs off, both with the fused projections and activation
+    checkpointing, through the real stage-3 path (``build_run``, the DeepSpeed engine, ``train_step``):
+
+    - ``numerics``: a small Llama (``INVARIANT_LLM["gpu"]``), LoRA dropout 0 so that nothing random differs,
+      LoRA B and the token rows moved off their initial values: the loss terms and every trainable
+      gradient (per part) of one stage-3 batch, bf16 with the kernels (``on``) and without (``off``), each
+      against the same model in fp32 without them (``ref``). ``pass``: for every loss term and part,
+      ``rel(on, ref) <= FUSED_FACTOR * rel(off, ref) + FUSED_FLOOR`` (the kernels add no more error than
+      bf16 itself makes); ``rel(on, off)`` and the largest element difference are reported as well;
+    - ``speed``: the Vicuna-7B shape (as ``stage_3``): one engine, the same batches for both variants, a
+      warm-up step each, then ``FUSED_TIMED_STEPS`` steps alternating off / on; median tokens/s, model
+      TFLOP/s (MFU is added by the driver against the ``gemm`` section) and the peak of
+      ``torch.cuda.max_memory_allocated`` over each variant's steps.
+
+    Skipped (recorded, not failed) on a CPU run; on a GPU host without liger-kernel it fails."""
+    from toollmm.model.kernels import unavailable
+
+    if cpu or not torch.cuda.is_available():
+        where = "a --cpu run" if cpu else "torch sees no CUDA device"
+        return {"skipped": f"no CUDA ({where}): model.llm.fused_kernels {unavailable(cuda=False)}"}
+    why = unavailable(cuda=True)
+    if why:
+        raise RuntimeError(
+            f"model.llm.fused_kernels {why} (bash scripts/gpu_check.sh --wheelhouse carries it)"
+        )
+    from importlib.metadata import version
+
+    from toollmm.core.paths import ensure_torch_extensions_dir
+    from toollmm.model.tiny_decoders import build_tiny_decoders
+    from toollmm.train.ds import init_distributed
+
+    if not (work / "decoders" / "tiny-sd" / "model_index.json").is_file():
+        build_tiny_decoders(work / "decoders")
+    ensure_torch_extensions_dir()
+    rank, _, world = init_distributed()
+    device = torch.device("cuda", torch.cuda.current_device())
+    out: dict = {"liger_kernel": version("liger-kernel"), "factor": FUSED_FACTOR, "floor": FUSED_FLOOR}
+    out["numerics"] = _fused_numerics(work, rank, world, device, False, FUSED_SIZES)
+    out["pass"] = out["numerics"]["pass"]
+    _emit_partial(out)
+    out["speed"] = _fused_speed(work, rank, world, device, False, FUSED_SIZES)
+    return out
+
+
+def _fused_bundle(cfg, work: Path, shape: dict, device, dtype, on: bool):
+    from toollmm.model.llm import prepare_llm
+
+    hf = _llm(shape, cfg.model.llm.attn_implementation, device, dtype)
+    return prepare_llm(
+        hf, _tokenizer(work), cfg.model.tokens, cfg.model.llm.lora, cfg.model.llm.gradient_checkpointing,
+        fused_projections=True, fused_kernels=on,
+    )  # fmt: skip
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30))
+
+
+def _fused_numerics(work: Path, rank: int, world: int, device, cpu: bool, sizes: dict) -> dict:
+    from toollmm.model.kernels import has_fused_kernels
+    from toollmm.model.losses import next_token_targets
+    from toollmm.model.toollmm_model import build_model
+    from toollmm.train.build import build_run
+    from toollmm.train.loop import batches
+
+    cfg = stage_config(work, 3, cpu).config
+    cfg.model.llm.lora.dropout = 0.0  # no random masks: the three runs differ by their kernels only
+    shape = sizes["numerics_llm"]
+    off, _, stream, _ = build_run(
+        cfg, rank, world, None, llm=_fused_bundle(cfg, work, shape, device, sizes["dtype"], False)
+    )
+    src = batches(stream)
+    batch = _covering_batch(src, 8)
+    src.close()
+    packed = batch.attention_mask.dim() == 4 and batch.position_ids is not None
+    _, targets = next_token_targets(batch.labels, (batch.position_ids == 0) if packed else None)
+    models = {"off": off.to(device)}
+    with torch.no_grad():
+        g = torch.Generator(device=device).manual_seed(1)
+        for n, p in off.named_parameters():
+            if "lora_B" in n:  # peft starts B at 0: the LoRA A gradients would be 0 and compare nothing
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02)
+        for r in off.bundle.rows.values():  # trained rows differ from the frozen matrices' copies
+            for p in r.rows.values():
+                p.add_(torch.randn(p.shape, generator=g, device=device).to(p.dtype) * 0.02)
+    for name, dtype, on in (("on", sizes["dtype"], True), ("ref", sizes["ref_dtype"], False)):
+        llm = _fused_bundle(cfg, work, shape, device, dtype, on)
+        m = build_model(cfg.model, llm=llm, loss_weights=cfg.train.loss_weights)
+        m.to(device).load_state_dict(off.state_dict())
+        models[name] = m
+    assert has_fused_kernels(models["on"].llm) and not has_fused_kernels(off.llm)
+    losses, grads = {}, {}
+    for name, m in models.items():
+        m.trainable_parameters(cfg.train.trainable)
+        m.train()
+        part_of = {
+            n: part for part, pairs in m.named_parts().items() if part in m.trainable_names for n, _ in pairs
+        }
+        params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        res = m(batch.to(device, next(m.parameters()).dtype))
+        got = torch.autograd.grad(res["loss"], [p for _, p in params], allow_unused=True)
+        losses[name] = {k: v.detach().double() for k, v in res.items()}
+        by_part: dict = {}
+        for (n, _), gr in zip(params, got):
+            if gr is not None:
+                by_part.setdefault(part_of.get(n, "other"), []).append(gr.detach().double().flatten())
+        grads[name] = {k: torch.cat(v) for k, v in by_part.items()}
+    cmp: dict = {}
+    for kind, values in (("loss", losses), ("grad", grads)):
+        for k in values["ref"]:
+            on, off_, ref = values["on"][k], values["off"][k], values["ref"][k]
+            r = {"rel_on_ref": _rel(on, ref), "rel_off_ref": _rel(off_, ref), "rel_on_off": _rel(on, off_),
+                 "max_abs_on_off": float((on - off_).abs().max()), "max_abs_off": float(off_.abs().max())}  # fmt: skip
+            r["pass"] = bool(r["rel_on_ref"] <= FUSED_FACTOR * r["rel_off_ref"] + FUSED_FLOOR)
+            cmp[f"{kind}.{k}"] = r
+    worst = max(cmp.values(), key=lambda r: r["rel_on_off"])
+    # the on model does take liger's fused loss (a CUDA, non-partitioned head) and kernels in its layers
+    fused_loss = models["on"]._fused_loss_head() is not None
+    return {
+        "shape": shape,
+        "dtype": f"{sizes['dtype']} (ref {sizes['ref_dtype']})",
+        "real_tokens": batch.real_tokens,
+        "supervised_targets": int(targets.numel()),
+        "media": {m: len(v) for m, v in batch.media.items()},
+        "signal_spans": {m: int(v.positions.shape[0]) for m, v in batch.signal_targets.items()},
+        "compare": cmp,
+        "max_rel_on_off": worst["rel_on_off"],
+        "fused_loss": fused_loss,
+        "failed": [k for k, r in cmp.items() if not r["pass"]] + ([] if fused_loss else ["fused_loss"]),
+        "pass": fused_loss and all(r["pass"] for r in cmp.values()),
+    }
+
+
+def _covering_batch(src, tries: int):
+    """The first of up to ``tries`` batches with media and signal spans (so that the input and output
+    projections' gradients are compared too), else the one with the most of them."""
+
+    def coverage(b) -> tuple[int, int]:
+        return (sum(len(v) for v in b.media.values()),
+                sum(int(v.positions.shape[0]) for v in b.signal_targets.values()))  # fmt: skip
+
+    best = None
+    for _ in range(tries):
+        b = next(src)
+        if min(coverage(b)) > 0:
+            return b
+        if best is None or coverage(b) > coverage(best):
+            best = b
+    return best
+
+
+def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: dict) -> dict:
+    from toollmm.model.kernels import disable_fused_kernels, enable_fused_kernels
+    from toollmm.perf.flops import LlamaShape
+    from toollmm.perf.train_figs import batch_flops
+    from toollmm.perf.train_step import train_step
+    from toollmm.train.build import build_run
+    from toollmm.train.loop import batches, make_engine
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    cfg = stage_config(work, 3, cpu).config
+    t0 = time.perf_counter()
+    llm = _fused_bundle(cfg, work, sizes["speed_llm"], device, sizes["dtype"], False)
+    model, _, stream, _ = build_run(cfg, rank, world, None, llm=llm)
+    engine, dtype = make_engine(cfg, model, 2 * (FUSED_TIMED_STEPS + 1), world)
+    src = batches(stream)
+    data = [next(src) for _ in range(FUSED_TIMED_STEPS + 1)]
+    src.close()
+    out: dict = {"llm": sizes["speed_llm"], "build_s": round(time.perf_counter() - t0, 2)}
+    shape = LlamaShape.of(type("C", (), sizes["speed_llm"]))
+    steps: dict = {"off": [], "on": []}
+
+    def step(variant: str, batch) -> None:
+        if variant == "on":  # the same engine and weights: only the kernels change
+            out["modules"] = enable_fused_kernels(model.llm)
+        else:
+            disable_fused_kernels(model.llm)
+        model.bundle.fused_kernels = variant == "on"  # the loss
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        window = train_step(engine, batch, dtype)
+        _sync(device)
+        dt = time.perf_counter() - t
+        peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+        steps[variant].append({"seconds": round(dt, 4), "real_tokens": batch.real_tokens,
+                               "rows": list(batch.input_ids.shape), "loss": float(window.mean("loss")),
+                               "model_tflops": batch_flops(shape, batch) / 1e12,
+                               "peak_gib": peak})  # fmt: skip
+
+    step("off", data[0])  # a warm-up each (liger's Triton kernels compile in the first "on" step)
+    step("on", data[0])
+    for batch in data[1:]:  # alternating, on the same batches: drift hits both alike
+        step("off", batch)
+        step("on", batch)
+    for variant in ("off", "on"):
+        timed = sorted(steps[variant][1:], key=lambda st: st["seconds"])
+        med = timed[len(timed) // 2]  # the median timed step
+        out[variant] = {
+            "steps": steps[variant],
+            "tokens_per_s": med["real_tokens"] / med["seconds"],
+            "model_tflop_per_s": med["model_tflops"] / med["seconds"],
+            "peak_gib": max(st["peak_gib"] for st in steps[variant]) if cuda else None,
+            "loss_finite": all(math.isfinite(st["loss"]) for st in steps[variant]),
+        }
+    out["tokens_per_s_ratio"] = out["on"]["tokens_per_s"] / out["off"]["tokens_per_s"]
+    out["peak_gib_saved"] = round(out["off"]["peak_gib"] - out["on"]["peak_gib"], 2) if cuda else None
+    return out
+
+
 SECTIONS = {
     "env": section_env,
     "gemm": section_gemm,
@@ -408,6 +634,7 @@ SECTIONS = {
     "stage_1": lambda w, c: section_stage(w, c, 1),
     "stage_2": lambda w, c: section_stage(w, c, 2),
     "stage_3": lambda w, c: section_stage(w, c, 3),
+    "fused_kernels": section_fused_kernels,
 }
 
 
