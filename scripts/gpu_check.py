@@ -109,7 +109,9 @@ def derived(report: dict) -> None:
             s["peak_over_estimate"] = s["peak_gib"] / s["memory_estimate_gib"]
     speed = report["sections"].get("fused_kernels", {}).get("speed")
     if speed:
-        for variant in ("off", "on"):
+        for variant in ("unfused", "off", "on"):
+            if variant not in speed:
+                continue
             speed[variant]["mfu"] = speed[variant]["model_tflop_per_s"] / gemm if gemm else None
 
 
@@ -152,10 +154,10 @@ def summary(report: dict) -> list[str]:
             )
             sp = s.get("speed")
             if sp:
-                for v in ("off", "on"):
+                for v in [v for v in ("unfused", "off", "on") if v in sp]:
                     mfu = f"{sp[v]['mfu']:.2f}" if sp[v].get("mfu") is not None else "-"
                     lines.append(
-                        f"    {v:3s} {sp[v]['tokens_per_s']:.0f} real tok/s, MFU {mfu}, peak {sp[v]['peak_gib']} GiB"
+                        f"    {v:7s} {sp[v]['tokens_per_s']:.0f} real tok/s, MFU {mfu}, peak {sp[v]['peak_gib']} GiB"
                     )
         elif name == "env":
             lines.append(

@@ -398,7 +398,12 @@ def _prepared_llm(cfg, work: Path, shape: dict, device, dtype):
 
     hf = _llm(shape, cfg.model.llm.attn_implementation, device, dtype)
     return prepare_llm(
-        hf, _tokenizer(work), cfg.model.tokens, cfg.model.llm.lora, cfg.model.llm.gradient_checkpointing
+        hf,
+        _tokenizer(work),
+        cfg.model.tokens,
+        cfg.model.llm.lora,
+        cfg.model.llm.gradient_checkpointing,
+        fused_projections=cfg.model.llm.fused_projections,  # the stage sections time the path users run
     )
 
 
@@ -565,6 +570,7 @@ def _covering_batch(src, tries: int):
 
 
 def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: dict) -> dict:
+    from toollmm.model.fused import fuse_llama_layers, unfuse
     from toollmm.model.kernels import disable_fused_kernels, enable_fused_kernels
     from toollmm.perf.flops import LlamaShape
     from toollmm.perf.train_figs import batch_flops
@@ -585,13 +591,20 @@ def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: di
     src.close()
     out: dict = {"llm": sizes["speed_llm"], "build_s": round(time.perf_counter() - t0, 2)}
     shape = LlamaShape.of(type("C", (), sizes["speed_llm"]))
-    steps: dict = {"off": [], "on": []}
+    steps: dict = {"unfused": [], "off": [], "on": []}
 
     def step(variant: str, batch) -> None:
-        if variant == "on":  # the same engine and weights: only the kernels change
-            out["modules"] = enable_fused_kernels(model.llm)
-        else:
+        # the same engine and weights: "unfused" = transformers' + peft's own forward (fused_projections off),
+        # "off" = fused projections (the default), "on" = fused projections + liger's kernels and loss
+        if variant == "unfused":
             disable_fused_kernels(model.llm)
+            unfuse(model.llm)
+        else:
+            fuse_llama_layers(model.llm, shared_dropout=cfg.model.llm.lora.shared_dropout)
+            if variant == "on":
+                out["modules"] = enable_fused_kernels(model.llm)
+            else:
+                disable_fused_kernels(model.llm)
         model.bundle.fused_kernels = variant == "on"  # the loss
         _sync(device)
         if cuda:
@@ -606,12 +619,12 @@ def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: di
                                "model_tflops": batch_flops(shape, batch) / 1e12,
                                "peak_gib": peak})  # fmt: skip
 
-    step("off", data[0])  # a warm-up each (liger's Triton kernels compile in the first "on" step)
-    step("on", data[0])
-    for batch in data[1:]:  # alternating, on the same batches: drift hits both alike
-        step("off", batch)
-        step("on", batch)
-    for variant in ("off", "on"):
+    for variant in steps:  # a warm-up each (liger's Triton kernels compile in the first "on" step)
+        step(variant, data[0])
+    for batch in data[1:]:  # alternating, on the same batches: drift hits all alike
+        for variant in steps:
+            step(variant, batch)
+    for variant in steps:
         timed = sorted(steps[variant][1:], key=lambda st: st["seconds"])
         med = timed[len(timed) // 2]  # the median timed step
         out[variant] = {
@@ -622,6 +635,7 @@ def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: di
             "loss_finite": all(math.isfinite(st["loss"]) for st in steps[variant]),
         }
     out["tokens_per_s_ratio"] = out["on"]["tokens_per_s"] / out["off"]["tokens_per_s"]
+    out["fused_projections_tokens_per_s_ratio"] = out["off"]["tokens_per_s"] / out["unfused"]["tokens_per_s"]
     out["peak_gib_saved"] = round(out["off"]["peak_gib"] - out["on"]["peak_gib"], 2) if cuda else None
     return out
 
