@@ -64,11 +64,18 @@ def _loss_and_grads(model, batch, seed: int):
 
 
 @pytest.mark.parametrize(
-    "attn,dropout,grad_ckpt",
-    [("sdpa", 0.0, False), ("sdpa", 0.1, False), ("eager", 0.1, False), ("sdpa", 0.1, True)],
-    ids=["sdpa-nodrop", "sdpa-drop", "eager-drop", "sdpa-drop-ckpt"],
+    "attn,dropout,grad_ckpt,concat",
+    [
+        ("sdpa", 0.0, False, False),
+        ("sdpa", 0.1, False, False),
+        ("eager", 0.1, False, False),
+        ("sdpa", 0.1, True, False),
+        ("sdpa", 0.1, True, True),
+    ],
+    ids=["sdpa-nodrop", "sdpa-drop", "eager-drop", "sdpa-drop-ckpt", "sdpa-drop-ckpt-concatenated"],
 )
-def test_fused_toollmm_matches_the_unfused_path(llm_dir, monkeypatch, attn, dropout, grad_ckpt):
+def test_fused_toollmm_matches_the_unfused_path(llm_dir, monkeypatch, attn, dropout, grad_ckpt, concat):
+    monkeypatch.setitem(fused.CONCAT, "cpu", concat)  # concatenated q/k/v and gate/up: CUDA's default
     a, b = _pair(llm_dir, attn, dropout, grad_ckpt)
     calls = []
     real = fused.fused_linear

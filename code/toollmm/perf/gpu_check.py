@@ -411,7 +411,9 @@ def _prepared_llm(cfg, work: Path, shape: dict, device, dtype):
 #: the numerics' bar: the fused kernels' error against an fp32 reference may be at most FUSED_FACTOR x the
 #: unfused bf16 path's own error against it, plus one bf16 unit roundoff (2^-8) relative
 FUSED_FACTOR, FUSED_FLOOR = 2.0, 2.0**-8
-FUSED_TIMED_STEPS = 3  # per variant, after one warm-up step each (Triton compiles liger's kernels there)
+#: per variant, after one warm-up step each (Triton compiles liger's kernels there); GPU_CHECK_FUSED_STEPS
+#: overrides it for a longer A/B (`GPU_CHECK_FUSED_STEPS=8 bash scripts/gpu_check.sh --only env,gemm,fused_kernels`)
+FUSED_TIMED_STEPS = int(os.environ.get("GPU_CHECK_FUSED_STEPS", "3"))
 #: the section's sizes and dtypes (the functions below take them as arguments so that they can be dry-run)
 FUSED_SIZES = {"numerics_llm": INVARIANT_LLM["gpu"], "speed_llm": VICUNA_7B, "dtype": torch.bfloat16,
                "ref_dtype": torch.float32}  # fmt: skip
@@ -585,7 +587,7 @@ def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: di
     t0 = time.perf_counter()
     llm = _fused_bundle(cfg, work, sizes["speed_llm"], device, sizes["dtype"], False)
     model, _, stream, _ = build_run(cfg, rank, world, None, llm=llm)
-    engine, dtype = make_engine(cfg, model, 2 * (FUSED_TIMED_STEPS + 1), world)
+    engine, dtype = make_engine(cfg, model, 3 * (FUSED_TIMED_STEPS + 1), world)
     src = batches(stream)
     data = [next(src) for _ in range(FUSED_TIMED_STEPS + 1)]
     src.close()
@@ -625,12 +627,12 @@ def _fused_speed(work: Path, rank: int, world: int, device, cpu: bool, sizes: di
         for variant in steps:
             step(variant, batch)
     for variant in steps:
-        timed = sorted(steps[variant][1:], key=lambda st: st["seconds"])
-        med = timed[len(timed) // 2]  # the median timed step
+        timed = steps[variant][1:]  # the batches differ in size: rates over all timed steps, not one step's
+        seconds = sum(st["seconds"] for st in timed)
         out[variant] = {
             "steps": steps[variant],
-            "tokens_per_s": med["real_tokens"] / med["seconds"],
-            "model_tflop_per_s": med["model_tflops"] / med["seconds"],
+            "tokens_per_s": sum(st["real_tokens"] for st in timed) / seconds,
+            "model_tflop_per_s": sum(st["model_tflops"] for st in timed) / seconds,
             "peak_gib": max(st["peak_gib"] for st in steps[variant]) if cuda else None,
             "loss_finite": all(math.isfinite(st["loss"]) for st in steps[variant]),
         }
