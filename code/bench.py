@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--stage", required=True, type=cli_path)
     i.add_argument("--request", required=True)
     i.add_argument("--new-tokens", type=int, default=32)
+    lv = sub.add_parser("levers", help="paired A/B of the stage-3 step's levers (toollmm.perf.levers)")
+    lv.add_argument("--work", default=repo_default("outputs/bench/work"), type=cli_path)
+    lv.add_argument("--sizes", default="full", choices=["full", "quick"])
+    lv.add_argument("--variants", default="unfused,fused,fused_concat,shared")
+    lv.add_argument("--rounds", type=int, default=3)
     s = sub.add_parser("scaling", help="docs/scaling.md from the configs and bench.json")
     s.add_argument("--bench", default=repo_default("outputs/bench/bench.json"), type=cli_path)
     s.add_argument("--out", default=repo_default("docs/scaling.md"), type=cli_path)
@@ -116,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "figure":
         return _figure(args)
+    if args.cmd == "levers":
+        import torch
+
+        from toollmm.perf import world as W
+        from toollmm.perf.levers import paired_levers
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
+        world = W.World.ensure(resolve(args.work), W.SIZES[args.sizes])
+        print(json.dumps(paired_levers(world, args.variants.split(","), args.rounds), indent=1))
+        return 0
     if args.cmd == "infer-once":
         from toollmm.perf.infer_fig import infer_once
 
