@@ -8,7 +8,7 @@ from pathlib import Path
 #: figure -> (target, direction); "at least" unless stated
 TARGETS = {
     "mfu": 0.75,
-    "vs_hf_trainer_tokens_per_s_ratio": 1.3,
+    "vs_hf_trainer_tokens_per_s_ratio": 1.5,  # against HF's best documented configuration (issue 20)
     "real_token_fraction": 0.95,
     "feature_cache_efficiency": 0.9,
     "loader_to_train_ratio": 2.0,
@@ -142,6 +142,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _hf_note(bench: dict) -> str:
+    """Which HF configuration was the best in each run (``toollmm.perf.hf_baseline.HF_CONFIGS``)."""
+    runs = bench.get("details", {}).get("hf") or []
+    runs = runs if isinstance(runs, list) else [runs]
+    best = [r.get("config") for r in runs if isinstance(r, dict) and r.get("config")]
+    if not best:
+        return "HF's best documented configuration"
+    return (
+        "best HF configuration per run: "
+        + ", ".join(best)
+        + " (grouped = padded + group_by_length; flattened = padding-free)"
+    )
+
+
 def markdown(bench: dict) -> str:
     """The README table: every figure, its target, whether it is met, and the machine it ran on."""
     m = bench["machine"]
@@ -172,7 +186,7 @@ def markdown(bench: dict) -> str:
             "HF Trainer + peft, real tokens/s",
             bench["hf_trainer_real_tokens_per_s"],
             None,
-            "pad to longest, random order",
+            _hf_note(bench),
         ),
         _row(
             "ours / HF Trainer (tokens/s)",
