@@ -17,7 +17,7 @@ import statistics
 import time
 
 from toollmm.model import fused
-from toollmm.perf.train_figs import _batches, batch_flops, stage3_tools
+from toollmm.perf.train_figs import batch_flops, cycle_batches, stage3_tools
 from toollmm.perf.train_step import train_step
 from toollmm.perf.world import World
 
@@ -44,7 +44,7 @@ def paired_levers(world: World, variants: list[str], rounds: int, batches: int =
     model, _, stream, _ = build_run(cfg, 0, 1)
     engine, dtype = make_engine(cfg, model, 10**6, 1)
     engine.train()
-    it = _batches(stream)
+    it = cycle_batches(stream)
     data = [next(it) for _ in range(batches)]
     concat = fused.CONCAT["cpu"]
     rates: dict[str, list[float]] = {v: [] for v in variants}

@@ -76,7 +76,7 @@ def stage3_tools(world: World, name: str, steps: int, **data) -> object:
     )
 
 
-def _batches(stream):
+def cycle_batches(stream):
     while True:
         yield from stream
 
@@ -92,7 +92,7 @@ def mfu(world: World, profile_to=None) -> dict:
     model, _, stream, _ = build_run(cfg, 0, 1)
     engine, dtype = make_engine(cfg, model, 10**6, 1)
     engine.train()  # as run_stage does (from_pretrained leaves the base layers in eval mode)
-    it = _batches(stream)
+    it = cycle_batches(stream)
     out = _timed_steps(engine, it, dtype, lambda b: batch_flops(s.llm, b), s, s.rounds)
     if profile_to is not None:
         _profile(engine, it, dtype, profile_to)
@@ -228,7 +228,7 @@ def mfu_stage(world: World, stage: int, profile_to=None) -> dict:
     engine, dtype = make_engine(cfg, model, 10**6, 1)
     engine.train()  # as run_stage does
     count = stage1_batch_flops if stage == 1 else stage2_batch_flops
-    it = _batches(stream)
+    it = cycle_batches(stream)
     out = _timed_steps(engine, it, dtype, lambda b: count(s.llm, model, b), s, s.stage_rounds)
     proj_clock = [0.0]
     for proj in model.output_proj.values():  # stage 1 runs them too, on zero spans, without gradients
