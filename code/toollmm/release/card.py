@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from toollmm.core.paths import resolve
+from toollmm.core.paths import REPO_ROOT, resolve
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,14 @@ def _stages_md(history: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- snippets
+SNIPPETS = REPO_ROOT / "docs" / "model_card" / "snippets"
+
+
 def _snippet(name: str, **values: str) -> str:
-    """A usage snippet of the card (``snippets/<name>.py.tmpl``, ``$name`` placeholders) in a python fence."""
-    text = (Path(__file__).parent / "snippets" / f"{name}.py.tmpl").read_text(encoding="utf-8")
+    """A usage snippet of the card (``docs/model_card/snippets/<name>.py.tmpl`` in the checkout, ``$name``
+    placeholders) in a python fence. The snippets are the card's example programs for the reader of a released
+    model (they print their answer), so they live with the documents, not in the library package."""
+    text = (SNIPPETS / f"{name}.py.tmpl").read_text(encoding="utf-8")
     return "```python\n" + string.Template(text).substitute(values).rstrip("\n") + "\n```"
 
 
