@@ -117,9 +117,8 @@ def fused_linear(mods: list[nn.Module], x: torch.Tensor, shared_dropout: bool):
     plan = [_lora_parts(m) for m in mods]
     sizes = [base.out_features for base, _ in plan]
     lead = x.shape[:-1]
-    x = x.reshape(
-        -1, x.shape[-1]
-    )  # 2-D throughout: an in-place update of a view would cost a clone in backward
+    # 2-D throughout: an in-place update of a view would cost a clone in backward
+    x = x.reshape(-1, x.shape[-1])
     concat = len(mods) > 1 and CONCAT.get(x.device.type, False)
     for base, _ in plan:
         if hasattr(base.weight, "ds_id"):
@@ -234,6 +233,24 @@ def _note_fallback(mod: nn.Module, why: Exception) -> None:
         log.info("fused projections: %s takes its own forward (%s)", type(mod).__name__, why)
 
 
+def patch_forward(mod: nn.Module, fn, own_key: str = "_toollmm_own_forward") -> None:
+    """Give the instance ``mod`` the forward ``fn`` (bound to it), keeping its own forward under ``own_key``
+    (once: patching again keeps the original)."""
+    if own_key not in mod.__dict__:
+        mod.__dict__[own_key] = mod.forward
+    mod.forward = types.MethodType(fn, mod)
+
+
+def restore_forwards(model: nn.Module, own_key: str, attrs: tuple[str, ...] = ()) -> None:
+    """Undo :func:`patch_forward` (``own_key``) on every module of ``model`` and drop the instance
+    attributes ``attrs``."""
+    for mod in model.modules():
+        if mod.__dict__.pop(own_key, None) is not None:
+            mod.__dict__.pop("forward", None)
+        for attr in attrs:
+            mod.__dict__.pop(attr, None)
+
+
 def fuse_llama_layers(model: nn.Module, shared_dropout: bool = False) -> int:
     """Give every Llama attention / MLP module in ``model`` the fused training forward; returns how many.
     Idempotent; :func:`unfuse` undoes it."""
@@ -241,15 +258,12 @@ def fuse_llama_layers(model: nn.Module, shared_dropout: bool = False) -> int:
     for mod in model.modules():
         name = type(mod).__name__
         if name in ATTENTION_CLASSES:
-            fn = _attention_forward
+            patch_forward(mod, _attention_forward)
         elif name in MLP_CLASSES:
-            fn = _mlp_forward
+            patch_forward(mod, _mlp_forward)
         else:
             continue
-        if "_toollmm_own_forward" not in mod.__dict__:
-            mod.__dict__["_toollmm_own_forward"] = mod.forward
         mod._toollmm_shared = bool(shared_dropout)
-        mod.forward = types.MethodType(fn, mod)
         n += 1
     if n == 0:
         log.info("fused projections: no Llama attention / MLP layers found; the model's own forward runs")
@@ -258,18 +272,7 @@ def fuse_llama_layers(model: nn.Module, shared_dropout: bool = False) -> int:
 
 def unfuse(model: nn.Module) -> None:
     """Restore the own forwards."""
-    for mod in model.modules():
-        own = mod.__dict__.pop("_toollmm_own_forward", None)
-        if own is not None:
-            mod.__dict__.pop("forward", None)
-            for attr in (
-                "_toollmm_qkv",
-                "_toollmm_o",
-                "_toollmm_gate_up",
-                "_toollmm_down",
-                "_toollmm_shared",
-            ):
-                mod.__dict__.pop(attr, None)
+    restore_forwards(model, "_toollmm_own_forward", ("_toollmm_shared",))
 
 
 def is_fused(model: nn.Module) -> bool:

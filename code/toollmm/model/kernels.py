@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import types
 
 import torch
 from torch import nn
@@ -54,6 +53,9 @@ OPTION = "model.llm.fused_kernels"
 NORM_CLASSES = ("LlamaRMSNorm",)
 #: SwiGLU = silu(gate) * up: what liger's kernel computes
 SWIGLU_ACTS = ("silu", "swish")
+#: where an RMSNorm keeps its own forward, and the kernels left on instances
+RMS_OWN = "_toollmm_rms_own_forward"
+KERNEL_ATTRS = ("_toollmm_rms_norm", "_toollmm_rope", "_toollmm_swiglu")
 
 
 def unavailable(cuda: bool | None = None) -> str | None:
@@ -76,7 +78,7 @@ def require_fused_kernels(cuda: bool | None = None) -> None:
 def _rms_norm_forward(self, hidden_states):
     """``LlamaRMSNorm.forward`` through liger's kernel (training, CUDA); otherwise the own forward."""
     if not self.training or not fused.on_kernel_device(hidden_states):
-        return self._toollmm_rms_own_forward(hidden_states)
+        return self.__dict__[RMS_OWN](hidden_states)
     return self._toollmm_rms_norm(
         hidden_states, self.weight, self.variance_epsilon, offset=0.0, casting_mode="llama", in_place=False
     )
@@ -89,24 +91,23 @@ def enable_fused_kernels(model: nn.Module) -> dict[str, int]:
     from liger_kernel.transformers import liger_rotary_pos_emb
     from liger_kernel.transformers.functional import liger_rms_norm, liger_swiglu
 
+    for mod in model.modules():  # checked before anything is patched: a refusal leaves the model as it was
+        act = getattr(getattr(mod, "config", None), "hidden_act", None)
+        if type(mod).__name__ in MLP_CLASSES and act not in SWIGLU_ACTS:
+            raise UserError(
+                f"{OPTION}: liger's SwiGLU computes silu(gate) * up; this model's MLP uses {act!r}"
+            )
     counts = {"rms_norm": 0, "rope": 0, "swiglu": 0}
     for mod in model.modules():
         name = type(mod).__name__
         if name in NORM_CLASSES:
-            if "_toollmm_rms_own_forward" not in mod.__dict__:
-                mod.__dict__["_toollmm_rms_own_forward"] = mod.forward
             mod.__dict__["_toollmm_rms_norm"] = liger_rms_norm
-            mod.forward = types.MethodType(_rms_norm_forward, mod)
+            fused.patch_forward(mod, _rms_norm_forward, RMS_OWN)
             counts["rms_norm"] += 1
         elif name in ATTENTION_CLASSES:
             mod.__dict__["_toollmm_rope"] = liger_rotary_pos_emb
             counts["rope"] += 1
         elif name in MLP_CLASSES:
-            act = getattr(getattr(mod, "config", None), "hidden_act", None)
-            if act not in SWIGLU_ACTS:
-                raise UserError(
-                    f"{OPTION}: liger's SwiGLU computes silu(gate) * up; this model's MLP uses {act!r}"
-                )
             mod.__dict__["_toollmm_swiglu"] = liger_swiglu
             counts["swiglu"] += 1
     log.info("fused kernels (liger-kernel): %s modules", counts)
@@ -115,20 +116,11 @@ def enable_fused_kernels(model: nn.Module) -> dict[str, int]:
 
 def disable_fused_kernels(model: nn.Module) -> None:
     """Restore transformers' RMSNorm forward and drop the RoPE / SwiGLU kernels."""
-    for mod in model.modules():
-        own = mod.__dict__.pop("_toollmm_rms_own_forward", None)
-        if own is not None:
-            mod.__dict__.pop("forward", None)
-        for attr in ("_toollmm_rms_norm", "_toollmm_rope", "_toollmm_swiglu"):
-            mod.__dict__.pop(attr, None)
+    fused.restore_forwards(model, RMS_OWN, KERNEL_ATTRS)
 
 
 def has_fused_kernels(model: nn.Module) -> bool:
-    return any(
-        k in m.__dict__
-        for m in model.modules()
-        for k in ("_toollmm_rms_norm", "_toollmm_rope", "_toollmm_swiglu")
-    )
+    return any(k in m.__dict__ for m in model.modules() for k in KERNEL_ATTRS)
 
 
 def head_matrix(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
