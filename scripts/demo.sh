@@ -130,7 +130,7 @@ for STAGE in 0 1 2 3; do
   [ "$STAGE" != 0 ] || [ "$DRY" = 1 ] || echo "$STAGE0_KEY" > "$RUN/stage_0/demo_inputs.sha256"
   if [ -n "${EVAL_TASKS[$STAGE]}" ]; then
     run_step "eval_stage_$STAGE" "$PYTHON" code/evaluate.py demo --checkpoint "$RUN/stage_$STAGE" \
-      --data "$DATA" --tasks "${EVAL_TASKS[$STAGE]}"
+      --data "$DATA" --tasks "${EVAL_TASKS[$STAGE]}" --workers "$DEMO_RANKS"
     [ "$DRY" = 1 ] || sed -n 's/^\[demo-eval\] /         /p' "$LOGS/eval_stage_$STAGE.log"
   fi
 done

@@ -96,6 +96,8 @@ def test_good_call_forces_the_result_and_generation_continues(tok, ids, reg, max
             "absolute paths",
         ),
         ('{"name": "shout", "arguments": {"text": 5}}</tool_call>', "5 is not of type 'string'"),
+        # a signal token written inside a call: not run (a chat's next turn could not render it back)
+        ('{"name": "shout", "arguments": {"text": "a[IMG0]"}}</tool_call>', "special token [IMG0] inside it"),
         (
             '{"name": "shout", "arguments": ' + '{"a": ' * 20 + "1" + "}" * 20 + "}</tool_call>",
             "nested too deeply",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import av
@@ -163,6 +164,62 @@ def test_made_up_values_spell_like_real_words_and_stage_3_training_copies_them(c
             len(made_up),
             len(values),
         )
+
+
+def _contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def test_argument_values_are_token_for_token_copies_of_the_request(corpus):
+    """A tool call copies its values from the request, so each value must be the same ids in both places,
+    as the real renderer lays out a training record (config/demo.yaml's template). With the word-boundary
+    mark merged into a word's first piece, an unseen word split differently after a space than after a quote
+    ("▁sav|anna" against "s|av|anna"): the stand-in LM had to respell words it never saw, and never did."""
+    from transformers import AutoTokenizer
+
+    from toollmm.core.config import load_config
+    from toollmm.data.render import Renderer
+
+    cfg = load_config(3, [Path(__file__).parents[2] / "config" / "demo.yaml"]).config
+    tok = AutoTokenizer.from_pretrained(corpus / "tokenizer")
+    TokenContract().add_to(tok)
+    renderer = Renderer.from_config(cfg, tok)
+    space = tok.convert_tokens_to_ids("\u2581")
+    # "▁" is an ordinary piece: decoding and the agent's forced tool results keep the spaces
+    assert space not in tok.all_special_ids and "\u2581" not in tok.get_added_vocab()
+    from toollmm.agent.forcing import ForcedText
+
+    contract_ids = TokenContract().ids(tok)
+    result = (
+        '{"result": 0.09, "unit": "ft"}',
+        contract_ids.tool["<tool_result>"],
+        contract_ids.tool["</tool_result>"],
+    )
+    forced = ForcedText(tok, contract_ids).wrapped(*result)
+    assert tok.decode(forced) == '<tool_result>{"result": 0.09, "unit": "ft"}</tool_result>'
+    call_start, call_end = (tok.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>"))
+    checked = 0
+    for split in ("train", "heldout"):
+        for rec in _load(corpus, split, "tools"):
+            ids = renderer.render(rec).input_ids
+            request = rec["messages"][0]["content"]
+            call_ids = ids[ids.index(call_start) : ids.index(call_end)]
+            req_ids = ids[: ids.index(call_start)]
+            for key, value in rec["messages"][1]["tool_calls"][0]["function"]["arguments"].items():
+                if not re.search(rf"(?<![\w-]){re.escape(str(value))}(?!\w)", request):
+                    continue  # an enum the request words differently ("times" -> multiply)
+                part = tok.encode(str(value), add_special_tokens=False)
+                part = part[1:] if part[:1] == [space] else part
+                assert part and _contains(call_ids, part), (split, rec["id"], key, value)
+                assert _contains(req_ids, part), (
+                    split,
+                    rec["id"],
+                    key,
+                    value,
+                    tok.convert_ids_to_tokens(req_ids),
+                )
+                checked += 1
+    assert checked > 200
 
 
 def test_tool_messages_are_the_backends_results_and_calls_match_the_specs(corpus):

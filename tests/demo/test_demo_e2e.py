@@ -96,3 +96,26 @@ def test_small_demo_prints_the_summary_table(small_demo):
         "multi-turn chats: every turn" in out and "3-turn chat" in out and "user: Caption this image." in out
     )
     assert wall < TIME_LIMIT_S
+
+
+def test_two_evaluation_workers_give_the_one_process_result(small_demo, tmp_path):
+    """``evaluate.py demo --workers 2`` (demo.sh on >= 2 cores) scores the tool calls in a second process:
+    the merged results equal one process's, task for task."""
+    _, _, _, run_dir = small_demo
+    found = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        cmd = [sys.executable, str(REPO_ROOT / "code" / "evaluate.py"), "demo", "--checkpoint",
+               str(run_dir / "stage_3"), "--data", str(run_dir / "data"), "--tasks", "tools,multiturn,x2t",
+               "--limit", "4", "--workers", str(workers), "--output", str(out)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found[workers] = json.loads((out / "demo.json").read_text())
+    one, two = found[1], found[2]
+    assert list(two) == list(one) == ["checkpoint", "stage", "tools", "multiturn", "x2t", "eval_s"]
+    from toollmm.demo.eval import headline
+
+    for task in ("tools", "multiturn", "x2t"):
+        assert headline(two[task]) == headline(one[task]), task
+    assert set(two["eval_s"]) == {"tools", "multiturn", "x2t", "total"}

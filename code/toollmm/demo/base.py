@@ -30,6 +30,8 @@ import torch
 
 from toollmm.core.paths import resolve
 
+from ..model.tiny import TinyLlama
+
 log = logging.getLogger(__name__)
 
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
@@ -96,6 +98,11 @@ def calibrate_heads(encoder, media: dict[str, list[Path]], batch_size: int = 16)
     return counts
 
 
+#: the stand-in LM: 4 x 128 as before, 8 heads of 16 dims (4 heads of 32 cost the same; with 8 the stage-0 LM
+#: copied held-out tool arguments better in the one paired run: 0.45 against 0.30 exact calls)
+DEMO_LLM = TinyLlama(num_attention_heads=8, num_key_value_heads=8)
+
+
 def build_demo_base(
     config_files: list[str | os.PathLike], corpus: str | os.PathLike, output: str | os.PathLike, llm=None
 ) -> dict[str, Path]:
@@ -107,7 +114,7 @@ def build_demo_base(
 
     cfg = load_config(config_files=list(config_files)).config
     corpus, out = resolve(corpus), resolve(output)
-    paths = build_base_models(out, corpus / "tokenizer", cfg.model, llm=llm)
+    paths = build_base_models(out, corpus / "tokenizer", cfg.model, llm=llm or DEMO_LLM)
     enc_path = paths["encoder"]
     if cfg.model.encoder.checkpoint and resolve(cfg.model.encoder.checkpoint) != enc_path.resolve():
         log.warning(

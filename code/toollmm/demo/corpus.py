@@ -56,7 +56,7 @@ class DemoSizes:
     # tool conversations (mostly made-up values): many distinct records seen few times teach copying;
     # few records seen many times (1500 x 12 epochs) let the LM memorise values instead
     lm_tools: int = 4000
-    lm_repeat: int = 1000  # copy drills (numbers, made-up names)
+    lm_repeat: int = 2000  # copy drills (numbers, made-up names): a quarter of the stage-0 samples
 
 
 FULL = DemoSizes()
@@ -230,7 +230,8 @@ def build_tokenizer(files: dict, out_dir: Path, vocab_size: int) -> Path:
         "A chat with a helpful assistant.",
     ]
     texts += roles * max(1, len(texts) // 20)
-    return build_sentencepiece_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    # "▁" a piece of its own: request words and JSON argument values split into the same pieces (copyable)
+    return build_sentencepiece_tokenizer(texts, out_dir, vocab_size=vocab_size, space_piece=True)
 
 
 # ---------------------------------------------------------------------------------- write

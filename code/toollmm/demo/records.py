@@ -139,9 +139,9 @@ def _repeat_item(rng: np.random.Generator):
 
 
 def lm_repeat(rid: str, rng: np.random.Generator) -> dict:
-    """A copy drill: repeat one to four unseen numbers and names exactly. Tool calls need
+    """A copy drill: repeat two to six unseen numbers and names exactly. Tool calls need
     this skill (copy the request's argument values into the call); the tool conversations alone teach it slowly."""
-    items = [_repeat_item(rng) for _ in range(int(rng.integers(1, 5)))]
+    items = [_repeat_item(rng) for _ in range(int(rng.integers(2, 7)))]
     text = " ".join(str(x) for x in items)
     q, a = REPEAT_TEMPLATES[int(rng.integers(len(REPEAT_TEMPLATES)))]
     msgs = [{"role": "user", "content": q.format(s=text)}, {"role": "assistant", "content": a.format(s=text)}]
