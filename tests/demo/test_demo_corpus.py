@@ -174,7 +174,7 @@ def test_argument_values_are_token_for_token_copies_of_the_request(corpus):
     """A tool call copies its values from the request, so each value must be the same ids in both places,
     as the real renderer lays out a training record (config/demo.yaml's template). With the word-boundary
     mark merged into a word's first piece, an unseen word split differently after a space than after a quote
-    ("▁sav|anna" against "s|av|anna"): the stand-in LM had to respell words it never saw, and never did."""
+    ("▁sa|v|an|na" against "s|a|v|an|na"): the stand-in LM had to respell words it never saw, and never did."""
     from transformers import AutoTokenizer
 
     from toollmm.core.config import load_config

@@ -34,8 +34,8 @@ def build_sentencepiece_tokenizer(
     ``space_piece`` makes the word-boundary mark "▁" a piece of its own that never merges: a word then
     splits into the same pieces after a space as after a quote (``in Zurich`` and ``"city":"Zurich"``),
     so copying a value from a request into a JSON tool call is a token-for-token copy. (With "▁" merged
-    into a word's first piece, an unseen word splits differently in the two places: ``▁sav|anna`` against
-    ``s|av|anna``, and a tiny LM cannot learn that respelling for words it never saw.)
+    into a word's first piece, an unseen word splits differently in the two places: ``▁sa|v|an|na`` against
+    ``s|a|v|an|na``, and a tiny LM cannot learn that respelling for words it never saw.)
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
