@@ -224,10 +224,7 @@ def run_demo(args: argparse.Namespace) -> int:
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    if args.workers > 1 and "tools" in tasks and len(tasks) > 1:
-        result = _evaluate_in_two(args.checkpoint, args.data, tasks, args.limit)
-    else:
-        result = evaluate_stage(args.checkpoint, args.data, tasks, limit=args.limit)
+    result = evaluate_stage(args.checkpoint, args.data, tasks, limit=args.limit, workers=args.workers)
     out = (resolve(args.output) if args.output else resolve(args.checkpoint) / "eval") / "demo.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -238,25 +235,6 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"[demo-eval] {task}: {json.dumps(headline(result[task]))}")
         print(f"[demo-eval] results: {out}")
     return 0
-
-
-def _evaluate_in_two(checkpoint, data, tasks: tuple[str, ...], limit: int | None) -> dict:
-    """``tasks`` in two processes, the tool calls (the longest task) in a child; one merged result."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from toollmm.demo.eval import evaluate_stage
-
-    rest = tuple(t for t in tasks if t != "tools")
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        child = pool.submit(evaluate_stage, checkpoint, data, ("tools",), limit)
-        result = evaluate_stage(checkpoint, data, rest, limit=limit)
-        tools = child.result()
-    result["tools"] = tools["tools"]
-    times = result["eval_s"] | {"tools": tools["eval_s"]["tools"]}
-    times["total"] = max(result["eval_s"]["total"], tools["eval_s"]["total"])  # wall time, not the sum
-    result["eval_s"] = {t: times[t] for t in (*tasks, "total")}
-    return {k: result[k] for k in ("checkpoint", "stage", *tasks, "eval_s")}
 
 
 def _configure_demo_report(p: argparse.ArgumentParser) -> None:

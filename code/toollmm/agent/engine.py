@@ -102,7 +102,6 @@ class Engine:
         self.ids = (contract or TokenContract()).ids(tokenizer)
         self.eos = tokenizer.eos_token_id
         self.t = self.ids.tool
-        self.contract_ids = frozenset(self.ids.new_ids)  # none may occur inside a tool call's JSON
         self.sig = {tid: (m, k) for m, lst in self.ids.signal.items() for k, tid in enumerate(lst)}
         banned = self.ids.group_ids("placeholder") + [self.t[TOOL_RESULT_START], self.t[TOOL_RESULT_END]]
         self.sampler = Sampler(self.cfg.temperature, self.cfg.top_p, self.cfg.seed, banned)
@@ -326,7 +325,7 @@ class Engine:
 
     def _json_call(self, row: RowState) -> ToolResult | None:
         text = self.tok.decode(row.call_ids)
-        special = [t for t in row.call_ids if t in self.contract_ids]
+        special = [t for t in row.call_ids if t in self.text.never]  # toollmm's and the tokenizer's own
         if special:  # e.g. a signal token inside an argument: not run, and kept out of the chat history
             names = ", ".join(dict.fromkeys(self.tok.convert_ids_to_tokens(special)))
             return ToolResult(
