@@ -143,6 +143,27 @@ def test_heldout_tool_arguments_and_phrasings_never_occur_in_training(corpus):
                 assert call["arguments"][v] not in joined, rec["id"]
 
 
+def _word_grams(template: str, n: int) -> set[tuple[str, ...]]:
+    """Slot-free word n-grams of a request template ("{a}" etc. break a run of words)."""
+    words = re.findall(r"\{\w+\}|[a-z0-9']+", template.lower())
+    grams = (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return {g for g in grams if not any(w.startswith("{") for w in g)}
+
+
+def test_heldout_request_phrasings_share_no_four_word_phrase_with_training():
+    """The varied training phrasings must not leak the held-out ones piecewise: no run of four words of a
+    held-out template occurs in any training template, opener or closer (short templates have no such run; the check fires: "the image
+    generator make" in a training template is caught)."""
+    from toollmm.demo.tools import CLOSERS, OPENERS
+
+    for tool, sets in REQUESTS.items():
+        train = set().union(*(_word_grams(t, 4) for t in sets["train"] + OPENERS + CLOSERS))
+        for held in sets["heldout"]:
+            assert not _word_grams(held, 4) & train, (tool, held, _word_grams(held, 4) & train)
+    leak = _word_grams("Ask the image generator make {p}.", 4)
+    assert leak & _word_grams(REQUESTS["generate_image"]["heldout"][0], 4)
+
+
 def test_made_up_values_spell_like_real_words_and_stage_3_training_copies_them(corpus):
     """Copying is what the held-out tool calls test: the made-up names of the copy drills must cover the
     clusters and doubled letters that held-out words have (a CV-only generator never wrote "ch" or "ff"),

@@ -116,11 +116,14 @@ def lm_t2x(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> di
     return _record(rid, "instruct", msgs, "train", meta={"kind": "t2x", "modality": modality})
 
 
+LM_TOOL_MADE_UP = 0.7  # share of the stand-in LM's tool conversations with made-up cities and words
+
+
 def lm_tool(index: int, rid: str, rng: np.random.Generator) -> dict:
     """A training-template tool conversation; most cities and words are made up, so the LM learns to
     copy spellings it has never seen (held-out cities and words are unseen)."""
     tool = TOOL_NAMES[index % len(TOOL_NAMES)]
-    msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < 0.7))
+    msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < LM_TOOL_MADE_UP))
     meta = {"kind": "tool", "tool": tool, "template": info["template"]}
     return _record(rid, "instruct", msgs, "train", tools=DEMO_TOOLS, meta=meta)
 
