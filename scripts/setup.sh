@@ -90,11 +90,13 @@ fi
 "$VENV/bin/python" -c "import toollmm, torch; print('setup.sh: toollmm', toollmm.__version__, '| torch', torch.__version__)" \
   || die "toollmm does not import after install"
 # On a CPU host DeepSpeed JIT-compiles its shared-memory all-reduce op the first time two ranks start (~20 s
-# inside the demo's first stage): build it now, into the folder scripts/_env.sh points every run at.
-TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}" "$VENV/bin/python" - <<'PY' \
+# inside the demo's first stage): build it now, into the folder every run uses (ensure_torch_extensions_dir).
+"$VENV/bin/python" - <<'PY' \
   || echo "setup.sh: note: DeepSpeed's CPU all-reduce op did not prebuild; the first 2-rank run builds it (see above)"
 import time
 from deepspeed.accelerator import get_accelerator
+from toollmm.core.paths import ensure_torch_extensions_dir
+ensure_torch_extensions_dir()
 if get_accelerator().device_name() == "cpu":
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
     t = time.time()

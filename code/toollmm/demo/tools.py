@@ -248,9 +248,9 @@ EXTRA_TRAIN_REQUESTS = {
 }  # fmt: skip
 # A third set: other sentence shapes (values first, values last, clauses before and after, terse forms), so
 # the LM finds an argument by what it is and where it stands among the others, not by one sentence it has
-# memorised. Requests that only a training template matched were 0.94 exact at stage 0 with held-out
-# values, held-out phrasings 0.59: the phrasing, not the copy, was what failed. No slot-free word 4-gram of a
-# held-out template occurs in any training request (tests/demo/test_demo_corpus.py).
+# memorised. Held-out values inside training templates were 0.94 exact for the stage-0 LM, the held-out
+# requests 0.55 (0.74 with this set): the phrasing, not the copy, was what failed. No slot-free word 4-gram of
+# a held-out template occurs in any training request (tests/demo/test_demo_corpus.py).
 VARIED_TRAIN_REQUESTS = {
     "calculator": ["Do the math: {a} {w} {b}.", "My question is {a} {s} {b}.", "Could you figure out {a} {w} {b}?",
                    "I want to know {a} {w} {b}.", "Give me the answer to {a} {s} {b}.",
@@ -334,9 +334,10 @@ VARIED_TRAIN_REQUESTS = {
                        "Generate a picture of {p} with the tool.", "Tool, please draw {p}.",
                        "An image of {p}, from the image tool."],
 }  # fmt: skip
-for _tool, _extra in EXTRA_TRAIN_REQUESTS.items():
-    _extra = _extra + VARIED_TRAIN_REQUESTS[_tool]
-    REQUESTS[_tool]["train"] = REQUESTS[_tool]["train"] + _extra
+for _tool in REQUESTS:
+    REQUESTS[_tool]["train"] = (
+        REQUESTS[_tool]["train"] + EXTRA_TRAIN_REQUESTS[_tool] + VARIED_TRAIN_REQUESTS[_tool]
+    )
 #: said before / after a training request (never in held-out requests)
 OPENERS = [
     "",
