@@ -36,6 +36,7 @@ TIMEOUT = {  # seconds per section: GPU, CPU
     "fused_kernels": (150, 60),  # GPU: numerics at a small shape + 2 x 4 Vicuna-7B steps, ~90-120 s
 }
 
+PRE_TIMEOUT = 300  # seconds for the op build before the sections (~20 s on 2 CPU cores; 0 once built)
 
 CHILD: list = [None]  # the running section (its own process group), ended with the driver
 
@@ -62,7 +63,7 @@ def run_one(name: str, work: Path, cpu: bool, timeout: float, log) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOOLLMM_NO_TQDM": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     log.write(f"\n===== {name} (timeout {timeout:.0f} s)\n")
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -72,10 +73,18 @@ def run_one(name: str, work: Path, cpu: bool, timeout: float, log) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # a JIT build killed half-way leaves its lock, and every later section would wait on it to its own
+        # timeout: the killed group is gone, so the locks it took go with it
+        from toollmm.core.paths import clear_build_locks
+
+        cleared = [str(p) for p in clear_build_locks(since=started)]
+        if cleared:
+            log.write(f"===== {name}: removed the build locks it left: {cleared}\n")
         return {
             "ok": False,
             "error": f"timed out after {timeout:.0f} s",
             "wall_s": round(time.perf_counter() - t0, 1),
+            **({"build_locks_removed": cleared} if cleared else {}),
             **_partial(partial),
         }
     wall = round(time.perf_counter() - t0, 1)
@@ -117,6 +126,11 @@ def derived(report: dict) -> None:
 
 def summary(report: dict) -> list[str]:
     lines = [f"gpu_check ({report['mode']}): {report['status']} in {report['wall_s']:.0f} s"]
+    ops = report.get("ops")
+    if ops is not None and not ops.get("ok"):
+        lines.append(f"  ops        FAILED (the sections build them instead): {ops.get('error')}")
+    elif ops is not None and ops.get("cpu_comm_op_s") is not None:
+        lines.append(f"  ops        DeepSpeed's CPU all-reduce op ready in {ops['cpu_comm_op_s']:.0f} s")
     for name in ORDER:
         s = report["sections"].get(name)
         if s is None:
@@ -222,6 +236,9 @@ def main() -> int:
             report["workspace"] = prepare(work)
         except Exception as e:
             report["workspace"] = {"error": f"{type(e).__name__}: {e}"}
+        write()
+        # DeepSpeed's JIT ops are built here, with time to spare, rather than inside a timed section
+        report["ops"] = run_one("ops", work, args.cpu, PRE_TIMEOUT, log)
         write()
         for name in names:
             left = budget - (time.perf_counter() - t0)

@@ -93,15 +93,10 @@ fi
 # inside the demo's first stage): build it now, into the folder every run uses (ensure_torch_extensions_dir).
 "$VENV/bin/python" - <<'PY' \
   || echo "setup.sh: note: DeepSpeed's CPU all-reduce op did not prebuild; the first 2-rank run builds it (see above)"
-import time
-from deepspeed.accelerator import get_accelerator
-from toollmm.core.paths import ensure_torch_extensions_dir
-ensure_torch_extensions_dir()
-if get_accelerator().device_name() == "cpu":
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-    t = time.time()
-    ShareMemCommBuilder().load(verbose=False)
-    print(f"setup.sh: DeepSpeed's CPU all-reduce op built in {time.time() - t:.0f} s")
+from toollmm.core.paths import build_cpu_comm_op
+seconds = build_cpu_comm_op()
+if seconds is not None:
+    print(f"setup.sh: DeepSpeed's CPU all-reduce op built in {seconds:.0f} s")
 PY
 echo "$STAMP_WANT" > "$STAMP_FILE"
 echo "setup.sh: done in $(( $(date +%s) - START )) s. Activate with: source .venv/bin/activate"

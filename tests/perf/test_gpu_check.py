@@ -32,6 +32,8 @@ def test_gpu_check_cpu_writes_every_section(tmp_path):
         tmp_path / "gpu_check.log"
     ).is_file()  # copied to $OUT
     assert report["mode"] == "cpu" and set(report["sections"]) == set(SECTIONS), proc.stdout
+    # the op is built before the sections, so none of them builds it inside its timeout
+    assert report["ops"]["ok"] and report["ops"]["cpu_comm_op_s"] >= 0, report["ops"]
     failed = {k: v.get("error") for k, v in report["sections"].items() if not v.get("ok")}
     assert not failed, (failed, proc.stdout)
     inv = report["sections"]["invariants"]
@@ -141,3 +143,26 @@ def test_liger_kernel_is_pinned_for_the_wheelhouse_and_survives_a_refreeze():
     pins = [x for x in block if x.startswith("liger-kernel==")]
     assert len(pins) == 1 and block[0].startswith("# >>> gpu-only") and block[-1] == "# <<< gpu-only"
     assert freeze.kept_block("a==1\n") == []
+
+
+def test_build_locks_left_by_a_killed_section_are_cleared_and_older_ones_kept(tmp_path, monkeypatch):
+    """A JIT build killed half-way (a section past its timeout) leaves ``<op>/lock``; torch's next load of
+    that op waits on it forever, so every later section timed out too (CI, 2026-12-05). The driver removes
+    the locks taken since the killed section started; a lock older than that (another live build) stays."""
+    import time
+
+    from toollmm.core.paths import clear_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "other_op" / "lock"
+    old.parent.mkdir()
+    old.write_text("")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    since = time.time() - 1
+    new = tmp_path / "deepspeed_shm_comm" / "lock"
+    new.parent.mkdir()
+    new.write_text("")
+    (tmp_path / "deepspeed_shm_comm" / "shm.o").write_text("")  # build outputs are not locks
+    assert clear_build_locks(since) == [new]
+    assert not new.exists() and old.exists() and (tmp_path / "deepspeed_shm_comm" / "shm.o").exists()
+    assert clear_build_locks(since) == []

@@ -75,3 +75,38 @@ def ensure_torch_extensions_dir() -> Path:
     d = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(CACHE_DIR / "torch_extensions")))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def clear_build_locks(since: float) -> list[Path]:
+    """Remove the ``lock`` files that torch's JIT build leaves in ``TORCH_EXTENSIONS_DIR/<op>/`` when the
+    building process is killed (every later load of that op then waits on the lock forever), keeping only
+    locks older than ``since`` (a ``time.time()``): call it after killing a process group that started at
+    ``since``, so a build another live process began earlier is left alone. Returns the removed paths."""
+    d = ensure_torch_extensions_dir()
+    removed = []
+    for lock in d.glob("*/lock"):
+        try:
+            if lock.stat().st_mtime >= since:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # the build finished meanwhile
+            pass
+    return removed
+
+
+def build_cpu_comm_op() -> float | None:
+    """Build (or load, when built before) DeepSpeed's shared-memory all-reduce op into
+    ``TORCH_EXTENSIONS_DIR`` on a CPU host, where every gloo run loads it; ``None`` where the accelerator is
+    not the CPU (nothing to build). Returns the seconds it took (~20 s to build here, ~0 once built)."""
+    import time
+
+    from deepspeed.accelerator import get_accelerator
+
+    ensure_torch_extensions_dir()
+    if get_accelerator().device_name() != "cpu":
+        return None
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    t = time.time()
+    ShareMemCommBuilder().load(verbose=False)
+    return time.time() - t

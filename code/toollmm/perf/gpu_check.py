@@ -654,6 +654,20 @@ SECTIONS = {
 }
 
 
+def build_ops(work: Path, cpu: bool) -> dict:
+    """Run by the driver before the sections (not one of them): builds DeepSpeed's CPU all-reduce op into
+    ``TORCH_EXTENSIONS_DIR`` on a CPU host, so that no timed section pays the build or, killed by its
+    timeout in the middle of it, leaves the build's lock behind for the next section to wait on."""
+    from toollmm.core.paths import build_cpu_comm_op
+
+    seconds = build_cpu_comm_op()
+    return {"cpu_comm_op_s": None if seconds is None else round(seconds, 1)}
+
+
+#: what the driver runs before ``SECTIONS`` (recorded beside them, not as a section)
+PRE_STEPS = {"ops": build_ops}
+
+
 def imported_distributions() -> list[str]:
     """The installed distributions this process imported (what a GPU host without our venv must have)."""
     import sys
@@ -678,7 +692,7 @@ def run_section(name: str, work: Path, cpu: bool, out: Path) -> None:
     os.chdir(REPO_ROOT)
     _PARTIAL[0] = out.with_name(out.name + ".partial")
     t0 = time.perf_counter()
-    result = SECTIONS[name](work, cpu)
+    result = {**PRE_STEPS, **SECTIONS}[name](work, cpu)
     result["section_s"] = round(time.perf_counter() - t0, 2)
     result["distributions"] = imported_distributions()
     out.write_text(json.dumps(result, indent=1, default=str))
