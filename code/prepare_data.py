@@ -213,18 +213,25 @@ def _configure_demo_base(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--llm-intermediate", type=int, default=None, help="stand-in Llama MLP width (default 344)"
     )
+    p.add_argument(
+        "--llm-tied", choices=("yes", "no"), default=None,
+        help="stand-in Llama with the lm_head tied to the input embeddings (default no)",
+    )  # fmt: skip
 
 
 @subcommand("demo-base", _configure_demo_base)
 def run_demo_base(args: argparse.Namespace) -> int:
     """Write the demo's base models (tiny ImageBind, random Llama, tiny decoders) to --output."""
-    from toollmm.demo.base import build_demo_base
-    from toollmm.model.tiny import TinyLlama
+    import dataclasses
+
+    from toollmm.demo.base import DEMO_LLM, build_demo_base
 
     given = {"hidden_size": args.llm_hidden, "num_hidden_layers": args.llm_layers,
              "num_attention_heads": args.llm_heads, "num_key_value_heads": args.llm_heads,
-             "intermediate_size": args.llm_intermediate}  # fmt: skip
-    shape = TinyLlama(**{k: v for k, v in given.items() if v is not None})
+             "intermediate_size": args.llm_intermediate,
+             "tie_word_embeddings": None if args.llm_tied is None else args.llm_tied == "yes"}  # fmt: skip
+    # flags change only their field of DEMO_LLM (before, a TinyLlama of the flags' defaults replaced it)
+    shape = dataclasses.replace(DEMO_LLM, **{k: v for k, v in given.items() if v is not None})
     paths = build_demo_base(args.config or ["config/demo.yaml"], args.corpus, args.output, llm=shape)
     print(f"demo base models -> {args.output}: {', '.join(sorted(paths))}")
     return 0
