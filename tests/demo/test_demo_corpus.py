@@ -20,16 +20,7 @@ from toollmm.core.paths import DATA_DIR
 from toollmm.core.tokens import PLACEHOLDER_RE, TokenContract
 from toollmm.demo import media
 from toollmm.demo.corpus import DemoSizes, generate_demo_corpus, validate_records
-from toollmm.demo.tools import (
-    CITIES,
-    DEMO_TOOLS,
-    GRAMMAR_TRAIN_REQUESTS,
-    REQUESTS,
-    WORDS,
-    expand_pattern,
-    pseudo_name,
-    run_demo_tool,
-)
+from toollmm.demo.tools import CITIES, DEMO_TOOLS, REQUESTS, WORDS, pseudo_name, run_demo_tool
 
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
 
@@ -171,36 +162,6 @@ def test_heldout_request_phrasings_share_no_four_word_phrase_with_training():
             assert not _word_grams(held, 4) & train, (tool, held, _word_grams(held, 4) & train)
     leak = _word_grams("Ask the image generator make {p}.", 4)
     assert leak & _word_grams(REQUESTS["generate_image"]["heldout"][0], 4)
-
-
-def test_request_patterns_expand_to_every_combination_and_leaking_ones_are_dropped(monkeypatch):
-    """``[a|b|]`` patterns: every combination once, an empty choice leaves no doubled space or space before
-    punctuation; an expansion sharing a four-word run with a held-out phrasing never reaches training."""
-    from toollmm.demo import tools
-
-    got = tools.expand_pattern("[Please|] [draw|paint] {p}[.|, thanks.]")
-    assert sorted(got) == sorted(["Please draw {p}.", "Please draw {p}, thanks.", "Please paint {p}.",
-                                  "Please paint {p}, thanks.", "Draw {p}.", "Draw {p}, thanks.", "Paint {p}.",
-                                  "Paint {p}, thanks."])  # fmt: skip
-    pattern = "[Have|Let] the image generator make {p}."  # "Have the image generator make" is held out
-    monkeypatch.setitem(tools.GRAMMAR_TRAIN_REQUESTS, "generate_image", [pattern])
-    assert tools.grammar_requests("generate_image") == []
-    monkeypatch.setitem(tools.GRAMMAR_TRAIN_REQUESTS, "generate_image", ["[Have|Let] the drawing tool make {p}."])
-    assert tools.grammar_requests("generate_image") == [
-        "Have the drawing tool make {p}.", "Let the drawing tool make {p}."
-    ]  # fmt: skip
-
-
-def test_training_requests_include_hundreds_of_pattern_phrasings_per_tool():
-    """The stage-0 LM copied held-out values well in training phrasings and badly in unseen ones, and more
-    phrasings moved it (README): every tool's training requests include its expanded patterns."""
-    for tool, pats in GRAMMAR_TRAIN_REQUESTS.items():
-        expanded = {p for pat in pats for p in expand_pattern(pat)}
-        train = set(REQUESTS[tool]["train"])
-        assert len(train) >= 200, (tool, len(train))
-        held = set().union(*(_word_grams(t, 4) for t in REQUESTS[tool]["heldout"]))
-        kept = {p for p in expanded if not _word_grams(p, 4) & held}
-        assert kept <= train and len(kept) >= 0.8 * len(expanded), (tool, len(kept), len(expanded))
 
 
 def test_made_up_values_spell_like_real_words_and_stage_3_training_copies_them(corpus):
@@ -546,27 +507,6 @@ def test_demo_base_writes_the_demo_stand_in_and_flags_change_only_their_field(co
     assert shape(out2) == want | {"num_attention_heads": 2, "tie_word_embeddings": not DEMO_LLM.tie_word_embeddings}
 
 
-def test_scrambled_requests_hold_every_value_and_no_heldout_phrase(corpus):
-    """Word-salad requests (``scrambled_request``): each holds its call's values where the call can copy them,
-    words of its own tool only, and no four-word run of a held-out phrasing; the stage-0 text has them."""
-    from toollmm.demo.tools import OPS, _slots, _tool_words, sample_arguments, scrambled_request
-
-    rng = np.random.default_rng(0)
-    for tool in REQUESTS:
-        held = set().union(*(_word_grams(t, 4) for t in REQUESTS[tool]["heldout"]))
-        for _ in range(200):
-            args = sample_arguments(tool, "train", rng, pseudo=True)
-            req = scrambled_request(tool, args, rng)
-            for k, v in args.items():  # the operation is said as its word or symbol
-                assert any(str(x) in req for x in (OPS[v] if k == "op" else [v])), (tool, args, req)
-            assert not _word_grams(req, 4) & held, req
-            vals = {str(v).lower() for v in _slots(tool, args).values()} | {"to", "in", "into", "letter", "word"}
-            extra = set(re.findall(r"[a-z']+", req.lower())) - set(_tool_words(tool)) - {w for v in vals for w in v.split()}
-            assert not {w for w in extra if len(w) > 1}, (tool, req, extra)
-    kinds = [r["meta"].get("template") for r in _load(corpus, "train", "lm_pretrain") if r["meta"].get("kind") == "tool"]
-    assert 0.15 < kinds.count("scrambled") / len(kinds) < 0.45
-
-
 def test_request_values_keep_the_case_the_call_copies(corpus):
     """A training phrasing that starts with a value ("{w}: how many {l}?", "{c} {d}: ...") kept its first
     letter upper-cased, or lower-cased after an opener such as "Hey, ": "Banana" in the request against
@@ -582,4 +522,4 @@ def test_request_values_keep_the_case_the_call_copies(corpus):
             if k in args:
                 assert re.search(rf"\b{re.escape(str(args[k]))}\b", user), (k, args[k], user)
                 starts += user.lower().startswith(str(args[k]).lower())
-    assert starts >= 3  # phrasings that start with a value are among them (6 in the small corpus)
+    assert starts >= 1  # a phrasing that starts with a value is among them

@@ -10,7 +10,7 @@ import numpy as np
 from toollmm.core.tokens import PLACEHOLDER
 from toollmm.demo import text
 
-from .tools import DEMO_TOOLS, TOOL_NAMES, number_split, pseudo_name, scrambled_request, tool_conversation
+from .tools import DEMO_TOOLS, TOOL_NAMES, number_split, pseudo_name, tool_conversation
 
 SOURCE = "toollmm_demo"
 MEDIA_KEY = {"image": "images", "audio": "audios", "video": "videos"}
@@ -116,8 +116,6 @@ def lm_t2x(modality: str, attrs: dict, rid: str, rng: np.random.Generator) -> di
     return _record(rid, "instruct", msgs, "train", meta={"kind": "t2x", "modality": modality})
 
 
-#: share of them whose request is word salad around the values (``tools.scrambled_request``)
-LM_TOOL_SCRAMBLED = 0.3
 LM_TOOL_MADE_UP = 0.7  # share of the stand-in LM's tool conversations with made-up cities and words
 
 
@@ -127,9 +125,6 @@ def lm_tool(index: int, rid: str, rng: np.random.Generator) -> dict:
     tool = TOOL_NAMES[index % len(TOOL_NAMES)]
     msgs, info = tool_conversation(tool, "train", rng, pseudo=bool(rng.random() < LM_TOOL_MADE_UP))
     meta = {"kind": "tool", "tool": tool, "template": info["template"]}
-    if rng.random() < LM_TOOL_SCRAMBLED:
-        msgs[0]["content"] = scrambled_request(tool, info["arguments"], rng)
-        meta["template"] = "scrambled"
     return _record(rid, "instruct", msgs, "train", tools=DEMO_TOOLS, meta=meta)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import zlib
 
 import numpy as np
@@ -335,101 +334,10 @@ VARIED_TRAIN_REQUESTS = {
                        "Generate a picture of {p} with the tool.", "Tool, please draw {p}.",
                        "An image of {p}, from the image tool."],
 }  # fmt: skip
-# A fourth set, written as patterns: "[a|b|]" is one of its choices (the last one may be empty), and every
-# combination is a phrasing. Verbs, question forms, word order and the words around each value vary
-# independently, so no one sentence shape stands for a tool; expansions that share a slot-free run of four
-# words with a held-out phrasing are dropped (``grammar_requests``), as the test checks for every set.
-GRAMMAR_TRAIN_REQUESTS = {
-    "calculator": [
-        "[What is|What's|How much is|Tell me|Give me|Compute|Calculate|Work out|Find|Figure out] {a} {w} {b}[?|.|, please.]",
-        "[Please|Kindly|Could you|Can you|Would you] [compute|calculate|work out|figure out|evaluate|solve] {a} [{w}|{s}] {b}[?|.]",
-        "[I want|I would like|We need|I am after] [the answer to|the value of|the outcome of|the total of] {a} [{w}|{s}] {b}.",
-        "{a} [{w}|{s}] {b} [is what|equals what|makes what|gives what|comes to what]?",
-        "[The|My|This] [sum|problem|question|task|exercise] [is|reads|goes] {a} [{w}|{s}] {b}[.|; solve it.|; what is it?]",
-        "[With|Using] the calculator, [compute|find|work out|do|get] {a} [{w}|{s}] {b}.",
-        "[Start with|Take|Begin with] {a}[,|] then [go|do] {w} {b}[.|. What do I get?]",
-        "[Hey|Hi|OK], [what|how much] [is|would be|will be] {a} {w} {b}?",
-        "[Math|Numbers|Homework|Arithmetic] [question|problem|time]: {a} [{w}|{s}] {b}[.|?]",
-    ],
-    "unit_convert": [
-        "[Convert|Change|Turn|Switch|Translate] {v} {f} [to|into] {t}[.|, please.|?]",
-        "[How many|How much] {t} [is|are|make|equal] {v} {f}?",
-        "[What is|What are|How much is|Tell me] {v} {f} [in|as|converted into] {t}[?|.]",
-        "[Please|Kindly|Could you|Can you] [convert|express|rewrite|change] {v} {f} [in|into|as] {t}[?|.]",
-        "[I have|I measured|There are|We have] {v} {f}[;|,] [how much|how many] {t} [is that|are those|is it]?",
-        "{v} {f}[:|,|] [how many|how much] {t}?",
-        "[From|Going from] {f} to {t}[:|,] {v}[.|, please.]",
-        "[In|Using|Expressed in] {t}, [what is|how much is|give me|write] {v} {f}[?|.]",
-        "[Need|Want|Looking for] {v} {f} [in|as] {t}[.|, thanks.]",
-    ],
-    "weather": [
-        "[What is|What's|How is|Tell me|Give me] the [weather|forecast|temperature] [in|for|at] {c} {d}[?|.|, please.]",
-        "[Will it|Is it going to|Does it] [rain|snow|be sunny|be warm|be windy|be cold] [in|at] {c} {d}?",
-        "[Please|Kindly|Could you|Can you] [check|look up|find|fetch|get] the [weather|forecast] [in|for|at] {c} {d}[?|.]",
-        "[I am|We are|My friend is|My parents are] [going|flying|driving|heading] to {c} {d}. [What about the weather|How is the weather|Any rain]?",
-        "{c} {d}[:|,|] [weather|forecast|temperature][?|, please.]",
-        "[The|Today's|A] [weather|forecast] [in|for] {c} {d}[, please.|?|.]",
-        "[Should I|Do I need to] [bring|pack|take] [an umbrella|a coat|sunglasses|a hat] [in|for|to] {c} {d}?",
-        "How [warm|cold|hot|wet|windy] [will {c} be|will {c} get|is {c}] {d}?",
-        "[Before|As] I [visit|fly to|drive to|leave for] {c} {d}, [tell me|check|look up] the [weather|forecast].",
-    ],
-    "count_letters": [
-        "[How many|Count the|Count all the|Tell me how many] {l} [letters|characters|] [are in|appear in] {w}[?|.]",
-        "How many {l} [letters|characters|] does {w} [have|contain]?",
-        "[In|Inside|Within the word] {w}[,|] [how many|count the|tally the] {l}[?|.| letters.]",
-        "[Please|Kindly|Could you|Can you] [count|tally|add up] [the letter|every|each|the] {l} [in|of|inside] {w}[?|.]",
-        "{w}[:|,|;] [how many|count the|number of] {l}[?|.| letters?]",
-        "[The word|My word|Take the word|Word:] {w}[,|;] [how many|count the|count its] {l}[?|.| letters?]",
-        "[Letter|Character] {l} [in|inside|within] {w}[: how many?|, count it.|?]",
-        "[How often|How many times] [does|do you see|is there] {l} [in|inside] {w}?",
-        "[I wonder how many|I want to know how many|Tell me how many] {l} [letters|] {w} [has|contains|holds].",
-        "[Number|Amount|Tally] of {l} [letters|characters|] in {w}[?|, please.|.]",
-    ],
-    "generate_image": [
-        "[Use|Ask|Get|Let] the [image tool|generator|image generator|drawing tool] [to draw|to create|to render|for] {p}[.|, please.]",
-        "[Draw|Create|Render|Sketch|Paint|Illustrate|Generate|Make] {p} [with|using|via] the [image tool|generator|image generator|tool][.|, please.]",
-        "[Please|Kindly|Could you|Can you] [draw|create|render|sketch|make] {p} [with|using] the [image tool|generator|tool][?|.]",
-        "[I want|I would like|I need|We want] [a picture|an image|a drawing] of {p}[,|;] [made|drawn|created] [by|with] the [tool|generator|image tool].",
-        "[Image tool|Generator|Tool|Image generator][:|,] [draw|make|render|please draw] {p}[.|!]",
-        "[Picture|Image|Drawing] [request|wanted|needed][:|,] {p} [from|with|by] the [tool|image tool|generator].",
-        "[Show me|Give me|Produce|Output] {p} [drawn|made|rendered] [by|with] the [image tool|generator|tool].",
-    ],
-}  # fmt: skip
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """Every phrasing of a ``GRAMMAR_TRAIN_REQUESTS`` pattern: ``[a|b|]`` is one of its choices (an empty last
-    choice drops it); spaces left doubled by an empty choice, or before punctuation, are removed."""
-    out = [""]
-    for part in re.split(r"(\[[^\]]*\])", pattern):
-        choices = part[1:-1].split("|") if part.startswith("[") else [part]
-        out = [o + c for o in out for c in choices]
-    tidy = (re.sub(r" ([.,;:?!])", r"\1", re.sub(r" {2,}", " ", o)).strip() for o in out)
-    return [t[0].upper() + t[1:] for t in tidy]
-
-
-def word_grams(template: str, n: int = 4) -> set[tuple[str, ...]]:
-    """Slot-free word n-grams of a request template ("{a}" etc. break a run of words)."""
-    words = re.findall(r"\{\w+\}|[a-z0-9']+", template.lower())
-    grams = (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return {g for g in grams if not any(w.startswith("{") for w in g)}
-
-
-def grammar_requests(tool: str) -> list[str]:
-    """``GRAMMAR_TRAIN_REQUESTS[tool]`` expanded, without any phrasing that shares a slot-free four-word run
-    with a held-out one of ``tool`` or repeats a listed training phrasing; sorted, so the corpus is stable."""
-    held = set().union(*(word_grams(t) for t in REQUESTS[tool]["heldout"]))
-    listed = set(REQUESTS[tool]["train"])
-    phrasings = {p for pat in GRAMMAR_TRAIN_REQUESTS[tool] for p in expand_pattern(pat)}
-    return sorted(p for p in phrasings if p not in listed and not word_grams(p) & held)
-
-
 for _tool in REQUESTS:
     REQUESTS[_tool]["train"] = (
         REQUESTS[_tool]["train"] + EXTRA_TRAIN_REQUESTS[_tool] + VARIED_TRAIN_REQUESTS[_tool]
     )
-for _tool in REQUESTS:
-    REQUESTS[_tool]["train"] = REQUESTS[_tool]["train"] + grammar_requests(_tool)
 #: said before / after a training request (never in held-out requests)
 OPENERS = [
     "",
@@ -482,41 +390,6 @@ def _slots(tool: str, args: dict, result: dict | None = None) -> dict:
         s |= {"r": result.get("result"), "cond": result.get("condition"), "temp": result.get("temperature_c"),
               "n": result.get("count"), "image": result.get("image")}  # fmt: skip
     return s
-
-
-#: the argument values of a tool as they stand in a request: each unit stays whole (``{a} {w} {b}`` keeps the
-#: operands' order), everything around them is word salad in ``scrambled_request``
-SLOT_UNITS = {
-    "calculator": [["{a} {w} {b}", "{a} {s} {b}"]],
-    "unit_convert": [["{v} {f}"], ["{t}", "to {t}", "in {t}", "into {t}"]],
-    "weather": [["{c}"], ["{d}"]],
-    "count_letters": [["{l}", "letter {l}"], ["{w}", "word {w}"]],
-    "generate_image": [["{p}"]],
-}
-
-
-def _tool_words(tool: str) -> list[str]:
-    """The words of ``tool``'s training phrasings (no slots, no one-letter words): what identifies the tool."""
-    words = {w for t in REQUESTS[tool]["train"] for w in re.findall(r"[a-z']+", re.sub(r"\{\w+\}", " ", t.lower()))}
-    return sorted(w for w in words if len(w) > 1)
-
-
-def scrambled_request(tool: str, args: dict, rng: np.random.Generator) -> str:
-    """A request with no sentence shape at all: 3-8 words of the tool's training phrasings in random order,
-    the argument values (``SLOT_UNITS``) dropped in at random places. The values are found by what they are
-    (a capitalised name, digits, a unit, a single letter), never by where a template puts them."""
-    vocab = _tool_words(tool)
-    held = set().union(*(word_grams(t) for t in REQUESTS[tool]["heldout"]))
-    while True:  # (a held-out four-word run by chance is about 1e-9 likely; never let one through)
-        words = [vocab[int(i)] for i in rng.integers(len(vocab), size=int(rng.integers(3, 9)))]
-        for choices in SLOT_UNITS[tool]:
-            words.insert(int(rng.integers(len(words) + 1)), choices[int(rng.integers(len(choices)))])
-        if not word_grams(" ".join(words)) & held:
-            break
-    text = " ".join(words).format(**_slots(tool, args))
-    if not words[0].startswith("{"):  # a value first is written as the call writes it
-        text = text[0].upper() + text[1:]
-    return text + ("?" if rng.random() < 0.5 else ".")
 
 
 def tool_conversation(
