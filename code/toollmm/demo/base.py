@@ -100,9 +100,9 @@ def calibrate_heads(encoder, media: dict[str, list[Path]], batch_size: int = 16)
 
 #: the stand-in LM: 4 layers x 128, 4 heads of 32 dims, untied head. (This said 8 heads from 2026-12-04, after
 #: one paired side-harness run, 0.45 against 0.30 exact calls, but demo.sh's base models came from
-#: prepare_data.py, whose flags' own defaults replaced this shape: every demo run since trained 4 heads. On the
-#: current corpus the stage-0 LM scored 0.548 with 8 heads, 0.564 with 8 heads and a tied head, 0.684 with 4,
-#: one seed each: 4 it stays.)
+#: prepare_data.py, whose flags' own defaults replaced this shape: every demo run since trained 4 heads. On a
+#: corpus with more phrasings tried on 2026-12-05 the stage-0 LM scored 0.548 with 8 heads, 0.564 with 8 heads
+#: and a tied head, 0.684 with 4, one seed each: 4 it stays.)
 DEMO_LLM = TinyLlama(num_attention_heads=4, num_key_value_heads=4)
 
 
