@@ -491,13 +491,13 @@ def test_demo_base_writes_the_demo_stand_in_and_flags_change_only_their_field(co
     flags' own defaults replaced it, so every demo trained 4 heads while the code and README said 8."""
     from toollmm.demo.base import DEMO_LLM
 
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "tie_word_embeddings")
+
     def shape(out):
         c = json.loads((out / "llm_init" / "config.json").read_text())
-        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "tie_word_embeddings")
         return {k: c[k] for k in keys}
 
-    want = {k: getattr(DEMO_LLM, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "intermediate_size", "tie_word_embeddings")}  # fmt: skip
+    want = {k: getattr(DEMO_LLM, k) for k in keys}
     out = tmp_path / "base"
     assert prepare_data.main(["demo-base", "--corpus", str(corpus), "--output", str(out)]) == 0
     assert shape(out) == want

@@ -401,11 +401,13 @@ def tool_conversation(
     t = int(rng.integers(len(REQUESTS[tool][split])))
     template = REQUESTS[tool][split][t]
     request = template.format(**_slots(tool, args))
-    if not template.startswith("{"):  # a value first stays as the call writes it ("km to miles: 5", not "Km")
+    # a value first is never re-cased: "km to miles: 5" (not "Km"), "Hey, Paris ..." (not "paris")
+    recase = not template.startswith("{")
+    if recase:
         request = request[0].upper() + request[1:]
     if split == "train":
         opener, closer = OPENERS[rng.integers(len(OPENERS))], CLOSERS[rng.integers(len(CLOSERS))]
-        lower = opener.endswith(", ") and not template.startswith("{")  # never re-case a value ("paris")
+        lower = recase and opener.endswith(", ")
         request = opener + (request[0].lower() + request[1:] if lower else request) + closer
     answer = ANSWERS[tool][rng.integers(len(ANSWERS[tool]))].format(**_slots(tool, args, result))
     call = {"type": "function", "function": canonical_call(tool, args)}
